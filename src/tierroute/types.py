@@ -35,8 +35,8 @@ class Explanation:
 
     score: float
     reasons: tuple[str, ...] = ()
-    # The smallest tier a rule allows for this request (e.g. task=code -> medium).
-    min_tier: str | None = None
+    # Tier floors set by rules (e.g. task=code -> at least medium); the policy takes the highest.
+    min_tiers: tuple[str, ...] = ()
     tags: Mapping[str, str] = field(default_factory=dict)
 
 

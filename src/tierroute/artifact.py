@@ -1,0 +1,151 @@
+"""Saved routers: a versioned folder a router can be trained into and loaded from.
+
+    router.json     format version, kind, parameters, embedding model, what it was
+                    trained on (file, sha256, model pair, row count), calibration
+    weights.npz     learned state (numpy arrays only: nothing is pickled)
+    train_ids.txt   the ids of the training rows, so eval can refuse to test on them
+    prototypes.yaml the tagger's prototypes, when the router uses tag features
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from tierroute import __version__
+from tierroute.encoder import Encoder, TextEncoder
+from tierroute.errors import ArtifactError
+from tierroute.routers.base import BaseRouter
+
+FORMAT = "tierroute-router"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Artifact:
+    path: Path
+    router: BaseRouter
+    meta: dict[str, Any]
+    train_ids: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        value = self.meta.get("calibration")
+        return value if isinstance(value, dict) else None
+
+    @property
+    def threshold(self) -> float | None:
+        cal = self.calibration
+        return float(cal["threshold"]) if cal else None
+
+    def overlap(self, ids: Sequence[str]) -> list[str]:
+        return [i for i in ids if i in self.train_ids]
+
+    def write_meta(self) -> None:
+        tmp = self.path / "router.json.tmp"
+        tmp.write_text(json.dumps(self.meta, indent=2, sort_keys=True))
+        tmp.replace(self.path / "router.json")
+
+
+def save_router(
+    router: BaseRouter, out: str | Path, trained_on: dict[str, Any], train_ids: Sequence[str]
+) -> Artifact:
+    path = Path(out)
+    if path.exists() and any(path.iterdir()) and not (path / "router.json").exists():
+        raise ArtifactError(f"'{path}' exists and is not a router folder; choose another --out")
+    path.mkdir(parents=True, exist_ok=True)
+    encoder: Encoder | None = getattr(router, "encoder", None)
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": router.kind,
+        "params": router.get_params(),
+        "embed_model": encoder.model_id if encoder is not None else None,
+        "trained_on": trained_on,
+        "calibration": None,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tierroute_version": __version__,
+    }
+    np.savez_compressed(path / "weights.npz", **router.get_state())
+    (path / "train_ids.txt").write_text("\n".join(train_ids) + "\n")
+    tagger = getattr(router, "tagger", None)
+    if tagger is not None:
+        doc = {
+            g.name: {
+                "min_similarity": g.min_similarity,
+                "fallback": g.fallback,
+                "classes": {c: [u for k, u in g.utterances if k == c] for c in g.classes},
+            }
+            for g in tagger.groups
+        }
+        (path / "prototypes.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    artifact = Artifact(path=path, router=router, meta=meta, train_ids=frozenset(train_ids))
+    artifact.write_meta()
+    return artifact
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    meta_file = path / "router.json"
+    if not meta_file.is_file():
+        raise ArtifactError(
+            f"'{path}' is not a saved router (no router.json); create one with `tierroute train`"
+        )
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError:
+        raise ArtifactError(f"'{meta_file}' is not valid JSON; retrain the router") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ArtifactError(f"'{meta_file}' is not a tierroute router file")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"router '{path}' has format version {version}, this tierroute reads version "
+            f"{FORMAT_VERSION}; retrain it with `tierroute train`"
+        )
+    return meta
+
+
+def load_router(
+    path: str | Path, encoder_factory: Callable[[], Encoder] = TextEncoder
+) -> Artifact:
+    from tierroute.routers.knn import KnnRouter
+    from tierroute.routers.logreg import LogRegRouter
+    from tierroute.tagger import Tagger, load_prototypes
+
+    folder = Path(path)
+    meta = read_meta(folder)
+    kind = meta.get("kind")
+    params = dict(meta.get("params") or {})
+    router: BaseRouter
+    if kind == "knn":
+        router = KnnRouter(encoder_factory(), **params)
+    elif kind == "logreg":
+        encoder = encoder_factory()
+        tagger = None
+        if params.pop("uses_tags", False):
+            tagger = Tagger(encoder, load_prototypes(folder / "prototypes.yaml"))
+        router = LogRegRouter(encoder, tagger, **params)
+    else:
+        raise ArtifactError(f"router '{folder}' is of kind '{kind}', which cannot be loaded")
+    embed_model = meta.get("embed_model")
+    encoder_now: Encoder | None = getattr(router, "encoder", None)
+    if embed_model and encoder_now is not None and encoder_now.model_id != embed_model:
+        raise ArtifactError(
+            f"router '{folder}' was trained on embeddings of {embed_model}, but the installed "
+            f"model is {encoder_now.model_id}; retrain it"
+        )
+    try:
+        with np.load(folder / "weights.npz", allow_pickle=False) as npz:
+            router.set_state({k: npz[k] for k in npz.files})
+    except (OSError, KeyError, ValueError) as exc:
+        raise ArtifactError(f"cannot read the weights of router '{folder}' ({exc}); retrain it") from None
+    ids_file = folder / "train_ids.txt"
+    ids = frozenset(ids_file.read_text().split("\n")) - {""} if ids_file.exists() else frozenset()
+    return Artifact(path=folder, router=router, meta=meta, train_ids=ids)

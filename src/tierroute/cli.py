@@ -1,0 +1,389 @@
+"""The `tierroute` command line: eval, train, calibrate, route.
+
+The only place that parses arguments, configures logging or prints. Every error a user
+can cause ends as one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tierroute.errors import DataError, InputError, TierrouteError
+
+PROG = "tierroute"
+
+
+def _encoder_factory(batch: bool) -> Callable[[], Any]:
+    """One shared encoder per command; data files use the on-disk embedding cache."""
+    from tierroute.embed import Embedder, EmbeddingCache
+    from tierroute.encoder import TextEncoder
+
+    shared: list[Any] = []
+
+    def factory() -> Any:
+        if not shared:
+            if batch:
+                shared.append(TextEncoder(Embedder(threads=0), EmbeddingCache()))
+            else:
+                shared.append(TextEncoder(Embedder()))
+        return shared[0]
+
+    return factory
+
+
+def _target(args: argparse.Namespace) -> Any:
+    from tierroute.eval.harness import Target
+
+    if args.target_large_share is not None:
+        return Target(large_share=args.target_large_share)
+    return Target(quality=args.target_quality if args.target_quality is not None else 0.8)
+
+
+def _load_data(args: argparse.Namespace) -> Any:
+    from tierroute.data import load_outcomes
+
+    return load_outcomes(args.data, args.small, args.large, args.where or ())
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="outcome file (JSON Lines)")
+    p.add_argument("--small", required=True, help="name of the small model in the file")
+    p.add_argument("--large", required=True, help="name of the large model in the file")
+    p.add_argument("--where", action="append", metavar="FIELD=VALUE",
+                   help="keep only rows whose field has this value, e.g. meta.routerdc_split=test")
+
+
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--target-large-share", type=float, metavar="S",
+                       help="calibrate to send this share of calls to the large model")
+    group.add_argument("--target-quality", type=float, metavar="PGR",
+                       help="calibrate to keep this share of the large model's quality gain "
+                            "(default 0.8)")
+
+
+def _check_unseen(artifact: Any, o: Any, exclude: bool) -> Any:
+    """Refuse to measure a learned router on its own training rows."""
+    seen = artifact.overlap(o.ids)
+    trained = artifact.meta.get("trained_on") or {}
+    if not seen:
+        return o
+    if exclude:
+        keep = [i for i, row_id in enumerate(o.ids) if row_id not in artifact.train_ids]
+        if not keep:
+            raise DataError(f"every row of '{o.path}' was used to train '{artifact.path}'")
+        print(f"excluded {len(seen):,} rows the router was trained on", file=sys.stderr)
+        return o.subset(keep)
+    same = trained.get("data_hash") == o.data_hash
+    raise DataError(
+        f"{len(seen):,} of these {len(o):,} rows trained router '{artifact.path}'"
+        + (" (same file)" if same else "")
+        + "; evaluate on other rows (--where) or pass --exclude-trained"
+    )
+
+
+def _resolve_router(spec: str, batch: bool) -> tuple[Any, Any]:
+    """(router, artifact or None) for a built-in name, 'default', or a saved folder."""
+    from tierroute.artifact import load_router
+    from tierroute.routers import make_router
+
+    factory = _encoder_factory(batch)
+    if spec == "default":
+        spec = "rules"
+    if Path(spec).is_dir():
+        artifact = load_router(spec, factory)
+        return artifact.router, artifact
+    return make_router(spec, factory), None
+
+
+# ---------------------------------------------------------------- eval
+
+def _fmt_pct(x: float) -> str:
+    return "   n/a" if x != x else f"{x:6.1%}"
+
+
+def _print_eval(ev: Any, savings: Any) -> None:
+    o = ev.outcomes
+    cv = f"grouped {ev.folds}-fold CV by {ev.cv_group}" if ev.cv_group else f"{ev.folds}-fold CV"
+    print(f"{o.path}: {len(o):,} rows ({o.skipped} without both scores skipped)")
+    print(f"small {o.small_model}  ->  large {o.large_model};  {cv}")
+    print()
+    print(f"{'router':<46} {'APGR':>6} {'CPT50':>7} {'CPT80':>7} {'AUC':>7}")
+    rows = [(ev.router, ev.figures)]
+    rows += [(name, ev.baselines[name]) for name in ("random", "oracle")]
+    for name, fig in rows:
+        print(f"{name:<46} {fig['apgr']:6.3f} {_fmt_pct(fig['cpt50'])} "
+              f"{_fmt_pct(fig['cpt80'])} {fig['auc']:7.4f}")
+    for name, fig in ev.published.items():
+        cpt80 = _fmt_pct(fig["cpt80"]) if "cpt80" in fig else "      -"
+        print(f"{name:<46} {fig['apgr']:6.3f} {_fmt_pct(fig['cpt50'])} {cpt80} {'-':>7}")
+    for name in ("all-small", "all-large"):
+        b = ev.baselines[name]
+        cost = f", ${b['cost_per_query']:.6f}/query" if "cost_per_query" in b else ""
+        model = o.small_model if name == "all-small" else o.large_model
+        print(f"{name + ' (' + model.split('/')[-1] + ')':<46} quality {b['quality']:.4f}{cost}")
+    op = ev.operating
+    cost = f", ${op['cost_per_query']:.6f}/query" if "cost_per_query" in op else ""
+    print()
+    print(f"at the calibrated threshold (target {ev.target.describe()}, calibrated on the other "
+          f"folds): large share {op['large_share']:.1%}, quality {op['quality']:.4f}, "
+          f"PGR {op['pgr']:.3f}{cost}")
+    print()
+    for line in savings.lines():
+        print(line)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tierroute.eval.harness import evaluate
+    from tierroute.eval.savings import Savings
+    from tierroute.routers import BUILTIN, make_router
+
+    o = _load_data(args)
+    target = _target(args)
+    name = args.router
+    factory = _encoder_factory(batch=True)
+    if name in ("knn", "logreg"):
+        ev = evaluate(name, o, factory=lambda: make_router(name, factory, args.seed),
+                      cv_group=args.cv_group, n_folds=args.folds, seed=args.seed, target=target)
+    else:
+        router, artifact = _resolve_router(name, batch=True)
+        if artifact is not None:
+            o = _check_unseen(artifact, o, args.exclude_trained)
+            name = f"{artifact.meta['kind']} ({artifact.path})"
+        elif name not in BUILTIN and name != "default":
+            raise InputError(f"unknown router '{name}'")
+        ev = evaluate(name, o, fixed=router, cv_group=args.cv_group, n_folds=args.folds,
+                      seed=args.seed, target=target)
+
+    price_small, price_large = args.price_small, args.price_large
+    if o.has_cost and price_small is None and price_large is None:
+        price_small, price_large = float(o.small_cost.mean()), float(o.large_cost.mean())
+    elif args.tiers:
+        from tierroute.config import load_policy
+
+        policy = load_policy(args.tiers)
+        tokens_in = sum(len(p) for p in o.prompts) / len(o) / 4  # ~4 characters a token
+        small_tier, large_tier = policy.tiers[0], policy.tiers[-1]
+        price_small = small_tier.cost(int(tokens_in), args.output_tokens)
+        price_large = large_tier.cost(int(tokens_in), args.output_tokens)
+    savings = Savings(
+        queries_per_day=args.queries_per_day,
+        price_small=price_small if price_small is not None else 0.001,
+        price_large=price_large if price_large is not None else 0.02,
+        small_share=1.0 - ev.operating["large_share"],
+    )
+    _print_eval(ev, savings)
+    if args.json:
+        doc = ev.as_dict()
+        doc["savings"] = savings.as_dict()
+        Path(args.json).write_text(json.dumps(doc, indent=2, default=float) + "\n")
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        from tierroute.eval.plot import plot_evaluation
+
+        try:
+            plot_evaluation(ev, args.plot, x=args.x)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        print(f"wrote {args.plot}")
+    if args.scores_out:
+        with open(args.scores_out, "w") as handle:
+            for row_id, score in zip(o.ids, ev.scores, strict=True):
+                handle.write(json.dumps({"id": row_id, "score": float(score)}) + "\n")
+        print(f"wrote {args.scores_out}")
+    return 0
+
+
+# ---------------------------------------------------------------- train
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tierroute.artifact import save_router
+    from tierroute.routers import make_router
+
+    o = _load_data(args)
+    start = time.perf_counter()
+    router = make_router(args.router, _encoder_factory(batch=True), args.seed)
+    if not router.learned:
+        raise InputError(f"the {args.router} router does not learn; train knn or logreg")
+    router.fit(o.prompts, o.labels)
+    trained_on = {
+        "data": str(Path(args.data).resolve()),
+        "data_hash": o.data_hash,
+        "small": o.small_model,
+        "large": o.large_model,
+        "where": args.where or [],
+        "rows": len(o),
+        "positive_rate": float(o.labels.mean()),
+    }
+    artifact = save_router(router, args.out, trained_on, o.ids)
+    print(f"trained {args.router} on {len(o):,} rows of {args.data} "
+          f"({o.labels.mean():.1%} needed the large model) in {time.perf_counter() - start:.1f}s")
+    print(f"wrote {artifact.path}/router.json, weights.npz, train_ids.txt")
+    return 0
+
+
+# ---------------------------------------------------------------- calibrate
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from tierroute.artifact import load_router
+    from tierroute.eval.metrics import point_at_threshold, routing_curve
+
+    artifact = load_router(args.router, _encoder_factory(batch=True))
+    o = _check_unseen(artifact, _load_data(args), args.exclude_trained)
+    target = _target(args)
+    scores = artifact.router.score_texts(o.prompts)
+    threshold = target.threshold(scores, o.small, o.large)
+    curve = routing_curve(scores, o.small, o.large, o.small_cost, o.large_cost)
+    i = point_at_threshold(curve, threshold)
+    expected = {
+        "large_share": float(curve.share[i]),
+        "quality": float(curve.quality[i]),
+        "pgr": float(curve.pgr[i]),
+    }
+    if curve.cost is not None:
+        expected["cost_per_query"] = float(curve.cost[i])
+    artifact.meta["calibration"] = {
+        "threshold": threshold if np.isfinite(threshold) else 1.0,
+        "target": target.describe(),
+        "data": str(Path(args.data).resolve()),
+        "data_hash": o.data_hash,
+        "where": args.where or [],
+        "rows": len(o),
+        "expected": expected,
+    }
+    artifact.write_meta()
+    cost = f", ${expected['cost_per_query']:.6f}/query" if "cost_per_query" in expected else ""
+    print(f"calibrated {artifact.path} to {target.describe()} on {len(o):,} rows: "
+          f"threshold {threshold:.4f}")
+    print(f"expected: large share {expected['large_share']:.1%}, quality {expected['quality']:.4f}, "
+          f"PGR {expected['pgr']:.3f}{cost}")
+    return 0
+
+
+# ---------------------------------------------------------------- route
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from tierroute.config import load_policy
+
+    if args.messages:
+        try:
+            messages = json.loads(Path(args.messages).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"cannot read messages from '{args.messages}': {exc}") from None
+    else:
+        if args.prompt is None or not args.prompt.strip():
+            raise InputError("the prompt is empty; pass the text to route, e.g. "
+                             "tierroute route \"What is 2+2?\"")
+        messages = [{"role": "user", "content": args.prompt}]
+    start = time.perf_counter()
+    router, artifact = _resolve_router(args.router, batch=False)
+    policy = load_policy(args.tiers)
+    if artifact is not None and artifact.threshold is not None:
+        policy = policy.with_threshold(artifact.threshold)
+    loaded = time.perf_counter()
+    decision = policy.route(router, messages, args.priority)
+    if args.json:
+        print(json.dumps({
+            "tier": decision.tier.name,
+            "model": decision.tier.model,
+            "score": round(decision.score, 6),
+            "reason": decision.reason,
+            "tags": dict(decision.tags),
+            "decision_ms": round(decision.elapsed_ms, 3),
+            "load_ms": round((loaded - start) * 1000, 1),
+        }))
+    else:
+        print(f"tier    {decision.tier.name} ({decision.tier.model})")
+        print(f"score   {decision.score:.4f}")
+        print(f"reason  {decision.reason}")
+        print(f"time    {decision.elapsed_ms:.1f} ms to decide "
+              f"({(loaded - start) * 1000:.0f} ms to load the router)")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    from tierroute import __version__
+
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("eval", help="measure a router on outcome data")
+    _add_data_args(p)
+    p.add_argument("--router", default="default",
+                   help="random, rules, knn, logreg, default, or a saved router folder")
+    p.add_argument("--cv-group", metavar="FIELD",
+                   help="grouped k-fold CV: no value of FIELD in both train and test")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    _add_target_args(p)
+    p.add_argument("--json", metavar="FILE", help="write every figure as JSON")
+    p.add_argument("--plot", metavar="FILE", help="write a PNG of the curves")
+    p.add_argument("--x", choices=("share", "cost"), default="share",
+                   help="plot against the large-call share or dollars (needs cost_usd)")
+    p.add_argument("--scores-out", metavar="FILE",
+                   help="write {id, score} per row (out-of-fold under CV)")
+    p.add_argument("--exclude-trained", action="store_true",
+                   help="drop rows a saved router was trained on instead of refusing")
+    p.add_argument("--queries-per-day", type=int, default=100_000)
+    p.add_argument("--price-small", type=float, help="USD per query on the small tier")
+    p.add_argument("--price-large", type=float, help="USD per query on the large tier")
+    p.add_argument("--tiers", metavar="FILE",
+                   help="tier config whose first and last tiers' token prices set the savings")
+    p.add_argument("--output-tokens", type=int, default=256,
+                   help="completion tokens per query assumed with --tiers prices")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="train a router and save it as a versioned folder")
+    _add_data_args(p)
+    p.add_argument("--router", required=True, choices=("knn", "logreg"))
+    p.add_argument("--out", required=True, help="folder to write the router into")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("calibrate", help="fit a saved router's threshold to a target")
+    _add_data_args(p)
+    p.add_argument("--router", required=True, help="a saved router folder")
+    _add_target_args(p)
+    p.add_argument("--exclude-trained", action="store_true",
+                   help="drop rows the router was trained on instead of refusing")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("route", help="route one request and say why")
+    p.add_argument("prompt", nargs="?", help="the prompt to route")
+    p.add_argument("--messages", metavar="FILE",
+                   help="a JSON list of chat messages (a whole conversation) instead")
+    p.add_argument("--router", default="default",
+                   help="random, rules, default, or a saved router folder")
+    p.add_argument("--tiers", metavar="FILE", help="tier config (default: built-in tiers)")
+    p.add_argument("--priority", choices=("batch", "interactive", "critical"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_route)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except TierrouteError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

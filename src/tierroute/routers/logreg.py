@@ -1,0 +1,103 @@
+"""Logistic regression on the prompt embedding, tag similarities and cheap text features."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from tierroute.encoder import Encoder
+from tierroute.features import FEATURE_NAMES, text_features
+from tierroute.routers.base import BaseRouter, Scores
+from tierroute.tagger import Tagger
+from tierroute.types import Explanation
+
+Matrix = npt.NDArray[np.float64]
+
+
+class LogRegRouter(BaseRouter):
+    kind: ClassVar[str] = "logreg"
+    learned: ClassVar[bool] = True
+
+    def __init__(self, encoder: Encoder, tagger: Tagger | None = None, C: float = 0.05) -> None:
+        self.encoder = encoder
+        self.tagger = tagger
+        self.C = C
+        self.mean_: Matrix | None = None
+        self.scale_: Matrix | None = None
+        self.coef_: Matrix | None = None
+        self.intercept_: float = 0.0
+
+    @property
+    def feature_names(self) -> list[str]:
+        names = [f"emb{i}" for i in range(self.encoder.dim)]
+        if self.tagger is not None:
+            names += self.tagger.feature_names
+        return names + list(FEATURE_NAMES)
+
+    def _features(self, texts: Sequence[str]) -> Matrix:
+        vectors = self.encoder.encode(texts)
+        blocks: list[npt.NDArray[Any]] = [vectors]
+        if self.tagger is not None:
+            blocks.append(self.tagger.similarities(vectors))
+        blocks.append(text_features(texts))
+        return np.hstack(blocks).astype(np.float64)
+
+    def fit(self, texts: Sequence[str], labels: npt.ArrayLike) -> LogRegRouter:
+        from sklearn.linear_model import LogisticRegression
+
+        x = self._features(texts)
+        y = np.asarray(labels, dtype=np.int64)
+        self.mean_ = x.mean(axis=0)
+        self.scale_ = np.where(x.std(axis=0) > 1e-9, x.std(axis=0), 1.0)
+        model = LogisticRegression(C=self.C, max_iter=3000)
+        model.fit((x - self.mean_) / self.scale_, y)
+        self.coef_ = model.coef_[0].astype(np.float64)
+        self.intercept_ = float(model.intercept_[0])
+        return self
+
+    def _logits(self, x: Matrix) -> Matrix:
+        self._check_fitted("coef_")
+        assert self.mean_ is not None and self.scale_ is not None and self.coef_ is not None
+        logits: Matrix = ((x - self.mean_) / self.scale_) @ self.coef_ + self.intercept_
+        return logits
+
+    def score_texts(self, texts: Sequence[str]) -> Scores:
+        scores: Scores = 1.0 / (1.0 + np.exp(-self._logits(self._features(texts))))
+        return scores
+
+    def explain_text(self, text: str) -> Explanation:
+        x = self._features([text])
+        score = float(1.0 / (1.0 + np.exp(-self._logits(x)[0])))
+        assert self.mean_ is not None and self.scale_ is not None and self.coef_ is not None
+        contrib = ((x[0] - self.mean_) / self.scale_) * self.coef_
+        names = self.feature_names
+        dim = self.encoder.dim
+        named = sorted(range(dim, len(names)), key=lambda i: -abs(contrib[i]))[:3]
+        reasons = [f"embedding {contrib[:dim].sum():+.2f}"]
+        reasons += [f"{names[i]} {contrib[i]:+.2f}" for i in named]
+        tags = {}
+        if self.tagger is not None:
+            tags = self.tagger.tags_from_similarities(x[:, dim : dim + len(self.tagger.feature_names)].astype(np.float32))[0]
+        return Explanation(score=score, reasons=tuple(reasons), tags=tags)
+
+    def get_params(self) -> dict[str, Any]:
+        return {"C": self.C, "uses_tags": self.tagger is not None}
+
+    def get_state(self) -> dict[str, npt.NDArray[Any]]:
+        self._check_fitted("coef_")
+        assert self.mean_ is not None and self.scale_ is not None and self.coef_ is not None
+        return {
+            "mean": self.mean_,
+            "scale": self.scale_,
+            "coef": self.coef_,
+            "intercept": np.array([self.intercept_]),
+        }
+
+    def set_state(self, state: dict[str, npt.NDArray[Any]]) -> None:
+        self.mean_ = state["mean"]
+        self.scale_ = state["scale"]
+        self.coef_ = state["coef"]
+        self.intercept_ = float(state["intercept"][0])
