@@ -1,10 +1,10 @@
 """Saved routers: a versioned folder a router can be trained into and loaded from.
 
-    router.json     format version, kind, parameters, embedding model, what it was
-                    trained on (file, sha256, model pair, row count), calibration
-    weights.npz     learned state (numpy arrays only: nothing is pickled)
-    train_ids.txt   the ids of the training rows, so eval can refuse to test on them
-    prototypes.yaml the tagger's prototypes, when the router uses tag features
+router.json     format version, kind, parameters, embedding model, what it was
+                trained on (file, sha256, model pair, row count), calibration
+weights.npz     learned state (numpy arrays only: nothing is pickled)
+train_ids.txt   the ids of the training rows, so eval can refuse to test on them
+prototypes.yaml the tagger's prototypes, when the router uses tag features
 """
 
 from __future__ import annotations
@@ -73,13 +73,14 @@ def save_router(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tierroute_version": __version__,
     }
-    np.savez_compressed(path / "weights.npz", **router.get_state())
+    np.savez_compressed(path / "weights.npz", allow_pickle=False, **router.get_state())
     (path / "train_ids.txt").write_text("\n".join(train_ids) + "\n")
     tagger = getattr(router, "tagger", None)
     if tagger is not None:
         doc = {
             g.name: {
                 "min_similarity": g.min_similarity,
+                "min_margin": g.min_margin,
                 "fallback": g.fallback,
                 "classes": {c: [u for k, u in g.utterances if k == c] for c in g.classes},
             }
@@ -112,9 +113,7 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def load_router(
-    path: str | Path, encoder_factory: Callable[[], Encoder] = TextEncoder
-) -> Artifact:
+def load_router(path: str | Path, encoder_factory: Callable[[], Encoder] = TextEncoder) -> Artifact:
     from tierroute.routers.knn import KnnRouter
     from tierroute.routers.logreg import LogRegRouter
     from tierroute.tagger import Tagger, load_prototypes
@@ -145,7 +144,9 @@ def load_router(
         with np.load(folder / "weights.npz", allow_pickle=False) as npz:
             router.set_state({k: npz[k] for k in npz.files})
     except (OSError, KeyError, ValueError) as exc:
-        raise ArtifactError(f"cannot read the weights of router '{folder}' ({exc}); retrain it") from None
+        raise ArtifactError(
+            f"cannot read the weights of router '{folder}' ({exc}); retrain it"
+        ) from None
     ids_file = folder / "train_ids.txt"
     ids = frozenset(ids_file.read_text().split("\n")) - {""} if ids_file.exists() else frozenset()
     return Artifact(path=folder, router=router, meta=meta, train_ids=ids)

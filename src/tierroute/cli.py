@@ -55,17 +55,28 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="outcome file (JSON Lines)")
     p.add_argument("--small", required=True, help="name of the small model in the file")
     p.add_argument("--large", required=True, help="name of the large model in the file")
-    p.add_argument("--where", action="append", metavar="FIELD=VALUE",
-                   help="keep only rows whose field has this value, e.g. meta.routerdc_split=test")
+    p.add_argument(
+        "--where",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="keep only rows whose field has this value, e.g. meta.routerdc_split=test",
+    )
 
 
 def _add_target_args(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--target-large-share", type=float, metavar="S",
-                       help="calibrate to send this share of calls to the large model")
-    group.add_argument("--target-quality", type=float, metavar="PGR",
-                       help="calibrate to keep this share of the large model's quality gain "
-                            "(default 0.8)")
+    group.add_argument(
+        "--target-large-share",
+        type=float,
+        metavar="S",
+        help="calibrate to send this share of calls to the large model",
+    )
+    group.add_argument(
+        "--target-quality",
+        type=float,
+        metavar="PGR",
+        help="calibrate to keep this share of the large model's quality gain (default 0.8)",
+    )
 
 
 def _check_unseen(artifact: Any, o: Any, exclude: bool) -> Any:
@@ -104,6 +115,7 @@ def _resolve_router(spec: str, batch: bool) -> tuple[Any, Any]:
 
 # ---------------------------------------------------------------- eval
 
+
 def _fmt_pct(x: float) -> str:
     return "   n/a" if x != x else f"{x:6.1%}"
 
@@ -118,8 +130,10 @@ def _print_eval(ev: Any, savings: Any) -> None:
     rows = [(ev.router, ev.figures)]
     rows += [(name, ev.baselines[name]) for name in ("random", "oracle")]
     for name, fig in rows:
-        print(f"{name:<46} {fig['apgr']:6.3f} {_fmt_pct(fig['cpt50'])} "
-              f"{_fmt_pct(fig['cpt80'])} {fig['auc']:7.4f}")
+        print(
+            f"{name:<46} {fig['apgr']:6.3f} {_fmt_pct(fig['cpt50'])} "
+            f"{_fmt_pct(fig['cpt80'])} {fig['auc']:7.4f}"
+        )
     for name, fig in ev.published.items():
         cpt80 = _fmt_pct(fig["cpt80"]) if "cpt80" in fig else "      -"
         print(f"{name:<46} {fig['apgr']:6.3f} {_fmt_pct(fig['cpt50'])} {cpt80} {'-':>7}")
@@ -131,9 +145,11 @@ def _print_eval(ev: Any, savings: Any) -> None:
     op = ev.operating
     cost = f", ${op['cost_per_query']:.6f}/query" if "cost_per_query" in op else ""
     print()
-    print(f"at the calibrated threshold (target {ev.target.describe()}, calibrated on the other "
-          f"folds): large share {op['large_share']:.1%}, quality {op['quality']:.4f}, "
-          f"PGR {op['pgr']:.3f}{cost}")
+    print(
+        f"at the calibrated threshold (target {ev.target.describe()}, calibrated on the other "
+        f"folds): large share {op['large_share']:.1%}, quality {op['quality']:.4f}, "
+        f"PGR {op['pgr']:.3f}{cost}"
+    )
     print()
     for line in savings.lines():
         print(line)
@@ -149,8 +165,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     name = args.router
     factory = _encoder_factory(batch=True)
     if name in ("knn", "logreg"):
-        ev = evaluate(name, o, factory=lambda: make_router(name, factory, args.seed),
-                      cv_group=args.cv_group, n_folds=args.folds, seed=args.seed, target=target)
+        ev = evaluate(
+            name,
+            o,
+            factory=lambda: make_router(name, factory, args.seed),
+            cv_group=args.cv_group,
+            n_folds=args.folds,
+            seed=args.seed,
+            target=target,
+        )
     else:
         router, artifact = _resolve_router(name, batch=True)
         if artifact is not None:
@@ -158,8 +181,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
             name = f"{artifact.meta['kind']} ({artifact.path})"
         elif name not in BUILTIN and name != "default":
             raise InputError(f"unknown router '{name}'")
-        ev = evaluate(name, o, fixed=router, cv_group=args.cv_group, n_folds=args.folds,
-                      seed=args.seed, target=target)
+        ev = evaluate(
+            name,
+            o,
+            fixed=router,
+            cv_group=args.cv_group,
+            n_folds=args.folds,
+            seed=args.seed,
+            target=target,
+        )
 
     price_small, price_large = args.price_small, args.price_large
     if o.has_cost and price_small is None and price_large is None:
@@ -202,6 +232,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- train
 
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tierroute.artifact import save_router
     from tierroute.routers import make_router
@@ -222,13 +253,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         "positive_rate": float(o.labels.mean()),
     }
     artifact = save_router(router, args.out, trained_on, o.ids)
-    print(f"trained {args.router} on {len(o):,} rows of {args.data} "
-          f"({o.labels.mean():.1%} needed the large model) in {time.perf_counter() - start:.1f}s")
+    print(
+        f"trained {args.router} on {len(o):,} rows of {args.data} "
+        f"({o.labels.mean():.1%} needed the large model) in {time.perf_counter() - start:.1f}s"
+    )
     print(f"wrote {artifact.path}/router.json, weights.npz, train_ids.txt")
     return 0
 
 
 # ---------------------------------------------------------------- calibrate
+
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
@@ -261,14 +295,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     }
     artifact.write_meta()
     cost = f", ${expected['cost_per_query']:.6f}/query" if "cost_per_query" in expected else ""
-    print(f"calibrated {artifact.path} to {target.describe()} on {len(o):,} rows: "
-          f"threshold {threshold:.4f}")
-    print(f"expected: large share {expected['large_share']:.1%}, quality {expected['quality']:.4f}, "
-          f"PGR {expected['pgr']:.3f}{cost}")
+    print(
+        f"calibrated {artifact.path} to {target.describe()} on {len(o):,} rows: "
+        f"threshold {threshold:.4f}"
+    )
+    print(
+        f"expected: large share {expected['large_share']:.1%}, quality {expected['quality']:.4f}, "
+        f"PGR {expected['pgr']:.3f}{cost}"
+    )
     return 0
 
 
 # ---------------------------------------------------------------- route
+
 
 def cmd_route(args: argparse.Namespace) -> int:
     from tierroute.config import load_policy
@@ -280,8 +319,9 @@ def cmd_route(args: argparse.Namespace) -> int:
             raise InputError(f"cannot read messages from '{args.messages}': {exc}") from None
     else:
         if args.prompt is None or not args.prompt.strip():
-            raise InputError("the prompt is empty; pass the text to route, e.g. "
-                             "tierroute route \"What is 2+2?\"")
+            raise InputError(
+                'the prompt is empty; pass the text to route, e.g. tierroute route "What is 2+2?"'
+            )
         messages = [{"role": "user", "content": args.prompt}]
     start = time.perf_counter()
     router, artifact = _resolve_router(args.router, batch=False)
@@ -291,57 +331,93 @@ def cmd_route(args: argparse.Namespace) -> int:
     loaded = time.perf_counter()
     decision = policy.route(router, messages, args.priority)
     if args.json:
-        print(json.dumps({
-            "tier": decision.tier.name,
-            "model": decision.tier.model,
-            "score": round(decision.score, 6),
-            "reason": decision.reason,
-            "tags": dict(decision.tags),
-            "decision_ms": round(decision.elapsed_ms, 3),
-            "load_ms": round((loaded - start) * 1000, 1),
-        }))
+        print(
+            json.dumps(
+                {
+                    "tier": decision.tier.name,
+                    "model": decision.tier.model,
+                    "score": round(decision.score, 6),
+                    "reason": decision.reason,
+                    "tags": dict(decision.tags),
+                    "decision_ms": round(decision.elapsed_ms, 3),
+                    "load_ms": round((loaded - start) * 1000, 1),
+                }
+            )
+        )
     else:
         print(f"tier    {decision.tier.name} ({decision.tier.model})")
         print(f"score   {decision.score:.4f}")
         print(f"reason  {decision.reason}")
-        print(f"time    {decision.elapsed_ms:.1f} ms to decide "
-              f"({(loaded - start) * 1000:.0f} ms to load the router)")
+        print(
+            f"time    {decision.elapsed_ms:.1f} ms to decide "
+            f"({(loaded - start) * 1000:.0f} ms to load the router)"
+        )
     return 0
 
 
 # ---------------------------------------------------------------- parser
 
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line like every other error."""
+
+    def error(self, message: str) -> Any:
+        print(f"{PROG}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tierroute import __version__
 
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = _Parser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("eval", help="measure a router on outcome data")
     _add_data_args(p)
-    p.add_argument("--router", default="default",
-                   help="random, rules, knn, logreg, default, or a saved router folder")
-    p.add_argument("--cv-group", metavar="FIELD",
-                   help="grouped k-fold CV: no value of FIELD in both train and test")
+    p.add_argument(
+        "--router",
+        default="default",
+        help="random, rules, knn, logreg, default, or a saved router folder",
+    )
+    p.add_argument(
+        "--cv-group",
+        metavar="FIELD",
+        help="grouped k-fold CV: no value of FIELD in both train and test",
+    )
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     _add_target_args(p)
     p.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     p.add_argument("--plot", metavar="FILE", help="write a PNG of the curves")
-    p.add_argument("--x", choices=("share", "cost"), default="share",
-                   help="plot against the large-call share or dollars (needs cost_usd)")
-    p.add_argument("--scores-out", metavar="FILE",
-                   help="write {id, score} per row (out-of-fold under CV)")
-    p.add_argument("--exclude-trained", action="store_true",
-                   help="drop rows a saved router was trained on instead of refusing")
+    p.add_argument(
+        "--x",
+        choices=("share", "cost"),
+        default="share",
+        help="plot against the large-call share or dollars (needs cost_usd)",
+    )
+    p.add_argument(
+        "--scores-out", metavar="FILE", help="write {id, score} per row (out-of-fold under CV)"
+    )
+    p.add_argument(
+        "--exclude-trained",
+        action="store_true",
+        help="drop rows a saved router was trained on instead of refusing",
+    )
     p.add_argument("--queries-per-day", type=int, default=100_000)
     p.add_argument("--price-small", type=float, help="USD per query on the small tier")
     p.add_argument("--price-large", type=float, help="USD per query on the large tier")
-    p.add_argument("--tiers", metavar="FILE",
-                   help="tier config whose first and last tiers' token prices set the savings")
-    p.add_argument("--output-tokens", type=int, default=256,
-                   help="completion tokens per query assumed with --tiers prices")
+    p.add_argument(
+        "--tiers",
+        metavar="FILE",
+        help="tier config whose first and last tiers' token prices set the savings",
+    )
+    p.add_argument(
+        "--output-tokens",
+        type=int,
+        default=256,
+        help="completion tokens per query assumed with --tiers prices",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train", help="train a router and save it as a versioned folder")
@@ -355,16 +431,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--router", required=True, help="a saved router folder")
     _add_target_args(p)
-    p.add_argument("--exclude-trained", action="store_true",
-                   help="drop rows the router was trained on instead of refusing")
+    p.add_argument(
+        "--exclude-trained",
+        action="store_true",
+        help="drop rows the router was trained on instead of refusing",
+    )
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("route", help="route one request and say why")
     p.add_argument("prompt", nargs="?", help="the prompt to route")
-    p.add_argument("--messages", metavar="FILE",
-                   help="a JSON list of chat messages (a whole conversation) instead")
-    p.add_argument("--router", default="default",
-                   help="random, rules, default, or a saved router folder")
+    p.add_argument(
+        "--messages",
+        metavar="FILE",
+        help="a JSON list of chat messages (a whole conversation) instead",
+    )
+    p.add_argument(
+        "--router", default="default", help="random, rules, default, or a saved router folder"
+    )
     p.add_argument("--tiers", metavar="FILE", help="tier config (default: built-in tiers)")
     p.add_argument("--priority", choices=("batch", "interactive", "critical"))
     p.add_argument("--json", action="store_true")

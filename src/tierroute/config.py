@@ -1,18 +1,18 @@
 """Tier and policy configuration: one YAML file, read by a function (never at import).
 
-    tiers:                       # ordered, smallest first; two or more
-      - name: small
-        model: mistralai/Mixtral-8x7B-Instruct-v0.1
-        input_price_per_m: 0.24  # USD per million tokens
-        output_price_per_m: 0.24
-        typical_latency_ms: 400
-      - name: large
-        model: gpt-4-1106-preview
-        input_price_per_m: 10
-        output_price_per_m: 30
-    policy:
-      thresholds: [0.5]          # one per tier boundary, ascending
-      abstain_band: 0.05         # scores this close below a boundary go up a tier
+tiers:                       # ordered, smallest first; two or more
+  - name: small
+    model: mistralai/Mixtral-8x7B-Instruct-v0.1
+    input_price_per_m: 0.24  # USD per million tokens
+    output_price_per_m: 0.24
+    typical_latency_ms: 400
+  - name: large
+    model: gpt-4-1106-preview
+    input_price_per_m: 10
+    output_price_per_m: 30
+policy:
+  thresholds: [0.5]          # one per tier boundary, ascending
+  abstain_band: 0.05         # scores this close below a boundary go up a tier
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ def _tier(spec: Any, i: int, source: str) -> Tier:
             typical_latency_ms=float(spec.get("typical_latency_ms", 0.0)),
         )
     except (TypeError, ValueError):
-        raise ConfigError(f"tier '{spec['name']}' in {source} has a price or latency that is not a number") from None
+        raise ConfigError(
+            f"tier '{spec['name']}' in {source} has a price or latency that is not a number"
+        ) from None
 
 
 def parse_policy(doc: Any, source: str) -> Policy:

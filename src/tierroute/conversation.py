@@ -29,7 +29,9 @@ def message_text(message: Message) -> str:
             elif isinstance(part, str):
                 parts.append(part)
         return "\n".join(parts)
-    raise InputError(f"message content must be a string or a list of parts, not {type(content).__name__}")
+    raise InputError(
+        f"message content must be a string or a list of parts, not {type(content).__name__}"
+    )
 
 
 def routing_text(messages: Messages) -> str:

@@ -145,9 +145,7 @@ def load_outcomes(
     for model in (small_model, large_model):
         if model not in present:
             names = ", ".join(sorted(present)[:12])
-            raise DataError(
-                f"model '{model}' is not in '{path}'; models there include: {names}"
-            )
+            raise DataError(f"model '{model}' is not in '{path}'; models there include: {names}")
     for name, value in parse_where(where):
         rows = [row for row in rows if str(field_value(row, name)) == value]
         if not rows:
@@ -162,14 +160,14 @@ def load_outcomes(
         ):
             kept.append(row)
     if not kept:
-        raise DataError(f"no row of '{path}' has scores for both '{small_model}' and '{large_model}'")
+        raise DataError(
+            f"no row of '{path}' has scores for both '{small_model}' and '{large_model}'"
+        )
 
     def scores(model: str, key: str) -> FloatArray:
         return np.array([float(r["models"][model][key]) for r in kept], dtype=np.float64)
 
-    has_cost = all(
-        "cost_usd" in r["models"][m] for r in kept for m in (small_model, large_model)
-    )
+    has_cost = all("cost_usd" in r["models"][m] for r in kept for m in (small_model, large_model))
     return Outcomes(
         path=str(path),
         data_hash=file_hash(path),

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from tierroute.errors import MissingDependencyError
+from tierroute.errors import ConfigError, MissingDependencyError
 from tierroute.paths import cache_dir
 
 Vectors = npt.NDArray[np.float32]
@@ -60,11 +60,19 @@ class Embedder:
         max_length: int = 256,
         batch_size: int = 32,
         threads: int | None = None,
+        precision: str | None = None,
     ) -> None:
         self.model_dir = model_dir
         self.max_length = max_length
         self.batch_size = batch_size
+        # ONNX intra-op threads: 1 suits one request at a time (the serving case), 0 lets
+        # onnxruntime use every core (batches over data files).
         self.threads = threads
+        # "fp32" (exact) or "int8" (dynamic quantisation of the weight matrices: ~2x
+        # faster, cosine ~0.99 to fp32). Vectors of the two never mix: see model_id.
+        self.precision = precision or os.environ.get("TIERROUTE_EMBED_PRECISION", "fp32")
+        if self.precision not in ("fp32", "int8"):
+            raise ConfigError(f"embedding precision must be fp32 or int8, not '{self.precision}'")
         self._session: Any = None
         self._tokenizer: Any = None
         self._model_id: str | None = None
@@ -78,7 +86,9 @@ class Embedder:
             weights = folder / "model.safetensors"
             digest = hashlib.sha256((folder / "config.json").read_bytes())
             digest.update(str(weights.stat().st_size).encode())
-            self._model_id = f"{MODEL_NAME}@{digest.hexdigest()[:12]}/len{self.max_length}"
+            self._model_id = (
+                f"{MODEL_NAME}@{digest.hexdigest()[:12]}/len{self.max_length}/{self.precision}"
+            )
         return self._model_id
 
     def load(self) -> None:
@@ -100,9 +110,14 @@ class Embedder:
             tokenizer.enable_truncation(max_length=self.max_length)
             tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
             options = ort.SessionOptions()
-            threads = self.threads or int(os.environ.get("TIERROUTE_EMBED_THREADS", "0"))
+            threads = self.threads
+            if threads is None:
+                threads = int(os.environ.get("TIERROUTE_EMBED_THREADS", "1"))
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+            # Idle worker threads must not spin: they would steal the core that the
+            # gateway's event loop (or another session) needs between requests.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             self._tokenizer = tokenizer
             self._session = ort.InferenceSession(
@@ -117,6 +132,8 @@ class Embedder:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_bytes(build_model(folder))
+            if self.precision == "int8":
+                _quantize(tmp)
             tmp.replace(path)  # atomic: a concurrent reader never sees half a file
         return path
 
@@ -140,6 +157,19 @@ class Embedder:
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
         result: Vectors = self._session.run(["embeddings"], feeds)[0]
         return result
+
+
+def _quantize(path: Path) -> None:
+    """Dynamic int8 quantisation of the weight matmuls, in place. The attention
+    products (query x key, probabilities x value) stay fp32: quantising them costs
+    far more accuracy than time saved."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    keep_fp32 = [f"l{i}.{name}" for i in range(64) for name in ("qk", "ctx")]
+    out = path.with_suffix(".q8")
+    quantize_dynamic(path, out, weight_type=QuantType.QInt8, per_channel=True,
+                     nodes_to_exclude=keep_fp32)
+    out.replace(path)
 
 
 class EmbeddingCache:
@@ -170,14 +200,12 @@ class EmbeddingCache:
             for start in range(0, len(unique), 500):
                 chunk = unique[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                rows = conn.execute(
-                    f"SELECT text_hash, vector FROM embedding WHERE model = ? AND text_hash IN ({marks})",
-                    [model, *chunk],
-                )
+                query = "SELECT text_hash, vector FROM embedding WHERE model = ? AND text_hash IN "
+                rows = conn.execute(f"{query}({marks})", [model, *chunk])
                 found.update(rows)
             missing = [i for i, k in enumerate(keys) if k not in found]
             if missing:
-                first = {}
+                first: dict[bytes, int] = {}
                 for i in missing:
                     first.setdefault(keys[i], i)
                 todo = list(first.values())

@@ -22,7 +22,7 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
 
 
 def read_safetensors(path: Path) -> dict[str, npt.NDArray[Any]]:
-    """All tensors of a safetensors file as numpy arrays (the format is a JSON header + raw bytes)."""
+    """All tensors of a safetensors file as numpy arrays (a JSON header, then raw bytes)."""
     raw = path.read_bytes()
     (header_len,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + header_len])
@@ -62,7 +62,7 @@ def build_model(model_dir: Path) -> bytes:
         return name
 
     def node(op: str, inputs: list[str], out: str, **attrs: Any) -> str:
-        nodes.append(helper.make_node(op, inputs, [out], **attrs))
+        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
     def linear(x: str, prefix: str, out: str) -> str:
@@ -113,25 +113,42 @@ def build_model(model_dir: Path) -> bytes:
         q = linear(x, f"{p}.attention.self.query", f"l{i}.q")
         k = linear(x, f"{p}.attention.self.key", f"l{i}.k")
         v = linear(x, f"{p}.attention.self.value", f"l{i}.v")
-        qh = node("Transpose", [node("Reshape", [q, "split_heads"], f"l{i}.qr")], f"l{i}.qh",
-                  perm=[0, 2, 1, 3])
-        kh = node("Transpose", [node("Reshape", [k, "split_heads"], f"l{i}.kr")], f"l{i}.kh",
-                  perm=[0, 2, 3, 1])
-        vh = node("Transpose", [node("Reshape", [v, "split_heads"], f"l{i}.vr")], f"l{i}.vh",
-                  perm=[0, 2, 1, 3])
+        qh = node(
+            "Transpose",
+            [node("Reshape", [q, "split_heads"], f"l{i}.qr")],
+            f"l{i}.qh",
+            perm=[0, 2, 1, 3],
+        )
+        kh = node(
+            "Transpose",
+            [node("Reshape", [k, "split_heads"], f"l{i}.kr")],
+            f"l{i}.kh",
+            perm=[0, 2, 3, 1],
+        )
+        vh = node(
+            "Transpose",
+            [node("Reshape", [v, "split_heads"], f"l{i}.vr")],
+            f"l{i}.vh",
+            perm=[0, 2, 1, 3],
+        )
         att = node("Mul", [node("MatMul", [qh, kh], f"l{i}.qk"), "scale"], f"l{i}.qks")
         att = node("Add", [att, "mask_bias"], f"l{i}.qkm")
         probs = node("Softmax", [att], f"l{i}.p", axis=-1)
-        ctx = node("Transpose", [node("MatMul", [probs, vh], f"l{i}.ctx")], f"l{i}.ctxt",
-                   perm=[0, 2, 1, 3])
+        ctx = node(
+            "Transpose", [node("MatMul", [probs, vh], f"l{i}.ctx")], f"l{i}.ctxt", perm=[0, 2, 1, 3]
+        )
         ctx = node("Reshape", [ctx, "merge_heads"], f"l{i}.ctxm")
         attn_out = linear(ctx, f"{p}.attention.output.dense", f"l{i}.ao")
-        x = layer_norm(node("Add", [x, attn_out], f"l{i}.res1"), f"{p}.attention.output.LayerNorm",
-                       f"l{i}.x1")
+        x = layer_norm(
+            node("Add", [x, attn_out], f"l{i}.res1"), f"{p}.attention.output.LayerNorm", f"l{i}.x1"
+        )
         h = linear(x, f"{p}.intermediate.dense", f"l{i}.h")
         erf = node("Erf", [node("Div", [h, "sqrt2"], f"l{i}.hs")], f"l{i}.erf")
-        gelu = node("Mul", [node("Mul", [h, node("Add", [erf, "onef"], f"l{i}.e1")], f"l{i}.g0"),
-                            "half"], f"l{i}.gelu")
+        gelu = node(
+            "Mul",
+            [node("Mul", [h, node("Add", [erf, "onef"], f"l{i}.e1")], f"l{i}.g0"), "half"],
+            f"l{i}.gelu",
+        )
         out = linear(gelu, f"{p}.output.dense", f"l{i}.o")
         x = layer_norm(node("Add", [x, out], f"l{i}.res2"), f"{p}.output.LayerNorm", f"l{i}.x2")
 

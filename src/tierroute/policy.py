@@ -114,7 +114,9 @@ class Policy:
             tags=dict(explanation.tags),
         )
 
-    def route(self, router: BaseRouter, messages: Messages, priority: str | None = None) -> Decision:
+    def route(
+        self, router: BaseRouter, messages: Messages, priority: str | None = None
+    ) -> Decision:
         start = time.perf_counter()
         decision = self.decide(router.explain(messages), priority)
         elapsed = (time.perf_counter() - start) * 1000

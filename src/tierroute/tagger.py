@@ -1,7 +1,8 @@
 """Task and domain tags from labelled prototype utterances (resources/prototypes.yaml).
 
 A request gets the class whose prototypes it is most similar to (mean of the top-3
-cosine similarities), when that similarity reaches the group's `min_similarity`.
+cosine similarities), when that similarity reaches the group's `min_similarity` and
+beats the runner-up class by `min_margin`; otherwise it gets the group's fallback.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class TagGroup:
     name: str
     classes: tuple[str, ...]
     min_similarity: float
+    min_margin: float
     fallback: str
     utterances: tuple[tuple[str, str], ...]  # (class, utterance)
 
@@ -52,7 +54,7 @@ def load_prototypes(path: str | Path | None = None) -> list[TagGroup]:
         classes = spec.get("classes") if isinstance(spec, dict) else None
         if not isinstance(classes, dict) or not classes:
             raise ConfigError(f"group '{name}' in {source} needs a 'classes' mapping")
-        pairs = []
+        pairs: list[tuple[str, str]] = []
         for cls, examples in classes.items():
             if not isinstance(examples, list) or not all(isinstance(e, str) for e in examples):
                 raise ConfigError(f"class '{cls}' in {source} needs a list of example utterances")
@@ -61,7 +63,8 @@ def load_prototypes(path: str | Path | None = None) -> list[TagGroup]:
             TagGroup(
                 name=str(name),
                 classes=tuple(str(c) for c in classes),
-                min_similarity=float(spec.get("min_similarity", 0.3)),
+                min_similarity=float(spec.get("min_similarity", 0.2)),
+                min_margin=float(spec.get("min_margin", 0.05)),
                 fallback=str(spec.get("fallback", "general")),
                 utterances=tuple(pairs),
             )
@@ -109,9 +112,11 @@ class Tagger:
         for group in self.groups:
             block = sims[:, start : start + len(group.classes)]
             start += len(group.classes)
+            ranked = np.sort(block, axis=1)
             best = block.argmax(axis=1)
             for i, j in enumerate(best):
-                ok = block[i, j] >= group.min_similarity
+                margin = ranked[i, -1] - ranked[i, -2] if block.shape[1] > 1 else 1.0
+                ok = block[i, j] >= group.min_similarity and margin >= group.min_margin
                 out[i][group.name] = group.classes[j] if ok else group.fallback
         return out
 

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from tierroute.errors import InputError
+
 
 def grouped_folds(
     groups: Sequence[str], n_folds: int = 5, seed: int = 0
@@ -16,7 +18,9 @@ def grouped_folds(
     currently smallest fold, so folds are balanced in rows as well as random."""
     sizes = Counter(groups)
     if len(sizes) < n_folds:
-        raise ValueError(f"{len(sizes)} groups cannot fill {n_folds} folds; use fewer folds")
+        raise InputError(
+            f"{len(sizes)} groups cannot fill {n_folds} folds; use --folds {len(sizes)} or fewer"
+        )
     rng = np.random.default_rng(seed)
     names = list(sizes)
     rng.shuffle(names)

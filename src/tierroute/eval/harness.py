@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from tierroute.calibrate import threshold_for_quality, threshold_for_share
 from tierroute.data import Outcomes
+from tierroute.errors import InputError
 from tierroute.eval.folds import grouped_folds
 from tierroute.eval.metrics import Curve, routing_curve, summary
 from tierroute.eval.published import published_for
@@ -36,7 +37,7 @@ class Target:
 
     def __post_init__(self) -> None:
         if (self.large_share is None) == (self.quality is None):
-            raise ValueError("give exactly one of a target large share or a target quality")
+            raise InputError("give exactly one of a target large share or a target quality")
 
     def threshold(self, scores: Scores, small: Scores, large: Scores) -> float:
         if self.large_share is not None:
@@ -93,7 +94,10 @@ def _single_models(o: Outcomes) -> dict[str, dict[str, float]]:
         ("all-small", o.small, o.small_cost),
         ("all-large", o.large, o.large_cost),
     ):
-        entry = {"quality": float(quality.mean()), "large_share": 0.0 if name == "all-small" else 1.0}
+        entry = {
+            "quality": float(quality.mean()),
+            "large_share": 0.0 if name == "all-small" else 1.0,
+        }
         if cost is not None:
             entry["cost_per_query"] = float(cost.mean())
         out[name] = entry
@@ -165,9 +169,7 @@ def evaluate(
         "random": routing_curve(random_scores, o.small, o.large, o.small_cost, o.large_cost),
         "oracle": routing_curve(oracle_scores, o.small, o.large, o.small_cost, o.large_cost),
     }
-    baselines: dict[str, dict[str, float]] = {
-        key: summary(c) for key, c in baseline_curves.items()
-    }
+    baselines: dict[str, dict[str, float]] = {key: summary(c) for key, c in baseline_curves.items()}
     baselines.update(_single_models(o))
     dataset = str(o.rows[0].get("dataset", ""))
     return Evaluation(

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from tierroute.errors import DataError
+
 FloatArray = npt.NDArray[np.float64]
 ArrayLike = Sequence[float] | FloatArray
 
@@ -55,7 +57,10 @@ def routing_curve(
         raise ValueError("scores, small and large need the same non-zero length")
     weak, strong = q_small.mean(), q_large.mean()
     if strong == weak:
-        raise ValueError("the large and small models have the same mean quality: PGR is undefined")
+        raise DataError(
+            "the large and small models have the same mean quality here, so PGR is undefined; "
+            "pick another model pair or more rows"
+        )
     order = np.argsort(-s, kind="stable")
     ranked = s[order]
     # Points at k = 0, at every k where the next score differs, and at k = n.

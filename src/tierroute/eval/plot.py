@@ -28,35 +28,58 @@ def plot_evaluation(ev: Evaluation, out: str | Path, x: XAxis = "share") -> None
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     fig_figures = ev.figures
-    ax.plot(xs(ev.curve), ev.curve.quality, lw=2.2, color="#1f77b4",
-            label=f"{ev.router} (APGR {fig_figures['apgr']:.3f}, CPT50 {fig_figures['cpt50']:.1%})")
+    ax.plot(
+        xs(ev.curve),
+        ev.curve.quality,
+        lw=2.2,
+        color="#1f77b4",
+        label=f"{ev.router} (APGR {fig_figures['apgr']:.3f}, CPT50 {fig_figures['cpt50']:.1%})",
+    )
     styles = {"random": ("#7f7f7f", "--"), "oracle": ("#2ca02c", ":")}
     for name, curve in ev.baseline_curves.items():
         color, style = styles[name]
         b = ev.baselines[name]
-        ax.plot(xs(curve), curve.quality, style, color=color, lw=1.6,
-                label=f"{name} (APGR {b['apgr']:.3f})")
+        ax.plot(
+            xs(curve),
+            curve.quality,
+            style,
+            color=color,
+            lw=1.6,
+            label=f"{name} (APGR {b['apgr']:.3f})",
+        )
     for name, marker in (("all-small", "o"), ("all-large", "s")):
         b = ev.baselines[name]
-        if x == "cost":
-            px = b.get("cost_per_query", 0.0)
-        else:
-            px = b["large_share"] * 100
+        px = b.get("cost_per_query", 0.0) if x == "cost" else b["large_share"] * 100
         model = o.small_model if name == "all-small" else o.large_model
         ax.plot([px], [b["quality"]], marker, color="black", ms=8)
-        ax.annotate(f"{name}\n{model.split('/')[-1]}", (px, b["quality"]),
-                    textcoords="offset points", xytext=(6, -22 if name == "all-small" else 6),
-                    fontsize=8)
+        ax.annotate(
+            f"{name}\n{model.split('/')[-1]}",
+            (px, b["quality"]),
+            textcoords="offset points",
+            xytext=(6, -22 if name == "all-small" else 6),
+            fontsize=8,
+        )
     op = ev.operating
     op_x = op.get("cost_per_query", 0.0) if x == "cost" else op["large_share"] * 100
-    ax.plot([op_x], [op["quality"]], "*", color="#d62728", ms=14,
-            label=f"calibrated ({ev.target.describe()}): {op['large_share']:.0%} large, "
-                  f"PGR {op['pgr']:.2f}")
-    ax.set_xlabel("mean cost per query (USD)" if x == "cost" else "calls sent to the large model (%)")
+    ax.plot(
+        [op_x],
+        [op["quality"]],
+        "*",
+        color="#d62728",
+        ms=14,
+        label=f"calibrated ({ev.target.describe()}): {op['large_share']:.0%} large, "
+        f"PGR {op['pgr']:.2f}",
+    )
+    ax.set_xlabel(
+        "mean cost per query (USD)" if x == "cost" else "calls sent to the large model (%)"
+    )
     ax.set_ylabel("mean quality of routed answers")
     cv = f"grouped {ev.folds}-fold CV by {ev.cv_group}" if ev.cv_group else f"{ev.folds}-fold CV"
-    ax.set_title(f"{Path(o.path).name}: {o.small_model.split('/')[-1]} -> "
-                 f"{o.large_model.split('/')[-1]}\n{len(o):,} queries, {cv}", fontsize=10)
+    ax.set_title(
+        f"{Path(o.path).name}: {o.small_model.split('/')[-1]} -> "
+        f"{o.large_model.split('/')[-1]}\n{len(o):,} queries, {cv}",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

@@ -80,7 +80,9 @@ class LogRegRouter(BaseRouter):
         reasons += [f"{names[i]} {contrib[i]:+.2f}" for i in named]
         tags = {}
         if self.tagger is not None:
-            tags = self.tagger.tags_from_similarities(x[:, dim : dim + len(self.tagger.feature_names)].astype(np.float32))[0]
+            tags = self.tagger.tags_from_similarities(
+                x[:, dim : dim + len(self.tagger.feature_names)].astype(np.float32)
+            )[0]
         return Explanation(score=score, reasons=tuple(reasons), tags=tags)
 
     def get_params(self) -> dict[str, Any]:

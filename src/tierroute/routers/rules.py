@@ -23,8 +23,17 @@ from tierroute.routers.base import BaseRouter, Scores
 from tierroute.tagger import Tagger
 from tierroute.types import Explanation
 
-_KNOWN_KEYS = {"name", "regex", "keywords", "min_chars", "max_chars", "task", "domain",
-               "weight", "min_tier"}
+_KNOWN_KEYS = {
+    "name",
+    "regex",
+    "keywords",
+    "min_chars",
+    "max_chars",
+    "task",
+    "domain",
+    "weight",
+    "min_tier",
+}
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,9 @@ def parse_rules(doc: Any, source: str) -> RuleSet:
             raise ConfigError(f"rule {i} in {source} needs at least a 'weight' and a condition")
         unknown = set(spec) - _KNOWN_KEYS
         if unknown:
-            raise ConfigError(f"rule {i} in {source} has unknown keys: {', '.join(sorted(unknown))}")
+            raise ConfigError(
+                f"rule {i} in {source} has unknown keys: {', '.join(sorted(unknown))}"
+            )
         name = str(spec.get("name", f"rule{i}"))
         patterns = []
         if "regex" in spec:
@@ -83,7 +94,11 @@ def parse_rules(doc: Any, source: str) -> RuleSet:
             words = [re.escape(str(w)) for w in spec["keywords"]]
             patterns.append(r"\b(?:" + "|".join(words) + r")\b")
         try:
-            regex = re.compile("|".join(f"(?:{p})" for p in patterns), re.I | re.M) if patterns else None
+            regex = (
+                re.compile("|".join(f"(?:{p})" for p in patterns), re.I | re.M)
+                if patterns
+                else None
+            )
         except re.error as exc:
             raise ConfigError(f"rule '{name}' in {source} has a bad regex: {exc}") from None
         tags = tuple((g, _as_set(spec[g])) for g in ("task", "domain") if g in spec)

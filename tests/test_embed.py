@@ -1,0 +1,73 @@
+"""The ONNX embedder against the reference implementation, its cache, and no torch."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tierroute.embed import Embedder, EmbeddingCache
+
+TEXTS = [
+    "Prove that sqrt(2) is irrational.",
+    "hi",
+    "A much longer request that goes on for a while, about databases, indexes and the query "
+    "planner of PostgreSQL, with a question at the end: why is my query slow?",
+]
+
+
+def test_embeddings_are_unit_vectors_and_batch_invariant(encoder) -> None:  # type: ignore[no-untyped-def]
+    embedder = encoder.embedder
+    batch = embedder.embed(TEXTS)
+    assert batch.shape == (3, 384) and batch.dtype == np.float32
+    assert np.allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)
+    one_by_one = np.stack([embedder.embed([t])[0] for t in TEXTS])
+    assert np.allclose(batch, one_by_one, atol=1e-5)  # padding does not leak into the mean
+    sims = batch @ batch.T
+    assert sims[0, 1] < 0.5
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("sentence_transformers") is None,
+    reason="sentence-transformers (from the embed extra) is not installed",
+)
+def test_matches_sentence_transformers(encoder) -> None:  # type: ignore[no-untyped-def]
+    from sentence_transformers import SentenceTransformer
+
+    from tierroute.embed import find_model_dir
+
+    reference = SentenceTransformer(str(find_model_dir()), device="cpu")
+    expected = reference.encode(TEXTS, normalize_embeddings=True)
+    got = encoder.embedder.embed(TEXTS)
+    assert np.min(np.sum(expected * got, axis=1)) > 0.9999
+
+
+def test_disk_cache_round_trip(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+    cache = EmbeddingCache(tmp_path / "emb.sqlite")
+    first = cache.embed(encoder.embedder, [*TEXTS, TEXTS[0]])
+
+    class Refuses(Embedder):
+        def embed(self, texts):  # type: ignore[no-untyped-def]
+            raise AssertionError("a cached text was embedded again")
+
+    again = cache.embed(Refuses(model_dir=encoder.embedder.model_dir), TEXTS)
+    assert np.array_equal(first[:3], again)
+    assert np.array_equal(first[0], first[3])
+
+
+def test_scoring_never_imports_torch() -> None:
+    code = (
+        "import sys\n"
+        "from tierroute.routers import make_router\n"
+        "r = make_router('rules')\n"
+        "r.score('Write a function that reverses a string')\n"
+        "assert 'onnxruntime' in sys.modules\n"
+        "heavy = ('torch', 'transformers', 'sentence_transformers')\n"
+        "bad = [m for m in heavy if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
