@@ -5,10 +5,11 @@
 knn and logreg are trained on 80% of the MMLU outcome file (synthetic prompts when
 ../shared is absent) and saved; each saved router is then loaded in a fresh process,
 as a routing process would, which measures on held-out prompts:
-- single-query decision latency (policy + router + embedding), p50 / p99, on MMLU
-  prompts (~150 tokens) and on short chat prompts (~15 tokens)
+- single-query decision latency (policy + router + embedding, default ONNX threads),
+  p50 / p99, on MMLU prompts (~150 tokens) and on short chat prompts (~12 tokens)
 - throughput of one batch of 1,000 prompts (score_texts), with 1 and 2 ONNX threads
-- peak resident memory of that process (ru_maxrss)
+- resident memory of that process after the single-query phase (what a routing
+  process holds) and its peak after the 1,000-prompt batches
 Targets (issue 2): p50 <= 5 ms, p99 <= 15 ms, >= 300 decisions/s, <= 400 MB.
 """
 
@@ -61,7 +62,15 @@ def timed_routes(policy, router, texts: list[str]) -> list[float]:  # type: igno
     return times
 
 
-def child(folder: str, data: str, queries: int) -> dict[str, float]:
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child(folder: str, prompts_file: str, queries: int) -> dict[str, float]:
     """A fresh routing process: load the saved router, then time it."""
     import numpy as np
 
@@ -71,11 +80,11 @@ def child(folder: str, data: str, queries: int) -> dict[str, float]:
     from tierroute.encoder import TextEncoder
 
     start = time.perf_counter()
-    artifact = load_router(folder, lambda: TextEncoder(Embedder(threads=1), memo_size=0))
+    artifact = load_router(folder, lambda: TextEncoder(Embedder(), memo_size=0))
     router, policy = artifact.router, load_policy()
     policy.route(router, [{"role": "user", "content": "warm up"}])
     load_s = time.perf_counter() - start
-    held_out = prompts(data)[2]
+    held_out = json.loads(Path(prompts_file).read_text())
     timed_routes(policy, router, held_out[:20])
     long_ms = timed_routes(policy, router, held_out[20 : 20 + queries])
     chat = [f"{CHAT[i % len(CHAT)]} ({i})" for i in range(queries)]
@@ -86,6 +95,7 @@ def child(folder: str, data: str, queries: int) -> dict[str, float]:
         "p99_ms": float(np.percentile(long_ms, 99)),
         "chat_p50_ms": float(np.percentile(short_ms, 50)),
         "chat_p99_ms": float(np.percentile(short_ms, 99)),
+        "rss_mb": rss_mb(),
     }
     batch = held_out[-1000:]
     for threads in (1, 2):
@@ -116,23 +126,25 @@ def main() -> None:
     from tierroute.encoder import TextEncoder
     from tierroute.routers import make_router
 
-    texts, labels, _ = prompts(args.data)
+    texts, labels, held_out = prompts(args.data)
     source = args.data if Path(args.data).is_file() else "synthetic prompts (no shared data)"
     print(f"route_bench: routers trained on {len(texts):,} rows of {source}; "
           "timed in a fresh process on held-out prompts\n")
     print(f"{'router':<14} {'p50 ms':>7} {'p99 ms':>7} {'chat p50':>9} {'chat p99':>9} "
-          f"{'batch/s 1t':>11} {'batch/s 2t':>11} {'peak MB':>8} {'load s':>7}")
+          f"{'batch/s 1t':>11} {'batch/s 2t':>11} {'RSS MB':>7} {'peak MB':>8} {'load s':>7}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
+        prompts_file = Path(tmp) / "held_out.json"
+        prompts_file.write_text(json.dumps(held_out))
         for precision in args.precision:
             os.environ["TIERROUTE_EMBED_PRECISION"] = precision
-            encoder = TextEncoder(Embedder(threads=0, precision=precision), EmbeddingCache())
+            encoder = TextEncoder(Embedder(precision=precision), EmbeddingCache())
             for kind in ("knn", "logreg"):
                 folder = Path(tmp) / f"{kind}-{precision}"
                 router = make_router(kind, lambda e=encoder: e).fit(texts, labels)
                 save_router(router, folder, {"bench": True}, [])
                 proc = subprocess.run(
-                    [sys.executable, __file__, "--child", str(folder), "--data", args.data,
+                    [sys.executable, __file__, "--child", str(folder), "--data", str(prompts_file),
                      "--queries", str(args.queries)],
                     capture_output=True, text=True, check=True, env=dict(os.environ),
                 )
@@ -141,7 +153,7 @@ def main() -> None:
                 print(f"{kind + ' ' + precision:<14} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f} "
                       f"{r['chat_p50_ms']:9.2f} {r['chat_p99_ms']:9.2f} "
                       f"{r['batch_per_s_1t']:11.0f} {r['batch_per_s_2t']:11.0f} "
-                      f"{r['peak_rss_mb']:8.0f} {r['load_s']:7.2f}")
+                      f"{r['rss_mb']:7.0f} {r['peak_rss_mb']:8.0f} {r['load_s']:7.2f}")
     print("\ntargets: p50 <= 5 ms, p99 <= 15 ms, >= 300 decisions/s, <= 400 MB")
     if ("knn", "fp32") in results and ("knn", "int8") in results:
         ratio = results[("knn", "fp32")]["p50_ms"] / results[("knn", "int8")]["p50_ms"]

@@ -138,6 +138,7 @@ def test_train_calibrate_eval_route(tmp_path: Path, outcome_file: Path) -> None:
         check=True,
     )
     assert "excluded 40 rows" in proc.stderr
+    assert f"the router's calibrated threshold {cal['threshold']:.4g}" in proc.stdout
 
     proc = run_cli(
         "route", "Prove that sqrt(2) is irrational", "--router", str(model), "--json", check=True

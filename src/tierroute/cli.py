@@ -29,7 +29,7 @@ def _encoder_factory(batch: bool) -> Callable[[], Any]:
     def factory() -> Any:
         if not shared:
             if batch:
-                shared.append(TextEncoder(Embedder(threads=0), EmbeddingCache()))
+                shared.append(TextEncoder(Embedder(), EmbeddingCache()))
             else:
                 shared.append(TextEncoder(Embedder()))
         return shared[0]
@@ -145,9 +145,10 @@ def _print_eval(ev: Any, savings: Any) -> None:
     op = ev.operating
     cost = f", ${op['cost_per_query']:.6f}/query" if "cost_per_query" in op else ""
     print()
+    where = "" if ev.target.fixed is not None else ", calibrated on the other folds"
     print(
-        f"at the calibrated threshold (target {ev.target.describe()}, calibrated on the other "
-        f"folds): large share {op['large_share']:.1%}, quality {op['quality']:.4f}, "
+        f"at the calibrated threshold (target {ev.target.describe()}{where}): "
+        f"large share {op['large_share']:.1%}, quality {op['quality']:.4f}, "
         f"PGR {op['pgr']:.3f}{cost}"
     )
     print()
@@ -156,7 +157,7 @@ def _print_eval(ev: Any, savings: Any) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from tierroute.eval.harness import evaluate
+    from tierroute.eval.harness import Target, evaluate
     from tierroute.eval.savings import Savings
     from tierroute.routers import BUILTIN, make_router
 
@@ -179,6 +180,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if artifact is not None:
             o = _check_unseen(artifact, o, args.exclude_trained)
             name = f"{artifact.meta['kind']} ({artifact.path})"
+            explicit = args.target_large_share is not None or args.target_quality is not None
+            if artifact.threshold is not None and not explicit:
+                target = Target(fixed=artifact.threshold)
         elif name not in BUILTIN and name != "default":
             raise InputError(f"unknown router '{name}'")
         ev = evaluate(

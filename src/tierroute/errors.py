@@ -6,7 +6,10 @@
     ├── ArtifactError               a saved router is missing, of another format, or misused
     ├── RouterError                 an unknown router name or a router used before `fit`
     ├── InputError                  a request that cannot be routed (e.g. an empty prompt)
-    └── MissingDependencyError      an optional extra is not installed
+    ├── MissingDependencyError      an optional extra is not installed
+    ├── LedgerError                 the ledger cannot be opened or written
+    │   └── LedgerClosedError       a ledger used after close()
+    └── BackendError                a tier failed to answer (tierroute.backends.base)
 
 Every message is one sentence that says what went wrong and what to do about it.
 """
@@ -40,3 +43,11 @@ class InputError(TierrouteError):
 
 class MissingDependencyError(TierrouteError):
     pass
+
+
+class LedgerError(TierrouteError):
+    """The ledger file cannot be opened or written, or a report was asked something invalid."""
+
+
+class LedgerClosedError(LedgerError):
+    """A ledger was used after `close()`."""

@@ -34,18 +34,24 @@ class Target:
 
     large_share: float | None = None
     quality: float | None = None
+    # A threshold already calibrated (a saved router's): used as it is on every fold.
+    fixed: float | None = None
 
     def __post_init__(self) -> None:
-        if (self.large_share is None) == (self.quality is None):
+        if sum(v is not None for v in (self.large_share, self.quality, self.fixed)) != 1:
             raise InputError("give exactly one of a target large share or a target quality")
 
     def threshold(self, scores: Scores, small: Scores, large: Scores) -> float:
+        if self.fixed is not None:
+            return self.fixed
         if self.large_share is not None:
             return threshold_for_share(scores, self.large_share)
         assert self.quality is not None
         return threshold_for_quality(routing_curve(scores, small, large), self.quality)
 
     def describe(self) -> str:
+        if self.fixed is not None:
+            return f"the router's calibrated threshold {self.fixed:.4g}"
         if self.large_share is not None:
             return f"large share {self.large_share:.0%}"
         return f"PGR {self.quality:.0%}"

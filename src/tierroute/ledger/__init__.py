@@ -1,0 +1,42 @@
+"""The request ledger (SQLite, one row per request) and the savings report drawn from it."""
+
+from __future__ import annotations
+
+from tierroute.errors import LedgerClosedError, LedgerError
+from tierroute.ledger.report import (
+    SavingsReport,
+    TierStats,
+    build_report,
+    format_report,
+    parse_since,
+    percentile,
+    plot_report,
+)
+from tierroute.ledger.store import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    Feedback,
+    Ledger,
+    LedgerRow,
+    default_path,
+    migrate,
+)
+
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "Feedback",
+    "Ledger",
+    "LedgerClosedError",
+    "LedgerError",
+    "LedgerRow",
+    "SavingsReport",
+    "TierStats",
+    "build_report",
+    "default_path",
+    "format_report",
+    "migrate",
+    "parse_since",
+    "percentile",
+    "plot_report",
+]

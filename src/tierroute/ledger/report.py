@@ -1,0 +1,234 @@
+"""The savings report over ledger rows: pure functions, plus one plot.
+
+Pricing is a collaborator: `largest_tier_cost(row)` prices a row's prompt and completion
+tokens at the largest tier, which is what the request would have cost without routing.
+Cache hits, errors and fallbacks are priced however that function decides.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tierroute.errors import LedgerError
+from tierroute.ledger.store import LedgerRow
+
+CostFn = Callable[[LedgerRow], float]
+
+
+@dataclass(frozen=True)
+class TierStats:
+    tier: str
+    requests: int
+    share: float  # of all requests, 0..1
+    cost_usd: float
+    p50_latency_ms: float
+    p95_latency_ms: float
+    errors: int
+
+
+@dataclass(frozen=True)
+class SavingsReport:
+    requests: int
+    tiers: tuple[TierStats, ...]  # most requests first
+    routed_cost_usd: float
+    all_largest_cost_usd: float
+    saved_fraction: float  # 1 - routed / all-largest; negative if routing cost more
+    errors: int
+    cache_hits: int
+    first_ts: float | None
+    last_ts: float | None
+
+    @property
+    def saving_pct(self) -> float:
+        return 100.0 * self.saved_fraction
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cache_hits / self.requests if self.requests else 0.0
+
+
+def is_error(row: LedgerRow) -> bool:
+    """A request failed when the client got an HTTP status of 400 or above."""
+    return row.status >= 400
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-quantile (0..1) with linear interpolation between ranks, as numpy's default."""
+    if not values:
+        return math.nan
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"a quantile must be between 0 and 1, got {q}")
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (pos - lo) * (xs[hi] - xs[lo])
+
+
+def build_report(rows: Sequence[LedgerRow], largest_tier_cost: CostFn) -> SavingsReport:
+    """Aggregate rows into a `SavingsReport`; latency percentiles cover every row of a tier."""
+    n = len(rows)
+    by_tier: dict[str, list[LedgerRow]] = {}
+    for row in rows:
+        by_tier.setdefault(row.tier, []).append(row)
+    tiers = [
+        TierStats(
+            tier=tier,
+            requests=len(group),
+            share=len(group) / n,
+            cost_usd=sum(r.cost_usd for r in group),
+            p50_latency_ms=percentile([r.latency_ms for r in group], 0.50),
+            p95_latency_ms=percentile([r.latency_ms for r in group], 0.95),
+            errors=sum(is_error(r) for r in group),
+        )
+        for tier, group in by_tier.items()
+    ]
+    tiers.sort(key=lambda t: (-t.requests, t.tier))
+    routed = sum(r.cost_usd for r in rows)
+    all_largest = sum(largest_tier_cost(r) for r in rows)
+    return SavingsReport(
+        requests=n,
+        tiers=tuple(tiers),
+        routed_cost_usd=routed,
+        all_largest_cost_usd=all_largest,
+        saved_fraction=1.0 - routed / all_largest if all_largest > 0 else 0.0,
+        errors=sum(is_error(r) for r in rows),
+        cache_hits=sum(r.cache_hit for r in rows),
+        first_ts=min((r.ts for r in rows), default=None),
+        last_ts=max((r.ts for r in rows), default=None),
+    )
+
+
+def _utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def format_report(report: SavingsReport) -> str:
+    """A plain-text table for a terminal."""
+    if not report.requests or report.first_ts is None or report.last_ts is None:
+        return "No requests in the ledger for this period."
+    lines = [
+        f"{report.requests:,} requests from {_utc(report.first_ts)} to {_utc(report.last_ts)} UTC",
+        "",
+        f"{'tier':<16} {'requests':>9} {'share':>7} {'cost USD':>11} "
+        f"{'p50 ms':>9} {'p95 ms':>9} {'errors':>7}",
+    ]
+    for t in report.tiers:
+        lines.append(
+            f"{t.tier:<16} {t.requests:>9,} {t.share:>7.1%} {t.cost_usd:>11.4f} "
+            f"{t.p50_latency_ms:>9.0f} {t.p95_latency_ms:>9.0f} {t.errors:>7,}"
+        )
+    lines += [
+        "",
+        f"routed cost        ${report.routed_cost_usd:,.4f}",
+        f"all-largest cost   ${report.all_largest_cost_usd:,.4f}",
+        f"saved              {report.saved_fraction:.1%}",
+        f"errors             {report.errors:,} ({report.error_rate:.1%})",
+        f"cache hits         {report.cache_hits:,} ({report.cache_hit_rate:.1%})",
+    ]
+    return "\n".join(lines)
+
+
+_BIN_WIDTHS = (60, 300, 900, 3600, 6 * 3600, 86400, 7 * 86400)  # seconds
+
+
+def _bin_width(span: float, max_bins: int = 48) -> int:
+    return next((w for w in _BIN_WIDTHS if span / w <= max_bins), _BIN_WIDTHS[-1])
+
+
+def _label(width: int) -> str:
+    if width % 86400 == 0:
+        return f"{width // 86400} d"
+    return f"{width // 3600} h" if width % 3600 == 0 else f"{width // 60} min"
+
+
+def plot_report(rows: Sequence[LedgerRow], path: str | Path, largest_tier_cost: CostFn) -> Path:
+    """Write a PNG: requests per tier over time (stacked) and cumulative cost vs all-largest."""
+    if not rows:
+        raise LedgerError("there are no requests to plot; widen --since or check the ledger path")
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    ordered = sorted(rows, key=lambda r: r.ts)
+    ts = np.array([r.ts for r in ordered])
+    width = _bin_width(float(ts[-1] - ts[0]))
+    start = math.floor(ts[0] / width) * width
+    n_bins = int((ts[-1] - start) // width) + 1
+    edges = start + width * np.arange(n_bins + 1)
+    tiers = sorted({r.tier for r in ordered})
+
+    def to_num(seconds: Sequence[float]) -> list[float]:  # matplotlib's date numbers
+        dates = [datetime.fromtimestamp(float(s), tz=UTC) for s in seconds]
+        return list(mdates.date2num(dates))  # type: ignore[no-untyped-call]
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 7), dpi=110, sharex=True)
+    try:
+        left = to_num(edges[:-1].tolist())
+        bottom = np.zeros(n_bins)
+        for tier in tiers:
+            counts, _ = np.histogram([r.ts for r in ordered if r.tier == tier], bins=edges)
+            ax1.bar(left, counts, width=width / 86400, bottom=bottom, align="edge", label=tier)
+            bottom += counts
+        ax1.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax1.set_ylabel(f"requests per {_label(width)}")
+        ax1.set_title("Requests per tier")
+        ax1.legend(title="tier", fontsize=8)
+
+        times = to_num(ts.tolist())
+        routed = np.cumsum([r.cost_usd for r in ordered])
+        largest = np.cumsum([largest_tier_cost(r) for r in ordered])
+        ax2.step(times, largest, where="post", color="#d62728", label="all largest tier")
+        ax2.step(times, routed, where="post", color="#1f77b4", label="routed")
+        ax2.set_ylabel("cumulative cost (USD)")
+        ax2.set_xlabel("time (UTC)")
+        ax2.set_title("Routed cost vs every request on the largest tier")
+        ax2.legend(fontsize=8)
+        locator = ax2.xaxis.get_major_locator()
+        ax2.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
+        fig.tight_layout()
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out)
+    finally:
+        plt.close(fig)
+    return out
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """'30m', '1h', '2d', '1w' back from `now` (default: the current time), or an ISO date
+    or datetime ('2024-05-01', '2024-05-01T10:00', with or without an offset; naive means UTC),
+    as unix seconds."""
+    value = text.strip().lower()
+    if match := _DURATION.fullmatch(value):
+        amount, unit = match.groups()
+        base = time.time() if now is None else now
+        return base - float(amount) * _UNIT_SECONDS[unit]
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise LedgerError(
+            f"cannot read the time {text!r}; give a duration like 30m, 1h, 2d or 1w, "
+            "or an ISO date like 2024-05-01 or 2024-05-01T10:00"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
