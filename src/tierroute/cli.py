@@ -332,6 +332,9 @@ def cmd_route(args: argparse.Namespace) -> int:
     policy = load_policy(args.tiers)
     if artifact is not None and artifact.threshold is not None:
         policy = policy.with_threshold(artifact.threshold)
+    # Load the embedding model and tag prototypes now, so the time printed is that of
+    # a decision in a running process rather than of start-up.
+    policy.route(router, [{"role": "user", "content": "warm up"}])
     loaded = time.perf_counter()
     decision = policy.route(router, messages, args.priority)
     if args.json:
