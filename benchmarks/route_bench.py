@@ -128,10 +128,14 @@ def main() -> None:
 
     texts, labels, held_out = prompts(args.data)
     source = args.data if Path(args.data).is_file() else "synthetic prompts (no shared data)"
-    print(f"route_bench: routers trained on {len(texts):,} rows of {source}; "
-          "timed in a fresh process on held-out prompts\n")
-    print(f"{'router':<14} {'p50 ms':>7} {'p99 ms':>7} {'chat p50':>9} {'chat p99':>9} "
-          f"{'batch/s 1t':>11} {'batch/s 2t':>11} {'RSS MB':>7} {'peak MB':>8} {'load s':>7}")
+    print(
+        f"route_bench: routers trained on {len(texts):,} rows of {source}; "
+        "timed in a fresh process on held-out prompts\n"
+    )
+    print(
+        f"{'router':<14} {'p50 ms':>7} {'p99 ms':>7} {'chat p50':>9} {'chat p99':>9} "
+        f"{'batch/s 1t':>11} {'batch/s 2t':>11} {'RSS MB':>7} {'peak MB':>8} {'load s':>7}"
+    )
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         prompts_file = Path(tmp) / "held_out.json"
@@ -144,16 +148,29 @@ def main() -> None:
                 router = make_router(kind, lambda e=encoder: e).fit(texts, labels)
                 save_router(router, folder, {"bench": True}, [])
                 proc = subprocess.run(
-                    [sys.executable, __file__, "--child", str(folder), "--data", str(prompts_file),
-                     "--queries", str(args.queries)],
-                    capture_output=True, text=True, check=True, env=dict(os.environ),
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        str(folder),
+                        "--data",
+                        str(prompts_file),
+                        "--queries",
+                        str(args.queries),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    env=dict(os.environ),
                 )
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
                 results[(kind, precision)] = r
-                print(f"{kind + ' ' + precision:<14} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f} "
-                      f"{r['chat_p50_ms']:9.2f} {r['chat_p99_ms']:9.2f} "
-                      f"{r['batch_per_s_1t']:11.0f} {r['batch_per_s_2t']:11.0f} "
-                      f"{r['rss_mb']:7.0f} {r['peak_rss_mb']:8.0f} {r['load_s']:7.2f}")
+                print(
+                    f"{kind + ' ' + precision:<14} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f} "
+                    f"{r['chat_p50_ms']:9.2f} {r['chat_p99_ms']:9.2f} "
+                    f"{r['batch_per_s_1t']:11.0f} {r['batch_per_s_2t']:11.0f} "
+                    f"{r['rss_mb']:7.0f} {r['peak_rss_mb']:8.0f} {r['load_s']:7.2f}"
+                )
     print("\ntargets: p50 <= 5 ms, p99 <= 15 ms, >= 300 decisions/s, <= 400 MB")
     if ("knn", "fp32") in results and ("knn", "int8") in results:
         ratio = results[("knn", "fp32")]["p50_ms"] / results[("knn", "int8")]["p50_ms"]
