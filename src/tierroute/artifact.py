@@ -150,3 +150,17 @@ def load_router(path: str | Path, encoder_factory: Callable[[], Encoder] = TextE
     ids_file = folder / "train_ids.txt"
     ids = frozenset(ids_file.read_text().split("\n")) - {""} if ids_file.exists() else frozenset()
     return Artifact(path=folder, router=router, meta=meta, train_ids=ids)
+
+
+def open_router(
+    spec: str, encoder_factory: Callable[[], Encoder] = TextEncoder
+) -> tuple[BaseRouter, Artifact | None]:
+    """A router by built-in name, `default`, or saved folder; with its artifact if saved."""
+    from tierroute.routers import make_router
+
+    if spec == "default":
+        spec = "rules"  # until a trained default router ships with the package
+    if Path(spec).is_dir():
+        artifact = load_router(spec, encoder_factory)
+        return artifact.router, artifact
+    return make_router(spec, encoder_factory), None

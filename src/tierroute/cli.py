@@ -101,16 +101,9 @@ def _check_unseen(artifact: Any, o: Any, exclude: bool) -> Any:
 
 def _resolve_router(spec: str, batch: bool) -> tuple[Any, Any]:
     """(router, artifact or None) for a built-in name, 'default', or a saved folder."""
-    from tierroute.artifact import load_router
-    from tierroute.routers import make_router
+    from tierroute.artifact import open_router
 
-    factory = _encoder_factory(batch)
-    if spec == "default":
-        spec = "rules"
-    if Path(spec).is_dir():
-        artifact = load_router(spec, factory)
-        return artifact.router, artifact
-    return make_router(spec, factory), None
+    return open_router(spec, _encoder_factory(batch))
 
 
 # ---------------------------------------------------------------- eval
@@ -362,6 +355,100 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- serve, report, config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from tierroute.gateway.app import create_app
+    from tierroute.gateway.build import build_parts
+    from tierroute.gateway.settings import load_settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    settings = load_settings(args.config)
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    app = create_app(settings, lambda s: build_parts(s, data_dir))
+    tiers = ", ".join(f"{s.name}={s.kind}:{s.tier.model}" for s in settings.tiers)
+    print(
+        f"tierroute serve: {tiers}; router {settings.router}; http://{args.host}:{args.port}/v1",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30
+    )
+    return 0
+
+
+def _pricing(config: str | None) -> Any:
+    from tierroute.gateway.settings import load_settings
+
+    settings = load_settings(config)
+    largest = settings.tiers[-1].tier
+
+    def largest_cost(row: Any) -> float:
+        return largest.cost(row.prompt_tokens, row.completion_tokens)
+
+    return largest_cost
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tierroute.ledger import Ledger, build_report, default_path, format_report, parse_since
+
+    path = default_path(Path(args.data_dir) if args.data_dir else None)
+    if not path.is_file():
+        raise InputError(f"no ledger at '{path}'; run `tierroute serve` first or pass --data-dir")
+    since = parse_since(args.since) if args.since else None
+    largest_cost = _pricing(args.config)
+    with Ledger(path) as ledger:
+        rows = ledger.rows(since=since)
+    print(format_report(build_report(rows, largest_cost)))
+    if args.plot:
+        from tierroute.ledger import plot_report
+
+        plot_report(rows, Path(args.plot), largest_cost)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    import os
+
+    from tierroute.gateway.settings import load_settings
+
+    settings = load_settings(args.file)
+    problems = []
+    for spec in settings.tiers:
+        t = spec.tier
+        where = spec.base_url if spec.kind == "openai" else "in-process llama.cpp"
+        print(
+            f"tier {t.name:<10} {spec.kind:<6} {t.model}  ({where}; "
+            f"${t.input_price_per_m:g}/${t.output_price_per_m:g} per M tokens, "
+            f"timeout {spec.timeout_s:g}s)"
+        )
+        if spec.api_key_env and not os.environ.get(spec.api_key_env):
+            problems.append(f"${spec.api_key_env} (API key of tier {t.name}) is not set")
+        if spec.kind == "local":
+            from tierroute.backends.models import MODELS
+
+            if t.model not in MODELS:
+                problems.append(
+                    f"tier {t.name}: unknown local model '{t.model}'; "
+                    f"known: {', '.join(sorted(MODELS))}"
+                )
+    print(
+        f"policy: thresholds {settings.policy.thresholds}, "
+        f"abstain band {settings.policy.abstain_band}; router {settings.router}"
+    )
+    if problems:
+        raise InputError("; ".join(problems))
+    print(f"{settings.source}: OK")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -459,6 +546,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", choices=("batch", "interactive", "critical"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser("serve", help="run the OpenAI-compatible gateway")
+    p.add_argument("--config", metavar="FILE", help="gateway YAML (default: local tiers)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data-dir", metavar="DIR", help="where the ledger lives")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("report", help="savings and latency from the ledger")
+    p.add_argument("--data-dir", metavar="DIR")
+    p.add_argument("--since", help="e.g. 1h, 30m, 2d or an ISO date")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="gateway YAML whose largest tier prices "
+        "the all-large baseline (default: the built-in one)",
+    )
+    p.add_argument("--plot", metavar="FILE", help="write a PNG")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("config", help="gateway configuration")
+    config_sub = p.add_subparsers(dest="config_command", required=True)
+    c = config_sub.add_parser("check", help="validate a gateway YAML")
+    c.add_argument("file")
+    c.set_defaults(func=cmd_config_check)
     return parser
 
 

@@ -28,7 +28,7 @@ from tierroute.policy import Policy
 from tierroute.types import Tier
 
 
-def _tier(spec: Any, i: int, source: str) -> Tier:
+def parse_tier(spec: Any, i: int, source: str) -> Tier:
     if not isinstance(spec, dict) or not spec.get("name") or not spec.get("model"):
         raise ConfigError(f"tier {i} in {source} needs a 'name' and a 'model'")
     try:
@@ -48,7 +48,7 @@ def _tier(spec: Any, i: int, source: str) -> Tier:
 def parse_policy(doc: Any, source: str) -> Policy:
     if not isinstance(doc, dict) or not isinstance(doc.get("tiers"), list):
         raise ConfigError(f"{source} needs a 'tiers' list, smallest tier first")
-    tiers = [_tier(spec, i, source) for i, spec in enumerate(doc["tiers"], start=1)]
+    tiers = [parse_tier(spec, i, source) for i, spec in enumerate(doc["tiers"], start=1)]
     policy_doc = doc.get("policy") or {}
     if not isinstance(policy_doc, dict):
         raise ConfigError(f"'policy' in {source} must be a mapping")

@@ -7,6 +7,7 @@
     ├── RouterError                 an unknown router name or a router used before `fit`
     ├── InputError                  a request that cannot be routed (e.g. an empty prompt)
     ├── MissingDependencyError      an optional extra is not installed
+    ├── ModelIntegrityError         a local model file's size or sha256 is wrong
     ├── LedgerError                 the ledger cannot be opened or written
     │   └── LedgerClosedError       a ledger used after close()
     └── BackendError                a tier failed to answer (tierroute.backends.base)
@@ -43,6 +44,10 @@ class InputError(TierrouteError):
 
 class MissingDependencyError(TierrouteError):
     pass
+
+
+class ModelIntegrityError(TierrouteError):
+    """A model file's size or sha256 differs from the registry (corrupt or tampered)."""
 
 
 class LedgerError(TierrouteError):

@@ -125,13 +125,13 @@ def format_report(report: SavingsReport) -> str:
     ]
     for t in report.tiers:
         lines.append(
-            f"{t.tier:<16} {t.requests:>9,} {t.share:>7.1%} {t.cost_usd:>11.4f} "
+            f"{t.tier:<16} {t.requests:>9,} {t.share:>7.1%} {t.cost_usd:>11.6f} "
             f"{t.p50_latency_ms:>9.0f} {t.p95_latency_ms:>9.0f} {t.errors:>7,}"
         )
     lines += [
         "",
-        f"routed cost        ${report.routed_cost_usd:,.4f}",
-        f"all-largest cost   ${report.all_largest_cost_usd:,.4f}",
+        f"routed cost        ${report.routed_cost_usd:,.6f}",
+        f"all-largest cost   ${report.all_largest_cost_usd:,.6f}",
         f"saved              {report.saved_fraction:.1%}",
         f"errors             {report.errors:,} ({report.error_rate:.1%})",
         f"cache hits         {report.cache_hits:,} ({report.cache_hit_rate:.1%})",

@@ -1,0 +1,56 @@
+"""A minimal, fast OpenAI-compatible upstream for measuring the gateway's own overhead.
+
+It answers every chat completion at once with a fixed short reply (no model), so the
+difference between calling it directly and through tierroute is tierroute's cost.
+Run: python benchmarks/fast_upstream.py PORT
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import uvicorn
+
+REPLY = {
+    "id": "chatcmpl-upstream",
+    "object": "chat.completion",
+    "model": "fast",
+    "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+    ],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+}
+BODY = json.dumps(REPLY).encode()
+
+
+async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    more = True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False)
+    body = BODY if scope["path"].endswith("/chat/completions") else b'{"status":"ok"}'
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"x-created", str(int(time.time())).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+if __name__ == "__main__":
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)

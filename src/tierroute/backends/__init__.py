@@ -1,0 +1,1 @@
+"""Backends: local llama.cpp models and remote OpenAI-compatible endpoints."""

@@ -1,0 +1,64 @@
+"""The backend seam: one tier's model behind one small async interface.
+
+A backend answers a chat request, whole (`complete`) or as a stream of deltas
+(`stream`). Local llama.cpp models and remote OpenAI-compatible endpoints both
+implement it, so the gateway's fallbacks, timeouts and ledger never care which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tierroute.errors import TierrouteError
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] | None = None
+    # Any other OpenAI chat parameters, passed through to remote backends as they are.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    model: str
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    """One piece of a streamed answer; the last one carries finish_reason and usage."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class BackendError(TierrouteError):
+    """A tier failed to answer. `retryable` errors (connect, timeout, 5xx, 429) may be
+    retried or sent to the next tier; others (e.g. a 400 from upstream) may not."""
+
+    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.status = status
+
+
+class Backend(Protocol):
+    name: str
+
+    async def complete(self, request: ChatRequest, timeout: float) -> ChatResult: ...
+
+    def stream(self, request: ChatRequest, timeout: float) -> AsyncIterator[StreamDelta]: ...
+
+    async def aclose(self) -> None: ...

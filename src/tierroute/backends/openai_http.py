@@ -1,0 +1,239 @@
+"""A remote tier behind any OpenAI-compatible `/chat/completions` endpoint, over httpx.
+
+Errors map onto BackendError so the gateway can decide what to do next:
+
+    connect error, timeout, broken stream, 5xx, 429   retryable=True  (retry or next tier)
+    any other 4xx                                     retryable=False (upstream's message)
+
+The httpx client is created on first use, never at import; pass `transport` (for example
+`httpx.ASGITransport(app)`) to talk to an in-process app without a socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from tierroute.backends.base import BackendError, ChatRequest, ChatResult, StreamDelta
+from tierroute.errors import MissingDependencyError
+
+if TYPE_CHECKING:
+    import httpx
+
+INSTALL_HINT = "Remote tiers need httpx; install it with: pip install 'httpx>=0.27'"
+
+
+class OpenAIHTTPBackend:
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.api_key = api_key
+        self.timeout = timeout  # the client's default; each call passes its own
+        self.transport = transport
+        self._client: httpx.AsyncClient | None = None
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            try:
+                import httpx
+            except ImportError as exc:
+                raise MissingDependencyError(INSTALL_HINT) from exc
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            self._client = httpx.AsyncClient(
+                headers=headers, timeout=self.timeout, transport=self.transport
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def _payload(self, request: ChatRequest, stream: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {**request.extra, "model": self.model, "messages": request.messages}
+        for key in ("max_tokens", "temperature", "top_p", "stop"):
+            value = getattr(request, key)
+            if value is not None:
+                body[key] = value
+        if stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        else:
+            body.pop("stream", None)
+        return body
+
+    async def complete(self, request: ChatRequest, timeout: float) -> ChatResult:
+        client = self._http()
+        import httpx
+
+        url = f"{self.base_url}/chat/completions"
+        try:
+            resp = await client.post(url, json=self._payload(request, False), timeout=timeout)
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, timeout) from exc
+        if resp.status_code >= 400:
+            raise self._status_error(resp.status_code, resp.text)
+        try:
+            data = resp.json()
+            choice = data["choices"][0]
+            usage = data.get("usage") or {}
+            return ChatResult(
+                text=choice["message"].get("content") or "",
+                finish_reason=choice.get("finish_reason") or "stop",
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+                model=str(data.get("model") or self.model),
+            )
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise BackendError(
+                f"Tier {self.name!r} at {url} sent a reply that is not an OpenAI chat "
+                f"completion ({exc!r}); check that base_url ends in the API root (e.g. /v1).",
+                retryable=True,
+                status=resp.status_code,
+            ) from exc
+
+    async def stream(self, request: ChatRequest, timeout: float) -> AsyncIterator[StreamDelta]:
+        client = self._http()
+        import httpx
+
+        url = f"{self.base_url}/chat/completions"
+        deadline = time.monotonic() + timeout
+        finish: str | None = None
+        usage: dict[str, Any] = {}
+        done = False
+        try:
+            async with client.stream(
+                "POST", url, json=self._payload(request, True), timeout=timeout
+            ) as resp:
+                if resp.status_code >= 400:
+                    body = (await resp.aread()).decode("utf-8", "replace")
+                    raise self._status_error(resp.status_code, body)
+                async with contextlib.aclosing(_sse_data(resp.aiter_lines())) as events:
+                    while True:
+                        try:
+                            data = await asyncio.wait_for(
+                                anext(events), max(deadline - time.monotonic(), 0.0)
+                            )
+                        except StopAsyncIteration:
+                            break
+                        if data == "[DONE]":
+                            done = True
+                            break
+                        chunk = self._chunk(data)
+                        if chunk.get("usage"):
+                            usage = chunk["usage"]
+                        for choice in chunk.get("choices") or []:
+                            text = (choice.get("delta") or {}).get("content") or ""
+                            if text:
+                                yield StreamDelta(text=text)
+                            finish = choice.get("finish_reason") or finish
+        except TimeoutError as exc:
+            raise self._transport_error(exc, timeout) from None
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, timeout) from exc
+        if not done and finish is None:
+            raise BackendError(
+                f"Tier {self.name!r} closed its stream before the answer ended; retry or "
+                "send the request to another tier.",
+                retryable=True,
+            )
+        yield StreamDelta(
+            text="",
+            finish_reason=finish or "stop",
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+        )
+
+    def _chunk(self, data: str) -> dict[str, Any]:
+        try:
+            chunk = json.loads(data)
+        except ValueError as exc:
+            raise BackendError(
+                f"Tier {self.name!r} streamed an event that is not JSON ({data[:80]!r}); "
+                "check that the endpoint speaks the OpenAI streaming format.",
+                retryable=True,
+            ) from exc
+        if not isinstance(chunk, dict):
+            chunk = {}
+        if "error" in chunk:
+            raise BackendError(
+                f"Tier {self.name!r} reported an error mid-stream: {_message(chunk)}",
+                retryable=True,
+            )
+        return chunk
+
+    def _transport_error(self, exc: Exception, timeout: float) -> BackendError:
+        import httpx
+
+        if isinstance(exc, TimeoutError | httpx.TimeoutException):
+            what = f"did not answer within {timeout:g}s"
+        elif isinstance(exc, httpx.ConnectError):
+            what = f"could not be reached at {self.base_url} ({exc})"
+        else:
+            what = f"broke the connection ({type(exc).__name__}: {exc})"
+        return BackendError(
+            f"Tier {self.name!r} {what}; retry, check that the server is up, or send the "
+            "request to another tier.",
+            retryable=True,
+        )
+
+    def _status_error(self, status: int, body: str) -> BackendError:
+        try:
+            detail = _message(json.loads(body))
+        except ValueError:
+            detail = body.strip()[:300] or "no message"
+        retryable = status == 429 or status >= 500
+        advice = (
+            "retry later or send the request to another tier"
+            if retryable
+            else "fix the request or the tier's model/api_key settings"
+        )
+        return BackendError(
+            f"Tier {self.name!r} answered HTTP {status}: {detail} ({advice}).",
+            retryable=retryable,
+            status=status,
+        )
+
+
+def _message(data: Any) -> str:
+    """The human message in an OpenAI (`error.message`) or FastAPI (`detail`) error body."""
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])[:300]
+        if isinstance(err, str):
+            return err[:300]
+        if "detail" in data:
+            return str(data["detail"])[:300]
+    return json.dumps(data)[:300]
+
+
+async def _sse_data(lines: AsyncIterator[str]) -> AsyncGenerator[str, None]:
+    """The `data` of each server-sent event (multi-line data joined with newlines)."""
+    buf: list[str] = []
+    async for line in lines:
+        if not line:
+            if buf:
+                yield "\n".join(buf)
+                buf = []
+            continue
+        if line.startswith(":"):
+            continue  # a comment / keep-alive
+        field, _, value = line.partition(":")
+        if field == "data":
+            buf.append(value[1:] if value.startswith(" ") else value)
+    if buf:
+        yield "\n".join(buf)

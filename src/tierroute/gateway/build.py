@@ -1,0 +1,59 @@
+"""Builds the gateway's parts from settings: router, backends (loading local models), ledger."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tierroute.backends.base import Backend
+from tierroute.errors import ConfigError
+from tierroute.gateway.app import Parts
+from tierroute.gateway.settings import GatewaySettings, TierSpec
+from tierroute.ledger import Ledger, default_path
+
+
+def make_backend(spec: TierSpec, max_tokens_default: int = 256) -> Backend:
+    if spec.kind == "openai":
+        from tierroute.backends.openai_http import OpenAIHTTPBackend
+
+        key = None
+        if spec.api_key_env:
+            key = os.environ.get(spec.api_key_env)
+            if not key:
+                raise ConfigError(
+                    f"tier '{spec.name}' reads its API key from ${spec.api_key_env}, "
+                    "which is not set"
+                )
+        assert spec.base_url is not None
+        return OpenAIHTTPBackend(
+            spec.name, spec.base_url, spec.tier.model, api_key=key, timeout=spec.timeout_s
+        )
+    from tierroute.backends.llamacpp import LlamaCppBackend
+    from tierroute.backends.models import resolve_model
+
+    return LlamaCppBackend(
+        spec.name,
+        resolve_model(spec.tier.model),
+        n_ctx=spec.n_ctx,
+        n_threads=spec.n_threads,
+        max_tokens_default=max_tokens_default,
+    )
+
+
+def build_parts(settings: GatewaySettings, data_dir: Path | None = None) -> Parts:
+    """Everything the app needs, loaded and warm (the first request pays no start-up)."""
+    from tierroute.artifact import open_router
+    from tierroute.backends.llamacpp import LlamaCppBackend
+
+    router, artifact = open_router(settings.router)
+    if artifact is not None and artifact.threshold is not None and len(settings.tiers) == 2:
+        settings.policy.thresholds = [artifact.threshold]
+    router.explain_text("warm up")  # loads the embedding model and tag prototypes
+    backends: dict[str, Backend] = {}
+    for spec in settings.tiers:
+        backend = make_backend(spec, settings.max_tokens_default)
+        if isinstance(backend, LlamaCppBackend):
+            backend.load()
+        backends[spec.name] = backend
+    ledger = Ledger(default_path(data_dir), keep_prompts=settings.keep_prompts)
+    return Parts(router=router, backends=backends, ledger=ledger)

@@ -1,0 +1,333 @@
+"""The routing engine of the gateway: decide a tier, answer with fallbacks, keep the books.
+
+HTTP-free, so it can be driven by the ASGI app or by a test directly.
+
+How request hints combine with the router's score (in this order):
+1. priority (`batch` | `interactive` | `critical`) shifts the score before the policy's
+   thresholds apply (see `Policy.decide`): critical leans towards larger tiers, batch
+   towards cheaper ones; the abstain band and rule floors then apply;
+2. latency budget (ms): a tier whose rolling p50 latency (its configured typical latency
+   until it has answered) exceeds the budget is not used; the request moves down to the
+   largest tier below that fits;
+3. cost cap (USD): a tier whose estimated cost for this request (prompt tokens estimated
+   at 4 characters each, plus max_tokens of output) exceeds the cap is not used, likewise.
+When no tier meets a budget the smallest tier is used and the reason says so. A tier
+named as the request's `model` skips the router but not the budgets' notes.
+
+Fallbacks: the chosen tier first, then every larger tier, then the smaller ones, skipping
+tiers whose circuit breaker is open. Retryable failures (connect, timeout, 5xx, 429) are
+retried with exponential backoff before moving on.
+
+A stream that breaks before its first chunk falls back like any request. Once a chunk has
+been sent the answer cannot switch tiers silently: the client receives an OpenAI-style
+error event and the stream ends; the ledger records status 502 and the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from tierroute.backends.base import Backend, BackendError, ChatRequest, ChatResult, StreamDelta
+from tierroute.conversation import routing_text
+from tierroute.gateway.cache import DecisionCache, cache_key
+from tierroute.gateway.metrics import Metrics
+from tierroute.gateway.resilience import CircuitBreaker, RollingLatency, backoff_s
+from tierroute.gateway.settings import GatewaySettings
+from tierroute.ledger import Ledger, LedgerRow
+from tierroute.routers.base import BaseRouter
+from tierroute.types import Decision, Explanation, Tier
+
+
+@dataclass(frozen=True)
+class Hints:
+    priority: str | None = None
+    latency_budget_ms: float | None = None
+    max_cost_usd: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclass
+class Routed:
+    decision: Decision
+    chain: list[str]
+    cache_hit: bool
+    routing_ms: float
+
+
+class AllTiersFailed(Exception):
+    def __init__(self, tried: list[str], last: BackendError | None) -> None:
+        super().__init__(str(last) if last else "no tier could take the request")
+        self.tried = tried
+        self.last = last
+
+
+@dataclass
+class Outcome:
+    """What one answered (or failed) request leaves for the response and the ledger."""
+
+    request_id: str
+    routed: Routed
+    tier: str | None = None
+    tried: list[str] = field(default_factory=list)
+    result: ChatResult | None = None
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        router: BaseRouter,
+        backends: Mapping[str, Backend],
+        ledger: Ledger,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.router = router
+        self.backends = dict(backends)
+        self.ledger = ledger
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        self.cache: DecisionCache[Explanation] = DecisionCache(
+            settings.cache_size, settings.cache_ttl_s
+        )
+        self.breakers = {
+            s.name: CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s)
+            for s in settings.tiers
+        }
+        self.latency = {s.name: RollingLatency() for s in settings.tiers}
+        # One routing thread: the encoder's memo is not thread-safe, and onnxruntime
+        # already uses both cores for one query; the event loop stays free meanwhile.
+        self._routing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierroute-route")
+
+    @property
+    def tier_names(self) -> list[str]:
+        return [s.name for s in self.settings.tiers]
+
+    def close(self) -> None:
+        self._routing.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ deciding
+
+    async def explain(self, messages: list[dict[str, Any]]) -> tuple[Explanation, bool]:
+        text = routing_text(messages)
+        key = cache_key(text)
+        cached = self.cache.get(key)
+        if cached is not None:
+            self.metrics.cache_hits.inc()
+            self.metrics.cache_hit_rate.set(self.cache.hit_rate)
+            return cached, True
+        self.metrics.cache_misses.inc()
+        loop = asyncio.get_running_loop()
+        explanation = await loop.run_in_executor(self._routing, self.router.explain_text, text)
+        self.cache.put(key, explanation)
+        self.metrics.cache_hit_rate.set(self.cache.hit_rate)
+        return explanation, False
+
+    def _expected_ms(self, tier: Tier) -> float:
+        p50 = self.latency[tier.name].p50()
+        return p50 if p50 is not None else tier.typical_latency_ms
+
+    def _fits(self, tier: Tier, hints: Hints, prompt_tokens: int, max_tokens: int) -> str | None:
+        """Why `tier` breaks a budget of the request, or None if it fits."""
+        if (
+            hints.latency_budget_ms is not None
+            and self._expected_ms(tier) > hints.latency_budget_ms
+        ):
+            return f"{tier.name} p50 {self._expected_ms(tier):.0f} ms > budget"
+        if hints.max_cost_usd is not None:
+            cost = tier.cost(prompt_tokens, max_tokens)
+            if cost > hints.max_cost_usd:
+                return f"{tier.name} est ${cost:.6f} > cap"
+        return None
+
+    async def route(
+        self,
+        messages: list[dict[str, Any]],
+        hints: Hints,
+        max_tokens: int,
+        forced: str | None = None,
+    ) -> Routed:
+        start = time.perf_counter()
+        policy = self.settings.policy
+        if forced is not None:
+            decision = Decision(
+                score=float("nan"),
+                tier=policy.tier(forced),
+                reason=f"tier {forced} requested by the client",
+            )
+            cache_hit = False
+        else:
+            explanation, cache_hit = await self.explain(messages)
+            decision = policy.decide(explanation, hints.priority)
+        tiers = list(policy.tiers)
+        index = tiers.index(decision.tier)
+        prompt_tokens = len(routing_text(messages)) // 4 + 1
+        notes = []
+        why = self._fits(tiers[index], hints, prompt_tokens, max_tokens)
+        if why is not None:
+            below = [
+                i
+                for i in range(index - 1, -1, -1)
+                if self._fits(tiers[i], hints, prompt_tokens, max_tokens) is None
+            ]
+            index = below[0] if below else 0
+            notes.append(
+                f"budget: {why}; using {tiers[index].name}"
+                + ("" if below else " (no tier meets the budget)")
+            )
+        chosen = tiers[index]
+        order = [chosen, *tiers[index + 1 :], *tiers[:index][::-1]]
+        chain = [t.name for t in order]
+        if notes:
+            decision = Decision(
+                decision.score, chosen, "; ".join([decision.reason, *notes]), decision.tags
+            )
+        routing_ms = (time.perf_counter() - start) * 1000
+        return Routed(decision=decision, chain=chain, cache_hit=cache_hit, routing_ms=routing_ms)
+
+    # ------------------------------------------------------------------ answering
+
+    async def _attempts(self, tier: str) -> AsyncIterator[int]:
+        for attempt in range(self.settings.retries + 1):
+            if attempt:
+                await asyncio.sleep(backoff_s(attempt))
+            yield attempt
+
+    def _available(self, tier: str) -> bool:
+        allowed = self.breakers[tier].allow()
+        self.metrics.breaker_open.labels(tier).set(0 if allowed else 1)
+        return allowed
+
+    def _failed(self, tier: str) -> None:
+        breaker = self.breakers[tier]
+        breaker.failure()
+        self.metrics.breaker_open.labels(tier).set(1 if breaker.state == "open" else 0)
+
+    def _succeeded(self, tier: str, ms: float) -> None:
+        self.breakers[tier].success()
+        self.latency[tier].add(ms)
+        self.metrics.breaker_open.labels(tier).set(0)
+
+    async def complete(self, outcome: Outcome, request: ChatRequest) -> ChatResult:
+        """Answer along the fallback chain; raises AllTiersFailed or a non-retryable error."""
+        last: BackendError | None = None
+        for tier in outcome.routed.chain:
+            if not self._available(tier):
+                continue
+            outcome.tried.append(tier)
+            spec = self.settings.spec(tier)
+            async for _ in self._attempts(tier):
+                start = time.perf_counter()
+                try:
+                    result = await self.backends[tier].complete(request, spec.timeout_s)
+                except BackendError as exc:
+                    if not exc.retryable:
+                        raise
+                    last = exc
+                    continue
+                self._succeeded(tier, (time.perf_counter() - start) * 1000)
+                outcome.tier, outcome.result = tier, result
+                return result
+            self._failed(tier)
+        raise AllTiersFailed(outcome.tried, last)
+
+    async def open_stream(
+        self, outcome: Outcome, request: ChatRequest
+    ) -> tuple[StreamDelta, AsyncIterator[StreamDelta]]:
+        """The first delta and the rest of the stream, from the first tier that starts one."""
+        last: BackendError | None = None
+        for tier in outcome.routed.chain:
+            if not self._available(tier):
+                continue
+            outcome.tried.append(tier)
+            spec = self.settings.spec(tier)
+            async for _ in self._attempts(tier):
+                stream = self.backends[tier].stream(request, spec.timeout_s)
+                try:
+                    first = await anext(stream)
+                except StopAsyncIteration:
+                    first = StreamDelta(
+                        text="", finish_reason="stop", prompt_tokens=0, completion_tokens=0
+                    )
+                except BackendError as exc:
+                    if not exc.retryable:
+                        raise
+                    last = exc
+                    continue
+                outcome.tier = tier
+                return first, stream
+            self._failed(tier)
+        raise AllTiersFailed(outcome.tried, last)
+
+    def stream_finished(self, tier: str, ms: float, ok: bool) -> None:
+        if ok:
+            self._succeeded(tier, ms)
+        else:
+            self._failed(tier)
+
+    # ------------------------------------------------------------------ books
+
+    def record(
+        self,
+        outcome: Outcome,
+        *,
+        status: int,
+        hints: Hints,
+        api_key_id: str | None,
+        latency_ms: float,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        ttft_ms: float | None = None,
+        error: str | None = None,
+        stream: bool = False,
+        prompt_text: str | None = None,
+    ) -> None:
+        tier_name = outcome.tier or outcome.routed.decision.tier.name
+        tier = self.settings.spec(tier_name).tier
+        cost = tier.cost(prompt_tokens, completion_tokens)
+        score = outcome.routed.decision.score
+        self.ledger.record(
+            LedgerRow(
+                id=outcome.request_id,
+                ts=self.clock(),
+                api_key_id=api_key_id,
+                tier=tier_name,
+                score=None if score != score else score,
+                hints=hints.as_dict(),
+                model=tier.model,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                cost_usd=cost,
+                latency_ms=latency_ms,
+                ttft_ms=ttft_ms,
+                fallback_chain=tuple(outcome.tried),
+                status=status,
+                error=error,
+                cache_hit=outcome.routed.cache_hit,
+                stream=stream,
+                prompt_text=prompt_text,
+            )
+        )
+        m = self.metrics
+        m.requests.labels(tier_name, str(status)).inc()
+        m.latency.labels(tier_name).observe(latency_ms / 1000)
+        if ttft_ms is not None:
+            m.ttft.labels(tier_name).observe(ttft_ms / 1000)
+        m.tokens.labels(tier_name, "prompt").inc(prompt_tokens)
+        m.tokens.labels(tier_name, "completion").inc(completion_tokens)
+        m.cost.labels(tier_name).inc(cost)
+        for a, b in zip(outcome.tried, outcome.tried[1:], strict=False):
+            m.fallbacks.labels(a, b).inc()
+
+
+def new_request_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"

