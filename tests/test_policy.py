@@ -43,8 +43,10 @@ def test_rule_floor_raises_the_tier() -> None:
     assert d.tier.name == "medium" and "floor" in d.reason
     # a floor below the chosen tier changes nothing
     assert tier_for(p, 0.9, min_tiers=("small",)) == "large"
+    # without a medium tier, "at least medium" means the next tier up by rank
     two = Policy([Tier("small", "s"), Tier("large", "l")], [0.5])
-    d = two.decide(Explanation(score=0.1, min_tiers=("medium",)))
+    assert two.decide(Explanation(score=0.1, min_tiers=("medium",))).tier.name == "large"
+    d = two.decide(Explanation(score=0.1, min_tiers=("xl",)))
     assert d.tier.name == "small" and "ignored" in d.reason
 
 

@@ -20,6 +20,10 @@ from tierroute.types import Decision, Explanation, Messages, Tier
 
 # How much each priority shifts the score before thresholds apply.
 PRIORITY_SHIFT = {"batch": -0.1, "interactive": 0.0, "critical": 0.15}
+# Conventional tier names, smallest first: a rule's floor names one of these, and a policy
+# without that exact tier honours it with the next configured tier of the same or higher
+# rank (e.g. "at least medium" with tiers small/large means large).
+CANONICAL = ("tiny", "small", "medium", "large")
 
 
 @dataclass
@@ -96,14 +100,13 @@ class Policy:
                 "sent up a tier"
             )
             index = unsure
-        names = [t.name for t in self.tiers]
         for floor in explanation.min_tiers:
-            if floor in names:
-                if names.index(floor) > index:
-                    reasons.append(f"floor: at least {floor}")
-                    index = names.index(floor)
-            else:
+            floor_index = self._floor_index(floor)
+            if floor_index is None:
                 reasons.append(f"floor {floor} ignored: no such tier")
+            elif floor_index > index:
+                reasons.append(f"floor: at least {floor}")
+                index = floor_index
         tags = ", ".join(f"{k}={v}" for k, v in explanation.tags.items())
         if tags:
             reasons.insert(0, tags)
@@ -113,6 +116,18 @@ class Policy:
             reason="; ".join(reasons),
             tags=dict(explanation.tags),
         )
+
+    def _floor_index(self, floor: str) -> int | None:
+        names = [t.name for t in self.tiers]
+        if floor in names:
+            return names.index(floor)
+        if floor not in CANONICAL:
+            return None
+        rank = CANONICAL.index(floor)
+        for i, name in enumerate(names):
+            if name in CANONICAL and CANONICAL.index(name) >= rank:
+                return i
+        return None
 
     def route(
         self, router: BaseRouter, messages: Messages, priority: str | None = None
