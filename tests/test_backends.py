@@ -45,8 +45,9 @@ needs_server = pytest.mark.skipif(
     reason="llama_cpp.server needs llama-cpp-python, httpx, fastapi, uvicorn, sse-starlette, "
     "starlette-context and pydantic-settings",
 )
-needs_httpx = pytest.mark.skipif(
-    importlib.util.find_spec("httpx") is None, reason="httpx is not installed"
+needs_upstream = pytest.mark.skipif(
+    importlib.util.find_spec("aiohttp") is None or importlib.util.find_spec("uvicorn") is None,
+    reason="aiohttp and uvicorn (extra serve) are not installed",
 )
 
 HELLO = ChatRequest(
@@ -524,13 +525,20 @@ def test_a_server_dying_mid_stream_or_gone_is_retryable() -> None:
     assert err.value.retryable and err.value.status is None
 
 
-# In-process upstreams (httpx.ASGITransport) for statuses a real server will not produce
-# on demand.
+# Tiny real upstreams (uvicorn on a loopback port, in a thread) for statuses and streams a
+# real model server will not produce on demand.
 
 
 def asgi_app(status: int, body: bytes, content_type: bytes = b"application/json") -> Any:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        assert scope["type"] == "http"
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
         while (await receive()).get("more_body"):
             pass
         headers = [(b"content-type", content_type)]
@@ -541,12 +549,35 @@ def asgi_app(status: int, body: bytes, content_type: bytes = b"application/json"
 
 
 def asgi_backend(app: Any) -> Any:
-    import httpx
+    """A backend whose upstream is `app`, served on a free loopback port until the test ends."""
+    import threading
 
-    return http_backend("http://upstream.test/v1", transport=httpx.ASGITransport(app=app))
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    _RUNNING.append((server, thread))
+    return http_backend(f"http://127.0.0.1:{port}/v1")
 
 
-@needs_httpx
+_RUNNING: list[Any] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_upstreams() -> Any:
+    yield
+    while _RUNNING:
+        server, thread = _RUNNING.pop()
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@needs_upstream
 @pytest.mark.parametrize(
     ("status", "retryable"), [(400, False), (404, False), (422, False), (429, True), (503, True)]
 )
@@ -566,7 +597,7 @@ def chunk(content: str | None = None, finish: str | None = None) -> str:
     return json.dumps({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 
 
-@needs_httpx
+@needs_upstream
 def test_stream_parses_sse_and_takes_usage_when_given() -> None:
     usage = json.dumps({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}})
     body = b": keep-alive\n\n" + sse(chunk("Hel"), chunk("lo"), chunk(finish="stop"), usage)
@@ -577,7 +608,7 @@ def test_stream_parses_sse_and_takes_usage_when_given() -> None:
     assert deltas[-1] == StreamDelta("", finish_reason="stop", prompt_tokens=7, completion_tokens=2)
 
 
-@needs_httpx
+@needs_upstream
 def test_stream_cut_short_is_retryable() -> None:
     backend = asgi_backend(asgi_app(200, sse(chunk("Hel")), b"text/event-stream"))
 

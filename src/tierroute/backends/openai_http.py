@@ -1,30 +1,31 @@
-"""A remote tier behind any OpenAI-compatible `/chat/completions` endpoint, over httpx.
+"""A remote tier behind any OpenAI-compatible `/chat/completions` endpoint, over aiohttp.
 
 Errors map onto BackendError so the gateway can decide what to do next:
 
     connect error, timeout, broken stream, 5xx, 429   retryable=True  (retry or next tier)
     any other 4xx                                     retryable=False (upstream's message)
 
-The httpx client is created on first use, never at import; pass `transport` (for example
-`httpx.ASGITransport(app)`) to talk to an in-process app without a socket.
+aiohttp rather than httpx: on this 2-core machine httpx's connection pool cost ~3 ms of
+CPU per request at 64 concurrent requests (285 req/s against a fast local upstream, where
+aiohttp did 5,000), which made the HTTP client the gateway's bottleneck. The session is
+created on first use inside the running event loop, never at import.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from tierroute.backends.base import BackendError, ChatRequest, ChatResult, StreamDelta
 from tierroute.errors import MissingDependencyError
 
 if TYPE_CHECKING:
-    import httpx
+    import aiohttp
 
-INSTALL_HINT = "Remote tiers need httpx; install it with: pip install 'httpx>=0.27'"
+INSTALL_HINT = "Remote tiers need aiohttp; install it with: pip install 'tierroute[serve]'"
 
 
 class OpenAIHTTPBackend:
@@ -35,32 +36,34 @@ class OpenAIHTTPBackend:
         model: str,
         api_key: str | None = None,
         timeout: float = 60.0,
-        transport: httpx.AsyncBaseTransport | None = None,
+        max_connections: int = 256,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key = api_key
-        self.timeout = timeout  # the client's default; each call passes its own
-        self.transport = transport
-        self._client: httpx.AsyncClient | None = None
+        self.timeout = timeout  # the default; each call passes its own
+        self.max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
 
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
             try:
-                import httpx
+                import aiohttp
             except ImportError as exc:
                 raise MissingDependencyError(INSTALL_HINT) from exc
             headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-            self._client = httpx.AsyncClient(
-                headers=headers, timeout=self.timeout, transport=self.transport
+            self._session = aiohttp.ClientSession(
+                headers=headers,
+                connector=aiohttp.TCPConnector(limit=self.max_connections),
+                timeout=aiohttp.ClientTimeout(total=None),
             )
-        return self._client
+        return self._session
 
     async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
     def _payload(self, request: ChatRequest, stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {**request.extra, "model": self.model, "messages": request.messages}
@@ -76,18 +79,21 @@ class OpenAIHTTPBackend:
         return body
 
     async def complete(self, request: ChatRequest, timeout: float) -> ChatResult:
-        client = self._http()
-        import httpx
+        import aiohttp
 
+        session = self._http()
         url = f"{self.base_url}/chat/completions"
         try:
-            resp = await client.post(url, json=self._payload(request, False), timeout=timeout)
-        except httpx.HTTPError as exc:
+            async with asyncio.timeout(timeout):
+                async with session.post(url, json=self._payload(request, False)) as resp:
+                    status = resp.status
+                    text = await resp.text()
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._transport_error(exc, timeout) from exc
-        if resp.status_code >= 400:
-            raise self._status_error(resp.status_code, resp.text)
+        if status >= 400:
+            raise self._status_error(status, text)
         try:
-            data = resp.json()
+            data = json.loads(text)
             choice = data["choices"][0]
             usage = data.get("usage") or {}
             return ChatResult(
@@ -102,48 +108,52 @@ class OpenAIHTTPBackend:
                 f"Tier {self.name!r} at {url} sent a reply that is not an OpenAI chat "
                 f"completion ({exc!r}); check that base_url ends in the API root (e.g. /v1).",
                 retryable=True,
-                status=resp.status_code,
+                status=status,
             ) from exc
 
     async def stream(self, request: ChatRequest, timeout: float) -> AsyncIterator[StreamDelta]:
-        client = self._http()
-        import httpx
+        import aiohttp
 
+        session = self._http()
         url = f"{self.base_url}/chat/completions"
         deadline = time.monotonic() + timeout
         finish: str | None = None
         usage: dict[str, Any] = {}
         done = False
         try:
-            async with client.stream(
-                "POST", url, json=self._payload(request, True), timeout=timeout
-            ) as resp:
-                if resp.status_code >= 400:
-                    body = (await resp.aread()).decode("utf-8", "replace")
-                    raise self._status_error(resp.status_code, body)
-                async with contextlib.aclosing(_sse_data(resp.aiter_lines())) as events:
-                    while True:
-                        try:
-                            data = await asyncio.wait_for(
-                                anext(events), max(deadline - time.monotonic(), 0.0)
-                            )
-                        except StopAsyncIteration:
-                            break
-                        if data == "[DONE]":
-                            done = True
-                            break
-                        chunk = self._chunk(data)
-                        if chunk.get("usage"):
-                            usage = chunk["usage"]
-                        for choice in chunk.get("choices") or []:
-                            text = (choice.get("delta") or {}).get("content") or ""
-                            if text:
-                                yield StreamDelta(text=text)
-                            finish = choice.get("finish_reason") or finish
+            async with asyncio.timeout(timeout):
+                resp = await session.post(url, json=self._payload(request, True))
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._transport_error(exc, timeout) from exc
+        try:
+            if resp.status >= 400:
+                raise self._status_error(resp.status, await resp.text())
+            events = _sse_data(resp.content)
+            while True:
+                # A deadline per read, not a timeout scope around the yields: a scope
+                # would cancel whichever task is consuming this generator.
+                remaining = max(deadline - time.monotonic(), 0.0)
+                try:
+                    data = await asyncio.wait_for(anext(events), remaining)
+                except StopAsyncIteration:
+                    break
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk = self._chunk(data)
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices") or []:
+                    text = (choice.get("delta") or {}).get("content") or ""
+                    if text:
+                        yield StreamDelta(text=text)
+                    finish = choice.get("finish_reason") or finish
         except TimeoutError as exc:
             raise self._transport_error(exc, timeout) from None
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise self._transport_error(exc, timeout) from exc
+        finally:
+            resp.release()
         if not done and finish is None:
             raise BackendError(
                 f"Tier {self.name!r} closed its stream before the answer ended; retry or "
@@ -176,11 +186,11 @@ class OpenAIHTTPBackend:
         return chunk
 
     def _transport_error(self, exc: Exception, timeout: float) -> BackendError:
-        import httpx
+        import aiohttp
 
-        if isinstance(exc, TimeoutError | httpx.TimeoutException):
+        if isinstance(exc, TimeoutError):
             what = f"did not answer within {timeout:g}s"
-        elif isinstance(exc, httpx.ConnectError):
+        elif isinstance(exc, aiohttp.ClientConnectorError):
             what = f"could not be reached at {self.base_url} ({exc})"
         else:
             what = f"broke the connection ({type(exc).__name__}: {exc})"
@@ -221,10 +231,11 @@ def _message(data: Any) -> str:
     return json.dumps(data)[:300]
 
 
-async def _sse_data(lines: AsyncIterator[str]) -> AsyncGenerator[str, None]:
+async def _sse_data(content: aiohttp.StreamReader) -> AsyncIterator[str]:
     """The `data` of each server-sent event (multi-line data joined with newlines)."""
     buf: list[str] = []
-    async for line in lines:
+    async for raw in content:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
         if not line:
             if buf:
                 yield "\n".join(buf)
