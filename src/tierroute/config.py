@@ -17,15 +17,13 @@ policy:
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from tierroute.errors import ConfigError
 from tierroute.policy import Policy
 from tierroute.types import Tier
+from tierroute.yaml_files import read_yaml
 
 
 def parse_tier(spec: Any, i: int, source: str) -> Tier:
@@ -65,17 +63,4 @@ def parse_policy(doc: Any, source: str) -> Policy:
 
 def load_policy(path: str | Path | None = None) -> Policy:
     """The policy in `path`, or the built-in default tiers when no path is given."""
-    if path is None:
-        text = resources.files("tierroute.resources").joinpath("tiers.yaml").read_text()
-        source = "built-in tiers.yaml"
-    else:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read tier config '{path}': {exc.strerror}") from None
-        source = str(path)
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source} is not valid YAML: {exc}") from None
-    return parse_policy(doc, source)
+    return parse_policy(*read_yaml(path, "tiers.yaml", "tier config"))

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import yaml
 
 from tierroute.encoder import Encoder
 from tierroute.errors import ConfigError
+from tierroute.yaml_files import read_yaml
 
 TOP = 3
 
@@ -34,19 +33,7 @@ class TagGroup:
 
 
 def load_prototypes(path: str | Path | None = None) -> list[TagGroup]:
-    if path is None:
-        text = resources.files("tierroute.resources").joinpath("prototypes.yaml").read_text()
-        source = "built-in prototypes.yaml"
-    else:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read prototypes file '{path}': {exc.strerror}") from None
-        source = str(path)
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source} is not valid YAML: {exc}") from None
+    doc, source = read_yaml(path, "prototypes.yaml", "prototypes file")
     if not isinstance(doc, dict) or not doc:
         raise ConfigError(f"{source} must map group names (task, domain) to their classes")
     groups = []

@@ -13,6 +13,7 @@ Every answer carries X-Tierroute-Tier, -Score, -Reason, -Cost-Usd, -Fallback and
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -40,6 +41,8 @@ from tierroute.gateway.schema import (
 from tierroute.gateway.settings import GatewaySettings, hash_key
 from tierroute.ledger import Ledger
 from tierroute.routers.base import BaseRouter
+
+log = logging.getLogger(__name__)
 
 _CHAT_SCHEMA = {
     "requestBody": {
@@ -138,6 +141,17 @@ def create_app(
             status_code=exc.status_code,
         )
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        error = ApiError(
+            500,
+            f"Internal error in tierroute ({type(exc).__name__}); see the gateway's log.",
+            type="api_error",
+            code="internal_error",
+        )
+        return JSONResponse(error.body(), status_code=500)
+
     def authorise(request: Request) -> str | None:
         """The caller's key id (a short hash), or 401 when keys are configured."""
         if not settings.api_key_hashes:
@@ -221,6 +235,31 @@ def create_app(
         except InputError as exc:
             raise ApiError(400, str(exc), param="messages") from None
 
+    def failed(
+        outcome: Outcome,
+        call: ChatCall,
+        key_id: str | None,
+        start: float,
+        prompt: str | None,
+        exc: AllTiersFailed | BackendError,
+        stream: bool,
+    ) -> ApiError:
+        """Record a request no tier could answer; return the error the client gets."""
+        status = 502 if isinstance(exc, AllTiersFailed) else (exc.status or 502)
+        engine().record(
+            outcome,
+            status=status,
+            hints=call.hints,
+            api_key_id=key_id,
+            latency_ms=(time.perf_counter() - start) * 1000,
+            error=str(exc),
+            stream=stream,
+            prompt_text=prompt,
+        )
+        return ApiError(
+            status, f"No tier could answer: {exc}", type="api_error", code="upstream_error"
+        )
+
     @app.post("/v1/chat/completions", openapi_extra=_CHAT_SCHEMA)
     async def chat(request: Request) -> Response:
         start = time.perf_counter()
@@ -238,19 +277,7 @@ def create_app(
         try:
             result = await e.complete(outcome, call.request)
         except (AllTiersFailed, BackendError) as exc:
-            status = 502 if isinstance(exc, AllTiersFailed) else (exc.status or 502)
-            e.record(
-                outcome,
-                status=status,
-                hints=call.hints,
-                api_key_id=key_id,
-                latency_ms=(time.perf_counter() - start) * 1000,
-                error=str(exc),
-                prompt_text=prompt,
-            )
-            raise ApiError(
-                status, f"No tier could answer: {exc}", type="api_error", code="upstream_error"
-            ) from None
+            raise failed(outcome, call, key_id, start, prompt, exc, stream=False) from None
         latency = (time.perf_counter() - start) * 1000
         tier = e.settings.spec(outcome.tier or routed.decision.tier.name).tier
         cost = tier.cost(result.prompt_tokens, result.completion_tokens)
@@ -282,20 +309,7 @@ def create_app(
         try:
             first, rest = await e.open_stream(outcome, call.request)
         except (AllTiersFailed, BackendError) as exc:
-            status = 502 if isinstance(exc, AllTiersFailed) else (exc.status or 502)
-            e.record(
-                outcome,
-                status=status,
-                hints=call.hints,
-                api_key_id=key_id,
-                latency_ms=(time.perf_counter() - start) * 1000,
-                error=str(exc),
-                stream=True,
-                prompt_text=prompt,
-            )
-            raise ApiError(
-                status, f"No tier could answer: {exc}", type="api_error", code="upstream_error"
-            ) from None
+            raise failed(outcome, call, key_id, start, prompt, exc, stream=True) from None
         ttft = (time.perf_counter() - start) * 1000
         tier_name = outcome.tier or outcome.routed.decision.tier.name
         tier = e.settings.spec(tier_name).tier

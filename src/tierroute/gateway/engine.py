@@ -28,10 +28,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from tierroute.backends.base import Backend, BackendError, ChatRequest, ChatResult, StreamDelta
 from tierroute.conversation import routing_text
@@ -42,6 +42,8 @@ from tierroute.gateway.settings import GatewaySettings
 from tierroute.ledger import Ledger, LedgerRow
 from tierroute.routers.base import BaseRouter
 from tierroute.types import Decision, Explanation, Tier
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -217,56 +219,61 @@ class Engine:
         self.latency[tier].add(ms)
         self.metrics.breaker_open.labels(tier).set(0)
 
-    async def complete(self, outcome: Outcome, request: ChatRequest) -> ChatResult:
-        """Answer along the fallback chain; raises AllTiersFailed or a non-retryable error."""
+    async def _along_chain(
+        self, outcome: Outcome, attempt: Callable[[str, float], Awaitable[T]]
+    ) -> T:
+        """The first success of `attempt(tier, timeout)` along the fallback chain, with
+        retries per tier; raises AllTiersFailed, or a non-retryable BackendError at once."""
         last: BackendError | None = None
         for tier in outcome.routed.chain:
             if not self._available(tier):
                 continue
             outcome.tried.append(tier)
-            spec = self.settings.spec(tier)
+            timeout = self.settings.spec(tier).timeout_s
             async for _ in self._attempts(tier):
-                start = time.perf_counter()
                 try:
-                    result = await self.backends[tier].complete(request, spec.timeout_s)
-                except BackendError as exc:
-                    if not exc.retryable:
-                        raise
-                    last = exc
-                    continue
-                self._succeeded(tier, (time.perf_counter() - start) * 1000)
-                outcome.tier, outcome.result = tier, result
-                return result
-            self._failed(tier)
-        raise AllTiersFailed(outcome.tried, last)
-
-    async def open_stream(
-        self, outcome: Outcome, request: ChatRequest
-    ) -> tuple[StreamDelta, AsyncIterator[StreamDelta]]:
-        """The first delta and the rest of the stream, from the first tier that starts one."""
-        last: BackendError | None = None
-        for tier in outcome.routed.chain:
-            if not self._available(tier):
-                continue
-            outcome.tried.append(tier)
-            spec = self.settings.spec(tier)
-            async for _ in self._attempts(tier):
-                stream = self.backends[tier].stream(request, spec.timeout_s)
-                try:
-                    first = await anext(stream)
-                except StopAsyncIteration:
-                    first = StreamDelta(
-                        text="", finish_reason="stop", prompt_tokens=0, completion_tokens=0
-                    )
+                    value = await attempt(tier, timeout)
                 except BackendError as exc:
                     if not exc.retryable:
                         raise
                     last = exc
                     continue
                 outcome.tier = tier
-                return first, stream
+                return value
             self._failed(tier)
         raise AllTiersFailed(outcome.tried, last)
+
+    async def complete(self, outcome: Outcome, request: ChatRequest) -> ChatResult:
+        """Answer along the fallback chain."""
+
+        async def attempt(tier: str, timeout: float) -> ChatResult:
+            start = time.perf_counter()
+            result = await self.backends[tier].complete(request, timeout)
+            self._succeeded(tier, (time.perf_counter() - start) * 1000)
+            return result
+
+        outcome.result = await self._along_chain(outcome, attempt)
+        return outcome.result
+
+    async def open_stream(
+        self, outcome: Outcome, request: ChatRequest
+    ) -> tuple[StreamDelta, AsyncIterator[StreamDelta]]:
+        """The first delta and the rest of the stream, from the first tier that starts one.
+        Success or failure of the tier is settled by `stream_finished` at the end."""
+
+        async def attempt(
+            tier: str, timeout: float
+        ) -> tuple[StreamDelta, AsyncIterator[StreamDelta]]:
+            stream = self.backends[tier].stream(request, timeout)
+            try:
+                first = await anext(stream)
+            except StopAsyncIteration:
+                first = StreamDelta(
+                    text="", finish_reason="stop", prompt_tokens=0, completion_tokens=0
+                )
+            return first, stream
+
+        return await self._along_chain(outcome, attempt)
 
     def stream_finished(self, tier: str, ms: float, ok: bool) -> None:
         if ok:

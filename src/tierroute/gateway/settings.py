@@ -11,16 +11,14 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from tierroute.config import parse_policy, parse_tier
 from tierroute.errors import ConfigError
 from tierroute.policy import Policy
 from tierroute.types import Tier
+from tierroute.yaml_files import read_yaml
 
 KINDS = ("local", "openai")
 
@@ -123,17 +121,4 @@ def parse_settings(doc: Any, source: str) -> GatewaySettings:
 
 
 def load_settings(path: str | Path | None = None) -> GatewaySettings:
-    if path is None:
-        text = resources.files("tierroute.resources").joinpath("gateway.yaml").read_text()
-        source = "built-in gateway.yaml"
-    else:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read gateway config '{path}': {exc.strerror}") from None
-        source = str(path)
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source} is not valid YAML: {exc}") from None
-    return parse_settings(doc, source)
+    return parse_settings(*read_yaml(path, "gateway.yaml", "gateway config"))

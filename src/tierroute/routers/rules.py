@@ -11,17 +11,16 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import yaml
 
 from tierroute.errors import ConfigError
 from tierroute.routers.base import BaseRouter, Scores
 from tierroute.tagger import Tagger
 from tierroute.types import Explanation
+from tierroute.yaml_files import read_yaml
 
 _KNOWN_KEYS = {
     "name",
@@ -118,18 +117,7 @@ def parse_rules(doc: Any, source: str) -> RuleSet:
 
 
 def load_rules(path: str | Path | None = None) -> RuleSet:
-    if path is None:
-        text = resources.files("tierroute.resources").joinpath("rules.yaml").read_text()
-        return parse_rules(yaml.safe_load(text), "built-in rules.yaml")
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read rules file '{path}': {exc.strerror}") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"rules file '{path}' is not valid YAML: {exc}") from None
-    return parse_rules(doc, str(path))
+    return parse_rules(*read_yaml(path, "rules.yaml", "rules file"))
 
 
 def _sigmoid(x: float) -> float:

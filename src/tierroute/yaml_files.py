@@ -1,0 +1,28 @@
+"""Reading the YAML files users edit (tiers, rules, prototypes, gateway) with one kind of error."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tierroute.errors import ConfigError
+
+
+def read_yaml(path: str | Path | None, builtin: str, what: str) -> tuple[Any, str]:
+    """(document, source name) of `path`, or of the packaged resource `builtin` when None."""
+    if path is None:
+        text = resources.files("tierroute.resources").joinpath(builtin).read_text()
+        source = f"built-in {builtin}"
+    else:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {what} '{path}': {exc.strerror}") from None
+        source = str(path)
+    try:
+        return yaml.safe_load(text), source
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML: {exc}") from None
