@@ -299,6 +299,45 @@ def test_models_health_metrics(servers: tuple[Server, Server]) -> None:
     assert "/v1/chat/completions" in schema["paths"]
 
 
+def test_feedback_is_stored_against_the_request(servers: tuple[Server, Server]) -> None:
+    gateway, _ = servers
+    reply = client(gateway).chat.completions.create(model="small", messages=HELLO, max_tokens=4)
+    ok = post(gateway, {"request_id": reply.id, "rating": 1}, "/v1/feedback")
+    assert ok.status_code == 200 and ok.json()["status"] == "recorded"
+    assert (
+        post(
+            gateway,
+            {"request_id": reply.id, "rating": 0.25, "comment": "too short"},
+            "/v1/feedback",
+        ).status_code
+        == 200
+    )
+    cases = [
+        ({"request_id": "chatcmpl-unknown", "rating": 1}, 404, "request_id"),
+        ({"request_id": reply.id, "rating": 2}, 400, "rating"),
+        ({"request_id": reply.id, "rating": "up"}, 400, "rating"),
+        ({"rating": 1}, 400, "request_id"),
+        ({"request_id": reply.id, "rating": 1, "comment": 5}, 400, "comment"),
+    ]
+    for body, status, param in cases:
+        r = post(gateway, body, "/v1/feedback")
+        assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+    assert (
+        post(gateway, {"request_id": reply.id, "rating": 1}, "/v1/feedback", key=None).status_code
+        == 401
+    )
+    from tierroute.ledger import Ledger, default_path
+
+    deadline = time.monotonic() + 10
+    while True:
+        with Ledger(default_path(gateway.data_dir)) as ledger:
+            ratings = [(f.rating, f.comment) for f in ledger.feedback(reply.id)]
+        if len(ratings) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert ratings == [(1.0, None), (0.25, "too short")]
+
+
 def test_200_concurrent_requests_give_200_ledger_rows(servers: tuple[Server, Server]) -> None:
     gateway, _ = servers
 
@@ -403,3 +442,98 @@ def test_upstream_dies_mid_stream_then_fallback_and_breaker(
         check=True,
     )
     assert "small" in report.stdout and "saved" in report.stdout
+
+
+def test_embedded_default_answers_on_both_local_tiers(tmp_path: Path) -> None:
+    """`tierroute serve` with no config: SmolLM2 and Qwen2.5-Coder in-process, SQLite ledger."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tierroute.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(tmp_path),
+            "--log-level",
+            "warning",
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    server = Server(proc, port, tmp_path, log)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        from openai import OpenAI
+
+        sdk = OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
+        for tier, model in (("small", "smollm2-135m"), ("large", "qwen2.5-coder-1.5b")):
+            raw = sdk.chat.completions.with_raw_response.create(
+                model=tier, max_tokens=4, messages=[{"role": "user", "content": "Say hi."}]
+            )
+            reply = raw.parse()
+            assert raw.headers["x-tierroute-tier"] == tier and reply.model == model
+            assert reply.usage is not None and reply.usage.completion_tokens > 0
+    finally:
+        server.stop()
+    from tierroute.ledger import Ledger, default_path
+
+    with Ledger(default_path(tmp_path)) as ledger:
+        assert ledger.count() == 2
+
+
+def test_config_check(tmp_path: Path) -> None:
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tierroute.cli",
+            "config",
+            "check",
+            str(Path(__file__).parents[1] / "src/tierroute/resources/gateway.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0 and "OK" in ok.stdout and "qwen2.5-coder-1.5b" in ok.stdout
+    cases = [
+        (
+            "tiers:\n  - {name: a, kind: openai, model: m}\n  - {name: b, model: m2}\n",
+            "needs a base_url",
+        ),
+        (
+            "tiers:\n  - {name: a, kind: local, model: nope}\n  - {name: b, kind: local, "
+            "model: smollm2-135m}\n",
+            "unknown local model 'nope'",
+        ),
+        (
+            "tiers:\n  - {name: a, kind: openai, base_url: 'http://x/v1', model: m, "
+            "api_key_env: TIERROUTE_TEST_UNSET_KEY}\n  - {name: b, kind: local, "
+            "model: smollm2-135m}\n",
+            "TIERROUTE_TEST_UNSET_KEY",
+        ),
+        ("tiers: [", "not valid YAML"),
+    ]
+    for text, fragment in cases:
+        f = write_yaml(tmp_path / "bad.yaml", text)
+        bad = subprocess.run(
+            [sys.executable, "-m", "tierroute.cli", "config", "check", str(f)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert bad.returncode == 2, bad.stdout + bad.stderr
+        assert fragment in bad.stderr and "Traceback" not in bad.stderr

@@ -195,6 +195,28 @@ def create_app(
     async def metrics_endpoint() -> Response:
         return Response(engine().metrics.render(), media_type="text/plain; version=0.0.4")
 
+    @app.get("/dashboard")
+    async def dashboard() -> Response:
+        from importlib import resources
+
+        page = resources.files("tierroute.resources").joinpath("dashboard.html").read_text()
+        return Response(page, media_type="text/html; charset=utf-8")
+
+    @app.get("/v1/dashboard/data")
+    async def dashboard_json(since: str = "24h") -> JSONResponse:
+        from tierroute.errors import LedgerError
+        from tierroute.gateway.dashboard import dashboard_data
+        from tierroute.ledger import parse_since
+
+        try:
+            start = parse_since(since)
+        except LedgerError as exc:
+            raise ApiError(400, str(exc), param="since") from None
+        e = engine()
+        await e.ledger.aflush()  # so the charts include the requests just answered
+        data = await asyncio.to_thread(dashboard_data, e.ledger, settings, start)
+        return JSONResponse(data)
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         authorise(request)
@@ -234,6 +256,50 @@ def create_app(
             return await engine().route(call.request.messages, call.hints, max_tokens, forced)
         except InputError as exc:
             raise ApiError(400, str(exc), param="messages") from None
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> JSONResponse:
+        """Rate an answer: {"request_id", "rating": 1 | 0 | a score in [0, 1], "comment"?}."""
+        key_id = authorise(request)
+        doc = parse_json(await read_body(request))
+        request_id = doc.get("request_id")
+        if not isinstance(request_id, str) or not request_id:
+            raise ApiError(
+                400,
+                "'request_id' must be the id of a completion (chatcmpl-...).",
+                param="request_id",
+            )
+        rating = doc.get("rating")
+        if isinstance(rating, bool):
+            rating = 1.0 if rating else 0.0
+        if not isinstance(rating, int | float) or not 0.0 <= rating <= 1.0:
+            raise ApiError(
+                400,
+                "'rating' must be 1 (thumbs up), 0 (thumbs down) or a score between 0 and 1.",
+                param="rating",
+            )
+        comment = doc.get("comment")
+        if comment is not None and not isinstance(comment, str):
+            raise ApiError(400, "'comment' must be a string.", param="comment")
+        known, owner = await engine().request_owner(request_id)
+        # Another tenant's request is reported as unknown: its existence is not theirs to see.
+        if not known or (settings.api_key_hashes and owner != key_id):
+            raise ApiError(
+                404,
+                f"No request with id '{request_id}'.",
+                type="not_found_error",
+                param="request_id",
+                code="request_not_found",
+            )
+        engine().ledger.add_feedback(request_id, float(rating), comment)
+        return JSONResponse(
+            {
+                "object": "feedback",
+                "request_id": request_id,
+                "rating": float(rating),
+                "status": "recorded",
+            }
+        )
 
     def failed(
         outcome: Outcome,

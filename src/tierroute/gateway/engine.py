@@ -26,14 +26,17 @@ error event and the stream ends; the ledger records status 502 and the error.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from tierroute.backends.base import Backend, BackendError, ChatRequest, ChatResult, StreamDelta
+from tierroute.controller import ThresholdController
 from tierroute.conversation import routing_text
 from tierroute.gateway.cache import DecisionCache, cache_key
 from tierroute.gateway.metrics import Metrics
@@ -44,6 +47,7 @@ from tierroute.routers.base import BaseRouter
 from tierroute.types import Decision, Explanation, Tier
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,17 @@ class Engine:
             for s in settings.tiers
         }
         self.latency = {s.name: RollingLatency() for s in settings.tiers}
+        self.controller = (
+            ThresholdController(settings.controller, settings.policy.thresholds[-1], clock)
+            if settings.controller is not None and settings.policy.thresholds
+            else None
+        )
+        self.metrics.threshold.set(
+            settings.policy.thresholds[-1] if settings.policy.thresholds else 0
+        )
+        # Ids of recent requests -> their API key id, so feedback can be checked at once
+        # (ledger rows reach the disk a few ms later, from the writer thread).
+        self._recent: OrderedDict[str, str | None] = OrderedDict()
         # One routing thread: the encoder's memo is not thread-safe, and onnxruntime
         # already uses both cores for one query; the event loop stays free meanwhile.
         self._routing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierroute-route")
@@ -169,6 +184,7 @@ class Engine:
             cache_hit = False
         else:
             explanation, cache_hit = await self.explain(messages)
+            self._calibrate(explanation.score)
             decision = policy.decide(explanation, hints.priority)
         tiers = list(policy.tiers)
         index = tiers.index(decision.tier)
@@ -195,6 +211,23 @@ class Engine:
             )
         routing_ms = (time.perf_counter() - start) * 1000
         return Routed(decision=decision, chain=chain, cache_hit=cache_hit, routing_ms=routing_ms)
+
+    def _calibrate(self, score: float) -> None:
+        """Feed the controller; apply and log a threshold change when it makes one."""
+        if self.controller is None:
+            return
+        change = self.controller.observe(score)
+        if change is None:
+            return
+        thresholds = self.settings.policy.thresholds
+        assert thresholds is not None
+        # Lower boundaries never rise above the top one, so thresholds stay ascending.
+        self.settings.policy.thresholds = [min(t, change.new) for t in thresholds[:-1]] + [
+            change.new
+        ]
+        self.ledger.record_policy_change(change.ts, change.old, change.new, change.reason)
+        self.metrics.threshold.set(change.new)
+        log.info("policy: %s", change.reason)
 
     # ------------------------------------------------------------------ answering
 
@@ -324,6 +357,9 @@ class Engine:
                 prompt_text=prompt_text,
             )
         )
+        self._recent[outcome.request_id] = api_key_id
+        if len(self._recent) > 100_000:
+            self._recent.popitem(last=False)
         m = self.metrics
         m.requests.labels(tier_name, str(status)).inc()
         m.latency.labels(tier_name).observe(latency_ms / 1000)
@@ -334,6 +370,13 @@ class Engine:
         m.cost.labels(tier_name).inc(cost)
         for a, b in zip(outcome.tried, outcome.tried[1:], strict=False):
             m.fallbacks.labels(a, b).inc()
+
+    async def request_owner(self, request_id: str) -> tuple[bool, str | None]:
+        """(known, API key id) of a past request: recent ones from memory, else the ledger."""
+        if request_id in self._recent:
+            return True, self._recent[request_id]
+        row = await asyncio.to_thread(self.ledger.get, request_id)
+        return (True, row.api_key_id) if row is not None else (False, None)
 
 
 def new_request_id() -> str:

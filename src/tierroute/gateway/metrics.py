@@ -51,6 +51,11 @@ class Metrics:
         self.cache_hit_rate = Gauge(
             "tierroute_decision_cache_hit_rate", "Decision cache hit rate since start", registry=r
         )
+        self.threshold = Gauge(
+            "tierroute_threshold",
+            "The policy's top threshold (moved by the self-calibrating controller)",
+            registry=r,
+        )
         self.breaker_open = Gauge(
             "tierroute_circuit_open", "1 while a tier's breaker is open", ["tier"], registry=r
         )

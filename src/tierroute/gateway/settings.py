@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tierroute.config import parse_policy, parse_tier
+from tierroute.controller import ControllerConfig
 from tierroute.errors import ConfigError
 from tierroute.policy import Policy
 from tierroute.types import Tier
@@ -52,6 +53,7 @@ class GatewaySettings:
     cache_ttl_s: float = 600.0
     max_tokens_default: int = 256
     api_key_hashes: frozenset[str] = field(default_factory=frozenset)
+    controller: ControllerConfig | None = None
     source: str = "built-in gateway.yaml"
 
     def spec(self, name: str) -> TierSpec:
@@ -100,6 +102,15 @@ def parse_settings(doc: Any, source: str) -> GatewaySettings:
     hashes = {str(k).lower() for k in keys} | {hash_key(k) for k in env_keys.split(",") if k}
     if any(len(h) != 64 for h in hashes):
         raise ConfigError(f"api_keys_sha256 in {source} must hold sha256 hex digests")
+    controller = None
+    raw_controller = gw.get("controller")
+    if raw_controller:
+        if not isinstance(raw_controller, dict):
+            raise ConfigError(f"'gateway.controller' in {source} must be a mapping")
+        try:
+            controller = ControllerConfig(**raw_controller)
+        except TypeError as exc:
+            raise ConfigError(f"'gateway.controller' in {source}: {exc}") from None
     try:
         return GatewaySettings(
             tiers=specs,
@@ -114,6 +125,7 @@ def parse_settings(doc: Any, source: str) -> GatewaySettings:
             cache_ttl_s=float(gw.get("cache_ttl_s", 600.0)),
             max_tokens_default=int(gw.get("max_tokens_default", 256)),
             api_key_hashes=frozenset(hashes),
+            controller=controller,
             source=source,
         )
     except (TypeError, ValueError):

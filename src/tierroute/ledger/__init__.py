@@ -18,6 +18,7 @@ from tierroute.ledger.store import (
     Feedback,
     Ledger,
     LedgerRow,
+    PolicyChange,
     default_path,
     migrate,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "LedgerClosedError",
     "LedgerError",
     "LedgerRow",
+    "PolicyChange",
     "SavingsReport",
     "TierStats",
     "build_report",

@@ -57,6 +57,16 @@ class LedgerRow:
 
 
 @dataclass(frozen=True)
+class PolicyChange:
+    """A threshold change by the self-calibrating controller, with its reason."""
+
+    ts: float
+    old_threshold: float
+    new_threshold: float
+    reason: str
+
+
+@dataclass(frozen=True)
 class Feedback:
     """A rating a client sent later about one request."""
 
@@ -116,12 +126,27 @@ def _m003_feedback(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX feedback_request ON feedback (request_id)")
 
 
+def _m004_policy_changes(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        """
+        CREATE TABLE policy_changes (
+            id INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            old_threshold REAL NOT NULL,
+            new_threshold REAL NOT NULL,
+            reason TEXT NOT NULL
+        )
+        """
+    )
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     _m001_requests,
     _m002_request_indexes,
     _m003_feedback,
+    _m004_policy_changes,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -175,6 +200,9 @@ _INSERT_REQUEST: Final = (
 )
 _SELECT_REQUEST: Final = f"SELECT {', '.join(_COLUMNS)} FROM requests"
 _INSERT_FEEDBACK: Final = "INSERT INTO feedback (request_id, ts, rating, comment) VALUES (?,?,?,?)"
+_INSERT_CHANGE: Final = (
+    "INSERT INTO policy_changes (ts, old_threshold, new_threshold, reason) VALUES (?,?,?,?)"
+)
 
 _Params = tuple[Any, ...]
 
@@ -259,6 +287,7 @@ class _Flush:
 class _Item:
     request: _Params | None = None
     feedback: _Params | None = None
+    change: _Params | None = None
 
 
 _STOP: Final = object()
@@ -347,6 +376,29 @@ class Ledger:
         if not math.isfinite(rating):
             raise LedgerError(f"the rating for {request_id!r} must be a finite number")
         self._put(_Item(feedback=(request_id, float(self.clock()), float(rating), comment)))
+
+    def record_policy_change(
+        self, ts: float, old_threshold: float, new_threshold: float, reason: str
+    ) -> None:
+        """Queue a threshold change made by the self-calibrating controller."""
+        self._put(_Item(change=(ts, float(old_threshold), float(new_threshold), reason)))
+
+    def policy_changes(self, since: float | None = None) -> list[PolicyChange]:
+        found = self._read(
+            "SELECT ts, old_threshold, new_threshold, reason FROM policy_changes "
+            "WHERE ts >= ? ORDER BY ts, id",
+            (since if since is not None else float("-inf"),),
+        )
+        return [PolicyChange(*r) for r in found]
+
+    def feedback_since(self, since: float | None = None) -> list[tuple[str, str, float]]:
+        """(request id, tier, rating) of every rating given since `since`."""
+        found = self._read(
+            "SELECT f.request_id, r.tier, f.rating FROM feedback f "
+            "JOIN requests r ON r.id = f.request_id WHERE f.ts >= ? ORDER BY f.ts, f.id",
+            (since if since is not None else float("-inf"),),
+        )
+        return [(str(a), str(b), float(c)) for a, b, c in found]
 
     def _put(self, item: _QueueItem) -> None:
         with self._lock:
@@ -448,6 +500,7 @@ class Ledger:
                     break
             requests: list[_Params] = []
             feedback: list[_Params] = []
+            changes: list[_Params] = []
             waiters: list[threading.Event] = []
             for item in items:
                 if isinstance(item, _Item):
@@ -455,12 +508,14 @@ class Ledger:
                         requests.append(item.request)
                     if item.feedback is not None:
                         feedback.append(item.feedback)
+                    if item.change is not None:
+                        changes.append(item.change)
                 elif isinstance(item, _Flush):
                     waiters.append(item.done)
                 elif item is _STOP:
                     stop = True
             try:
-                self._write(requests, feedback)
+                self._write(requests, feedback, changes)
             except BaseException as e:  # the writer must outlive any surprise
                 log.exception("ledger writer failed on a batch")
                 self._fail(f"unexpected {type(e).__name__}: {e}")
@@ -468,8 +523,10 @@ class Ledger:
                 for done in waiters:
                     done.set()
 
-    def _write(self, requests: list[_Params], feedback: list[_Params]) -> None:
-        if not requests and not feedback:
+    def _write(
+        self, requests: list[_Params], feedback: list[_Params], changes: list[_Params]
+    ) -> None:
+        if not requests and not feedback and not changes:
             return
         conn = self._writer
         for attempt in range(4):
@@ -477,6 +534,7 @@ class Ledger:
                 conn.execute("BEGIN IMMEDIATE")
                 conn.executemany(_INSERT_REQUEST, requests)
                 conn.executemany(_INSERT_FEEDBACK, feedback)
+                conn.executemany(_INSERT_CHANGE, changes)
                 conn.execute("COMMIT")
                 return
             except sqlite3.OperationalError:  # locked or busy beyond the timeout: retry
@@ -487,7 +545,11 @@ class Ledger:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 break
-        for sql, params_list in ((_INSERT_REQUEST, requests), (_INSERT_FEEDBACK, feedback)):
+        for sql, params_list in (
+            (_INSERT_REQUEST, requests),
+            (_INSERT_FEEDBACK, feedback),
+            (_INSERT_CHANGE, changes),
+        ):
             for params in params_list:
                 try:
                     conn.execute(sql, params)

@@ -1,0 +1,116 @@
+"""The dashboard in a real headless browser, fed by a real gateway's ledger.
+
+Also the self-calibrating controller live: a gateway with a small controller window moves
+its threshold under real traffic and logs each change (ledger, /metrics, dashboard).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .test_gateway import KEY, Server, needs_llama, post, start, write_yaml
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = [
+    needs_llama,
+    pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)"),
+]
+
+PROMPTS = [
+    "Hi! How are you?",
+    "Prove that the square root of 2 is irrational.",
+    "What is the capital of Spain?",
+    "Write a Python function that merges two sorted lists.",
+    "Thanks, that helped.",
+    "Derive the formula for the sum of a geometric series.",
+]
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Server:
+    root = tmp_path_factory.mktemp("dash")
+    config = write_yaml(
+        root / "gw.yaml",
+        """
+tiers:
+  - {name: small, kind: local, model: smollm2-135m, n_threads: 1,
+     input_price_per_m: 0.01, output_price_per_m: 0.02}
+  - {name: large, kind: local, model: smollm2-135m, n_threads: 1,
+     input_price_per_m: 1.0, output_price_per_m: 2.0}
+policy: {thresholds: [0.5]}
+gateway:
+  controller: {target_large_share: 0.2, window: 20, every: 5, max_step: 0.1}
+""",
+    )
+    server = start(config, root / "data", env={"TIERROUTE_API_KEYS": KEY})
+    ids = []
+    for i in range(36):
+        body = {
+            "messages": [{"role": "user", "content": f"{PROMPTS[i % len(PROMPTS)]} ({i})"}],
+            "max_tokens": 2,
+        }
+        r = post(server, body)
+        assert r.status_code == 200, r.text
+        ids.append(r.json()["id"])
+    for i, request_id in enumerate(ids[:8]):
+        assert (
+            post(
+                server, {"request_id": request_id, "rating": i % 3 != 0}, "/v1/feedback"
+            ).status_code
+            == 200
+        )
+    yield server
+    server.stop()
+
+
+def test_controller_moves_the_threshold_and_logs_why(gateway: Server) -> None:
+    data = httpx.get(gateway.url + "/v1/dashboard/data").json()
+    changes = data["threshold_changes"]
+    assert changes, "36 requests with a 20% target should have moved the 0.5 threshold"
+    assert all(abs(c["new"] - c["old"]) <= 0.1 + 1e-9 for c in changes)
+    assert "vs target 20.0%" in changes[0]["reason"]
+    metrics = httpx.get(gateway.url + "/metrics").text
+    assert f"tierroute_threshold {changes[-1]['new']}" in metrics
+    assert data["summary"]["requests"] == 36
+    assert sum(data["quality"][t]["n"] for t in data["tiers"]) == 8
+
+
+def test_dashboard_renders_in_chromium(gateway: Server, tmp_path: Path) -> None:
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=10000",
+    ]
+    url = gateway.url + "/dashboard"
+    dom = subprocess.run(
+        [CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert 'data-rendered="yes"' in dom, dom[-2000:]
+    assert dom.count('class="chart"') >= 4  # requests, cost, latency, quality, threshold
+    assert dom.count('class="bar"') >= 3 and dom.count('class="line"') >= 3
+    # every chart had data to draw (the only "empty" div is the template in the script)
+    assert not re.search(r'<div class="empty">(?!\$\{)', dom)
+    shot = tmp_path / "dashboard.png"
+    subprocess.run(
+        [CHROMIUM, *flags, "--window-size=1280,1100", f"--screenshot={shot}", url],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 30_000
+    keep = Path(__file__).resolve().parents[1] / "out"
+    keep.mkdir(exist_ok=True)
+    shutil.copy(shot, keep / "dashboard.png")  # for a person to look at after the run
