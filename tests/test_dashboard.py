@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -46,6 +47,8 @@ tiers:
 policy: {thresholds: [0.5]}
 gateway:
   controller: {target_large_share: 0.2, window: 20, every: 5, max_step: 0.1}
+  shadow: {rate: 1.0, judge: llm, max_concurrent: 1, min_samples_for_alert: 1,
+           quality_target: 0.99}
 """,
     )
     server = start(config, root / "data", env={"TIERROUTE_API_KEYS": KEY})
@@ -79,6 +82,24 @@ def test_controller_moves_the_threshold_and_logs_why(gateway: Server) -> None:
     assert f"tierroute_threshold {changes[-1]['new']}" in metrics
     assert data["summary"]["requests"] == 36
     assert sum(data["quality"][t]["n"] for t in data["tiers"]) == 8
+
+
+def test_shadow_judgements_are_recorded_and_exported(gateway: Server) -> None:
+    from tierroute.ledger import Ledger, default_path
+
+    deadline = time.monotonic() + 60
+    while True:
+        with Ledger(default_path(gateway.data_dir)) as ledger:
+            judged = ledger.judgements()
+        if judged or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert judged and {tier for _, tier, _ in judged} == {"small"}
+    assert all(v in (0.0, 1.0, None) for _, _, v in judged)
+    metrics = httpx.get(gateway.url + "/metrics").text
+    assert "tierroute_shadow_judgements_total{outcome=" in metrics
+    if any(v is not None for _, _, v in judged):
+        assert 'tierroute_estimated_quality{stat="ci95_high",tier="small"}' in metrics
 
 
 def test_dashboard_renders_in_chromium(gateway: Server, tmp_path: Path) -> None:

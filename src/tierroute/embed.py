@@ -57,13 +57,15 @@ class Embedder:
     def __init__(
         self,
         model_dir: Path | None = None,
-        max_length: int = 256,
+        max_length: int | None = None,
         batch_size: int = 32,
         threads: int | None = None,
         precision: str | None = None,
     ) -> None:
         self.model_dir = model_dir
-        self.max_length = max_length
+        # Tokens read per text (the model allows 256). Cost grows with length, so long
+        # prompts are where a shorter read pays; TIERROUTE_EMBED_MAX_TOKENS sets it.
+        self.max_length = max_length or int(os.environ.get("TIERROUTE_EMBED_MAX_TOKENS", "256"))
         self.batch_size = batch_size
         # ONNX intra-op threads; 0 (the default) lets onnxruntime use every physical core,
         # which halves single-query latency on 2 cores. Many concurrent sessions may

@@ -120,6 +120,8 @@ def create_app(
             # Graceful shutdown (SIGTERM): in-flight requests have finished; every
             # queued ledger row is committed before the process exits.
             engine.close()
+            if engine.shadow is not None:
+                await engine.shadow.aclose()
             for backend in parts.backends.values():
                 await backend.aclose()
             await parts.ledger.aclose()
@@ -357,6 +359,8 @@ def create_app(
             completion_tokens=result.completion_tokens,
             prompt_text=prompt,
         )
+        if e.shadow is not None:
+            e.shadow.maybe_sample(outcome.request_id, call.request, tier.name, result.text)
         body = completion_body(
             outcome.request_id,
             tier.model,
@@ -393,6 +397,7 @@ def create_app(
             status, error = 200, None
             usage = StreamDelta(text="", prompt_tokens=0, completion_tokens=0)
             tier_start = time.perf_counter()
+            pieces: list[str] = []
             try:
                 yield sse(
                     chunk_body(
@@ -406,6 +411,7 @@ def create_app(
                 delta: StreamDelta | None = first
                 while delta is not None:
                     if delta.text:
+                        pieces.append(delta.text)
                         yield sse(
                             chunk_body(
                                 outcome.request_id,
@@ -441,6 +447,10 @@ def create_app(
                         }
                     )
                 yield sse("[DONE]")
+                if e.shadow is not None:
+                    e.shadow.maybe_sample(
+                        outcome.request_id, call.request, tier_name, "".join(pieces)
+                    )
             except BackendError as exc:
                 # Chunks already went out: we cannot switch tiers silently (see engine).
                 status, error = 502, f"stream from tier {tier_name} broke: {exc}"

@@ -42,6 +42,7 @@ from tierroute.gateway.cache import DecisionCache, cache_key
 from tierroute.gateway.metrics import Metrics
 from tierroute.gateway.resilience import CircuitBreaker, RollingLatency, backoff_s
 from tierroute.gateway.settings import GatewaySettings
+from tierroute.gateway.shadow import Shadow
 from tierroute.ledger import Ledger, LedgerRow
 from tierroute.routers.base import BaseRouter
 from tierroute.types import Decision, Explanation, Tier
@@ -118,6 +119,19 @@ class Engine:
         self.metrics.threshold.set(
             settings.policy.thresholds[-1] if settings.policy.thresholds else 0
         )
+        self.shadow: Shadow | None = None
+        if settings.shadow is not None:
+            largest = settings.tiers[-1]
+            encoder = getattr(router, "encoder", None)
+            self.shadow = Shadow(
+                settings.shadow,
+                largest.name,
+                self.backends,
+                ledger,
+                self.metrics,
+                largest.timeout_s,
+                embed=encoder.encode if encoder is not None else None,
+            )
         # Ids of recent requests -> their API key id, so feedback can be checked at once
         # (ledger rows reach the disk a few ms later, from the writer thread).
         self._recent: OrderedDict[str, str | None] = OrderedDict()

@@ -56,6 +56,19 @@ class Metrics:
             "The policy's top threshold (moved by the self-calibrating controller)",
             registry=r,
         )
+        self.shadow = Counter(
+            "tierroute_shadow_judgements",
+            "Shadow judgements by tier judged and outcome",
+            ["tier", "outcome"],
+            registry=r,
+        )
+        self.quality = Gauge(
+            "tierroute_estimated_quality",
+            "Share of a tier's answers judged "
+            "good enough by shadow sampling, with its 95% interval",
+            ["tier", "stat"],
+            registry=r,
+        )
         self.breaker_open = Gauge(
             "tierroute_circuit_open", "1 while a tier's breaker is open", ["tier"], registry=r
         )

@@ -17,6 +17,7 @@ from typing import Any
 from tierroute.config import parse_policy, parse_tier
 from tierroute.controller import ControllerConfig
 from tierroute.errors import ConfigError
+from tierroute.gateway.shadow import ShadowConfig
 from tierroute.policy import Policy
 from tierroute.types import Tier
 from tierroute.yaml_files import read_yaml
@@ -54,6 +55,7 @@ class GatewaySettings:
     max_tokens_default: int = 256
     api_key_hashes: frozenset[str] = field(default_factory=frozenset)
     controller: ControllerConfig | None = None
+    shadow: ShadowConfig | None = None
     source: str = "built-in gateway.yaml"
 
     def spec(self, name: str) -> TierSpec:
@@ -111,6 +113,15 @@ def parse_settings(doc: Any, source: str) -> GatewaySettings:
             controller = ControllerConfig(**raw_controller)
         except TypeError as exc:
             raise ConfigError(f"'gateway.controller' in {source}: {exc}") from None
+    shadow = None
+    raw_shadow = gw.get("shadow")
+    if raw_shadow:
+        if not isinstance(raw_shadow, dict):
+            raise ConfigError(f"'gateway.shadow' in {source} must be a mapping")
+        try:
+            shadow = ShadowConfig(**raw_shadow)
+        except TypeError as exc:
+            raise ConfigError(f"'gateway.shadow' in {source}: {exc}") from None
     try:
         return GatewaySettings(
             tiers=specs,
@@ -126,6 +137,7 @@ def parse_settings(doc: Any, source: str) -> GatewaySettings:
             max_tokens_default=int(gw.get("max_tokens_default", 256)),
             api_key_hashes=frozenset(hashes),
             controller=controller,
+            shadow=shadow,
             source=source,
         )
     except (TypeError, ValueError):

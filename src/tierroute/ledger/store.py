@@ -140,6 +140,23 @@ def _m004_policy_changes(conn: sqlite3.Connection) -> None:
     )
 
 
+def _m005_shadow_judgements(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        """
+        CREATE TABLE shadow_judgements (
+            id INTEGER PRIMARY KEY,
+            request_id TEXT NOT NULL,
+            ts REAL NOT NULL,
+            tier TEXT NOT NULL,
+            judge TEXT NOT NULL,
+            verdict REAL,
+            raw TEXT NOT NULL
+        )
+        """
+    )
+    conn.execute("CREATE INDEX shadow_request ON shadow_judgements (request_id)")
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 MIGRATIONS: Final[tuple[Migration, ...]] = (
@@ -147,6 +164,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     _m002_request_indexes,
     _m003_feedback,
     _m004_policy_changes,
+    _m005_shadow_judgements,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -200,6 +218,9 @@ _INSERT_REQUEST: Final = (
 )
 _SELECT_REQUEST: Final = f"SELECT {', '.join(_COLUMNS)} FROM requests"
 _INSERT_FEEDBACK: Final = "INSERT INTO feedback (request_id, ts, rating, comment) VALUES (?,?,?,?)"
+_INSERT_JUDGEMENT: Final = (
+    "INSERT INTO shadow_judgements (request_id, ts, tier, judge, verdict, raw) VALUES (?,?,?,?,?,?)"
+)
 _INSERT_CHANGE: Final = (
     "INSERT INTO policy_changes (ts, old_threshold, new_threshold, reason) VALUES (?,?,?,?)"
 )
@@ -285,9 +306,10 @@ class _Flush:
 
 @dataclass(frozen=True)
 class _Item:
-    request: _Params | None = None
-    feedback: _Params | None = None
-    change: _Params | None = None
+    """One row to insert: its statement and parameters."""
+
+    sql: str
+    params: _Params
 
 
 _STOP: Final = object()
@@ -369,19 +391,35 @@ class Ledger:
 
     def record(self, row: LedgerRow) -> None:
         """Queue one row; returns at once. Thread-safe; call it straight from the event loop."""
-        self._put(_Item(request=_row_params(row, self.keep_prompts)))
+        self._put(_Item(_INSERT_REQUEST, _row_params(row, self.keep_prompts)))
 
     def add_feedback(self, request_id: str, rating: float, comment: str | None = None) -> None:
         """Queue a rating for a request (non-blocking, like `record`)."""
         if not math.isfinite(rating):
             raise LedgerError(f"the rating for {request_id!r} must be a finite number")
-        self._put(_Item(feedback=(request_id, float(self.clock()), float(rating), comment)))
+        self._put(
+            _Item(_INSERT_FEEDBACK, (request_id, float(self.clock()), float(rating), comment))
+        )
 
     def record_policy_change(
         self, ts: float, old_threshold: float, new_threshold: float, reason: str
     ) -> None:
         """Queue a threshold change made by the self-calibrating controller."""
-        self._put(_Item(change=(ts, float(old_threshold), float(new_threshold), reason)))
+        self._put(_Item(_INSERT_CHANGE, (ts, float(old_threshold), float(new_threshold), reason)))
+
+    def record_judgement(
+        self, request_id: str, ts: float, tier: str, judge: str, verdict: float | None, raw: str
+    ) -> None:
+        """Queue a shadow judgement: was `tier`'s answer good enough, by `judge`'s verdict."""
+        self._put(_Item(_INSERT_JUDGEMENT, (request_id, ts, tier, judge, verdict, raw[:500])))
+
+    def judgements(self, since: float | None = None) -> list[tuple[str, str, float | None]]:
+        """(request id, tier judged, verdict: 1 good enough, 0 not, None unreadable)."""
+        found = self._read(
+            "SELECT request_id, tier, verdict FROM shadow_judgements WHERE ts >= ? ORDER BY ts, id",
+            (since if since is not None else float("-inf"),),
+        )
+        return [(str(a), str(b), None if c is None else float(c)) for a, b, c in found]
 
     def policy_changes(self, since: float | None = None) -> list[PolicyChange]:
         found = self._read(
@@ -498,24 +536,17 @@ class Ledger:
                     )
                 except queue.Empty:
                     break
-            requests: list[_Params] = []
-            feedback: list[_Params] = []
-            changes: list[_Params] = []
+            writes: dict[str, list[_Params]] = {}
             waiters: list[threading.Event] = []
             for item in items:
                 if isinstance(item, _Item):
-                    if item.request is not None:
-                        requests.append(item.request)
-                    if item.feedback is not None:
-                        feedback.append(item.feedback)
-                    if item.change is not None:
-                        changes.append(item.change)
+                    writes.setdefault(item.sql, []).append(item.params)
                 elif isinstance(item, _Flush):
                     waiters.append(item.done)
                 elif item is _STOP:
                     stop = True
             try:
-                self._write(requests, feedback, changes)
+                self._write(writes)
             except BaseException as e:  # the writer must outlive any surprise
                 log.exception("ledger writer failed on a batch")
                 self._fail(f"unexpected {type(e).__name__}: {e}")
@@ -523,18 +554,15 @@ class Ledger:
                 for done in waiters:
                     done.set()
 
-    def _write(
-        self, requests: list[_Params], feedback: list[_Params], changes: list[_Params]
-    ) -> None:
-        if not requests and not feedback and not changes:
+    def _write(self, writes: dict[str, list[_Params]]) -> None:
+        if not writes:
             return
         conn = self._writer
         for attempt in range(4):
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                conn.executemany(_INSERT_REQUEST, requests)
-                conn.executemany(_INSERT_FEEDBACK, feedback)
-                conn.executemany(_INSERT_CHANGE, changes)
+                for sql, params_list in writes.items():
+                    conn.executemany(sql, params_list)
                 conn.execute("COMMIT")
                 return
             except sqlite3.OperationalError:  # locked or busy beyond the timeout: retry
@@ -545,16 +573,12 @@ class Ledger:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 break
-        for sql, params_list in (
-            (_INSERT_REQUEST, requests),
-            (_INSERT_FEEDBACK, feedback),
-            (_INSERT_CHANGE, changes),
-        ):
+        for sql, params_list in writes.items():
             for params in params_list:
                 try:
                     conn.execute(sql, params)
                 except sqlite3.IntegrityError as e:
-                    what = "request" if sql is _INSERT_REQUEST else "feedback for"
+                    what = "request" if sql is _INSERT_REQUEST else "row for"
                     self._fail(
                         f"{what} {params[0]!r} was not saved ({e}); give every request a unique id"
                     )
