@@ -51,10 +51,10 @@ def _load_data(args: argparse.Namespace) -> Any:
     return load_outcomes(args.data, args.small, args.large, args.where or ())
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="outcome file (JSON Lines)")
-    p.add_argument("--small", required=True, help="name of the small model in the file")
-    p.add_argument("--large", required=True, help="name of the large model in the file")
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required, help="outcome file (JSON Lines)")
+    p.add_argument("--small", required=required, help="name of the small model in the file")
+    p.add_argument("--large", required=required, help="name of the large model in the file")
     p.add_argument(
         "--where",
         action="append",
@@ -230,10 +230,63 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- train
 
 
+def cmd_train_from_ledger(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from tierroute.artifact import open_router, save_router
+    from tierroute.gateway.settings import load_settings
+    from tierroute.learning import compare, ledger_labels, require_rows, split_by_time
+    from tierroute.ledger import Ledger, default_path, parse_since
+    from tierroute.routers import make_router
+
+    settings = load_settings(args.config)
+    path = default_path(Path(args.data_dir) if args.data_dir else None)
+    if not path.is_file():
+        raise InputError(f"no ledger at '{path}'; run `tierroute serve` first or pass --data-dir")
+    with Ledger(path) as ledger:
+        data = ledger_labels(
+            ledger, settings.tiers[-1].name, parse_since(args.since) if args.since else None
+        )
+    require_rows(data)
+    train, test = split_by_time(data)
+    factory = _encoder_factory(batch=True)
+    new = make_router(args.router, factory, args.seed)
+    new.fit([data.prompts[i] for i in train], data.labels[train])
+    current, _ = open_router(args.current or settings.router, factory)
+    new_auc, current_auc = compare(new, current, data, test)
+    print(
+        f"{len(data.ids)} labelled requests from {path}: trained {args.router} on the "
+        f"older {len(train)}, compared on the newest {len(test)}"
+    )
+    print(
+        f"held-out ROC AUC: new {args.router} {new_auc:.3f}, current "
+        f"{args.current or settings.router} {current_auc:.3f}"
+    )
+    if new_auc <= current_auc:
+        print("not promoted: the new router does not beat the current one")
+        return 0
+    trained_on = {
+        "data": str(path),
+        "data_hash": hashlib.sha256("\n".join(data.ids).encode()).hexdigest(),
+        "source": "ledger",
+        "rows": len(train),
+        "held_out_auc": new_auc,
+        "current_auc": current_auc,
+    }
+    save_router(new, args.out, trained_on, [data.ids[i] for i in train])
+    print(f"promoted: wrote {args.out} (point the gateway's `router:` at it)")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tierroute.artifact import save_router
     from tierroute.routers import make_router
 
+    if args.from_ledger:
+        return cmd_train_from_ledger(args)
+    missing = [f"--{n}" for n in ("data", "small", "large") if not getattr(args, n)]
+    if missing:
+        raise InputError(f"train needs {', '.join(missing)} (or --from-ledger)")
     o = _load_data(args)
     start = time.perf_counter()
     router = make_router(args.router, _encoder_factory(batch=True), args.seed)
@@ -515,10 +568,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train", help="train a router and save it as a versioned folder")
-    _add_data_args(p)
+    _add_data_args(p, required=False)
     p.add_argument("--router", required=True, choices=("knn", "logreg"))
     p.add_argument("--out", required=True, help="folder to write the router into")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--from-ledger",
+        action="store_true",
+        help="learn from the gateway's feedback and shadow judgements instead; "
+        "promote only if better than the current router on held-out requests",
+    )
+    p.add_argument("--data-dir", metavar="DIR", help="with --from-ledger: the ledger's folder")
+    p.add_argument("--config", metavar="FILE", help="with --from-ledger: the gateway config")
+    p.add_argument(
+        "--current", help="with --from-ledger: the router to beat (default: the config's)"
+    )
+    p.add_argument("--since", help="with --from-ledger: only requests since, e.g. 7d")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("calibrate", help="fit a saved router's threshold to a target")
