@@ -138,6 +138,7 @@ gateway:
   retries: 1
   breaker_failures: 2
   breaker_cooldown_s: 3
+  personalise: {{strength: 1.0, prior_n: 2, max_shift: 0.3}}
 """,
     )
     gateway = start(
@@ -336,6 +337,32 @@ def test_feedback_is_stored_against_the_request(servers: tuple[Server, Server]) 
             break
         time.sleep(0.2)
     assert ratings == [(1.0, None), (0.25, "too short")]
+
+
+def test_feedback_personalises_only_that_tenant(servers: tuple[Server, Server]) -> None:
+    gateway, _ = servers
+    ask = [{"role": "user", "content": "Analyze the causes of the French revolution."}]
+
+    def route(user: str) -> dict[str, object]:
+        r = post(gateway, {"messages": ask, "user": user}, "/v1/route")
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    alice, bob = route("alice"), route("bob")
+    assert alice["tier"] == bob["tier"] == "small"
+    sdk = client(gateway)
+    for i in range(6):  # alice finds the small tier's answers bad
+        reply = sdk.chat.completions.create(
+            model="small",
+            max_tokens=2,
+            user="alice",
+            messages=[{"role": "user", "content": f"Q{i}"}],
+        )
+        assert post(gateway, {"request_id": reply.id, "rating": 0}, "/v1/feedback").is_success
+    alice_after, bob_after = route("alice"), route("bob")
+    assert alice_after["tier"] == "large" and "tenant alice +0.30" in str(alice_after["reason"])
+    assert bob_after["tier"] == "small" and "tenant" not in str(bob_after["reason"])
+    assert alice_after["score"] == bob_after["score"]  # the router's score is shared
 
 
 def test_200_concurrent_requests_give_200_ledger_rows(servers: tuple[Server, Server]) -> None:

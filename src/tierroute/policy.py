@@ -71,7 +71,13 @@ class Policy:
         lower = [t * scale for t in self.thresholds[:-1]]
         return Policy(self.tiers, [*lower, threshold], self.abstain_band, self.priority_shift)
 
-    def decide(self, explanation: Explanation, priority: str | None = None) -> Decision:
+    def decide(
+        self,
+        explanation: Explanation,
+        priority: str | None = None,
+        offset: float = 0.0,
+        offset_reason: str = "",
+    ) -> Decision:
         """The tier for a scored request.
 
         1. effective score = score + the priority's shift (batch -0.1, critical +0.15);
@@ -92,6 +98,9 @@ class Policy:
             if shift:
                 reasons.append(f"priority {priority} {shift:+.2f}")
             score = min(1.0, max(0.0, score + shift))
+        if offset:
+            reasons.append(f"{offset_reason or 'offset'} {offset:+.2f}")
+            score = min(1.0, max(0.0, score + offset))
         index = bisect.bisect_right(self.thresholds, score)
         unsure = bisect.bisect_right(self.thresholds, score + self.abstain_band)
         if unsure > index:

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -98,6 +98,13 @@ def _decision_headers(
     if cost is not None:
         headers["X-Tierroute-Cost-Usd"] = f"{cost:.8f}"
     return headers
+
+
+def _tenant_or_key(call: ChatCall, key_id: str | None) -> ChatCall:
+    """A request without a `user` belongs to its API key, for personalisation."""
+    if call.hints.tenant is not None or key_id is None:
+        return call
+    return replace(call, hints=replace(call.hints, tenant=key_id))
 
 
 def create_app(
@@ -232,12 +239,12 @@ def create_app(
 
     @app.post("/v1/route", openapi_extra=_CHAT_SCHEMA)
     async def route(request: Request) -> JSONResponse:
-        authorise(request)
+        key_id = authorise(request)
         doc = parse_json(await read_body(request))
         call = parse_chat(
             doc, ["auto", *engine().tier_names], headers_of(request), settings.max_tokens_default
         )
-        routed = await _route(call)
+        routed = await _route(_tenant_or_key(call, key_id))
         d = routed.decision
         body = {
             "tier": d.tier.name,
@@ -283,9 +290,9 @@ def create_app(
         comment = doc.get("comment")
         if comment is not None and not isinstance(comment, str):
             raise ApiError(400, "'comment' must be a string.", param="comment")
-        known, owner = await engine().request_owner(request_id)
-        # Another tenant's request is reported as unknown: its existence is not theirs to see.
-        if not known or (settings.api_key_hashes and owner != key_id):
+        owner = await engine().request_owner(request_id)
+        # Another key's request is reported as unknown: its existence is not theirs to see.
+        if owner is None or (settings.api_key_hashes and owner.api_key_id != key_id):
             raise ApiError(
                 404,
                 f"No request with id '{request_id}'.",
@@ -294,6 +301,7 @@ def create_app(
                 code="request_not_found",
             )
         engine().ledger.add_feedback(request_id, float(rating), comment)
+        engine().feedback(owner, float(rating))
         return JSONResponse(
             {
                 "object": "feedback",
@@ -334,8 +342,11 @@ def create_app(
         key_id = authorise(request)
         doc = parse_json(await read_body(request))
         e = engine()
-        call = parse_chat(
-            doc, ["auto", *e.tier_names], headers_of(request), settings.max_tokens_default
+        call = _tenant_or_key(
+            parse_chat(
+                doc, ["auto", *e.tier_names], headers_of(request), settings.max_tokens_default
+            ),
+            key_id,
         )
         routed = await _route(call)
         outcome = Outcome(request_id=new_request_id(), routed=routed)

@@ -44,6 +44,7 @@ from tierroute.gateway.resilience import CircuitBreaker, RollingLatency, backoff
 from tierroute.gateway.settings import GatewaySettings
 from tierroute.gateway.shadow import Shadow
 from tierroute.ledger import Ledger, LedgerRow
+from tierroute.personalise import Personaliser
 from tierroute.routers.base import BaseRouter
 from tierroute.types import Decision, Explanation, Tier
 
@@ -56,9 +57,18 @@ class Hints:
     priority: str | None = None
     latency_budget_ms: float | None = None
     max_cost_usd: float | None = None
+    # Whose request: the OpenAI `user` field or metadata.tenant, else the API key id.
+    tenant: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Owner:
+    api_key_id: str | None
+    tier: str
+    tenant: str | None
 
 
 @dataclass
@@ -134,7 +144,11 @@ class Engine:
             )
         # Ids of recent requests -> their API key id, so feedback can be checked at once
         # (ledger rows reach the disk a few ms later, from the writer thread).
-        self._recent: OrderedDict[str, str | None] = OrderedDict()
+        self._recent: OrderedDict[str, Owner] = OrderedDict()
+        self.personaliser: Personaliser | None = None
+        if settings.personalise is not None:
+            self.personaliser = Personaliser(settings.personalise)
+            self._restore_personaliser()
         # One routing thread: the encoder's memo is not thread-safe, and onnxruntime
         # already uses both cores for one query; the event loop stays free meanwhile.
         self._routing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierroute-route")
@@ -199,7 +213,8 @@ class Engine:
         else:
             explanation, cache_hit = await self.explain(messages)
             self._calibrate(explanation.score)
-            decision = policy.decide(explanation, hints.priority)
+            offset = self.personaliser.shift(hints.tenant) if self.personaliser else 0.0
+            decision = policy.decide(explanation, hints.priority, offset, f"tenant {hints.tenant}")
         tiers = list(policy.tiers)
         index = tiers.index(decision.tier)
         prompt_tokens = len(routing_text(messages)) // 4 + 1
@@ -371,7 +386,7 @@ class Engine:
                 prompt_text=prompt_text,
             )
         )
-        self._recent[outcome.request_id] = api_key_id
+        self._recent[outcome.request_id] = Owner(api_key_id, tier_name, hints.tenant)
         if len(self._recent) > 100_000:
             self._recent.popitem(last=False)
         m = self.metrics
@@ -385,12 +400,34 @@ class Engine:
         for a, b in zip(outcome.tried, outcome.tried[1:], strict=False):
             m.fallbacks.labels(a, b).inc()
 
-    async def request_owner(self, request_id: str) -> tuple[bool, str | None]:
-        """(known, API key id) of a past request: recent ones from memory, else the ledger."""
+    async def request_owner(self, request_id: str) -> Owner | None:
+        """Who made a past request and which tier answered: from memory, else the ledger."""
         if request_id in self._recent:
-            return True, self._recent[request_id]
+            return self._recent[request_id]
         row = await asyncio.to_thread(self.ledger.get, request_id)
-        return (True, row.api_key_id) if row is not None else (False, None)
+        if row is None:
+            return None
+        tenant = row.hints.get("tenant") if isinstance(row.hints, Mapping) else None
+        return Owner(row.api_key_id, row.tier, tenant)
+
+    def feedback(self, owner: Owner, rating: float) -> None:
+        """A rating arrived: it personalises its tenant's routing (smaller tiers only)."""
+        if (
+            self.personaliser is not None
+            and owner.tenant is not None
+            and owner.tier != self.settings.tiers[-1].name
+        ):
+            self.personaliser.observe(owner.tenant, rating)
+
+    def _restore_personaliser(self, days: float = 30) -> None:
+        """Rebuild tenants' offsets from the ledger's recent feedback after a restart."""
+        since = self.clock() - days * 86400
+        rows = {row.id: row for row in self.ledger.rows(since=since)}
+        for request_id, _, rating in self.ledger.feedback_since(since):
+            row = rows.get(request_id)
+            if row is not None:
+                tenant = row.hints.get("tenant") if isinstance(row.hints, Mapping) else None
+                self.feedback(Owner(row.api_key_id, row.tier, tenant), rating)
 
 
 def new_request_id() -> str:

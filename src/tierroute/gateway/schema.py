@@ -123,7 +123,7 @@ def _messages(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return messages
 
 
-def hints_from(metadata: Any, headers: dict[str, str]) -> Hints:
+def hints_from(metadata: Any, headers: dict[str, str], user: Any = None) -> Hints:
     """Hints from the request's `metadata`, overridden by X-Tierroute-* headers."""
     meta = metadata if isinstance(metadata, dict) else {}
     priority = headers.get("x-tierroute-priority") or meta.get("priority")
@@ -136,7 +136,12 @@ def hints_from(metadata: Any, headers: dict[str, str]) -> Hints:
         cap_usd = float(cap) if cap is not None else None
     except (TypeError, ValueError):
         raise ApiError(400, "latency budget and cost cap must be numbers.") from None
-    return Hints(priority=priority, latency_budget_ms=budget_ms, max_cost_usd=cap_usd)
+    tenant = meta.get("tenant") or user
+    if tenant is not None and not isinstance(tenant, str):
+        raise ApiError(400, "'user' and metadata.tenant must be strings.", param="user")
+    return Hints(
+        priority=priority, latency_budget_ms=budget_ms, max_cost_usd=cap_usd, tenant=tenant
+    )
 
 
 def parse_chat(
@@ -180,7 +185,7 @@ def parse_chat(
         request=request,
         stream=stream,
         include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
-        hints=hints_from(doc.get("metadata"), headers),
+        hints=hints_from(doc.get("metadata"), headers, doc.get("user")),
     )
 
 

@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tierroute.config import parse_policy, parse_tier
 from tierroute.controller import ControllerConfig
 from tierroute.errors import ConfigError
 from tierroute.gateway.shadow import ShadowConfig
+from tierroute.personalise import PersonaliseConfig
 from tierroute.policy import Policy
 from tierroute.types import Tier
 from tierroute.yaml_files import read_yaml
 
 KINDS = ("local", "openai")
+S = TypeVar("S")
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class GatewaySettings:
     api_key_hashes: frozenset[str] = field(default_factory=frozenset)
     controller: ControllerConfig | None = None
     shadow: ShadowConfig | None = None
+    personalise: PersonaliseConfig | None = None
     source: str = "built-in gateway.yaml"
 
     def spec(self, name: str) -> TierSpec:
@@ -91,6 +95,19 @@ def _tier_spec(raw: Any, i: int, source: str) -> TierSpec:
         raise ConfigError(f"tier '{raw.get('name')}' in {source} has a bad number") from None
 
 
+def _section(gw: dict[str, Any], name: str, kind: Callable[..., S], source: str) -> S | None:
+    """The optional `gateway.<name>` mapping, built into its config class."""
+    raw = gw.get(name)
+    if not raw:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'gateway.{name}' in {source} must be a mapping")
+    try:
+        return kind(**raw)
+    except TypeError as exc:
+        raise ConfigError(f"'gateway.{name}' in {source}: {exc}") from None
+
+
 def parse_settings(doc: Any, source: str) -> GatewaySettings:
     if not isinstance(doc, dict) or not isinstance(doc.get("tiers"), list):
         raise ConfigError(f"{source} needs a 'tiers' list, smallest tier first")
@@ -104,24 +121,9 @@ def parse_settings(doc: Any, source: str) -> GatewaySettings:
     hashes = {str(k).lower() for k in keys} | {hash_key(k) for k in env_keys.split(",") if k}
     if any(len(h) != 64 for h in hashes):
         raise ConfigError(f"api_keys_sha256 in {source} must hold sha256 hex digests")
-    controller = None
-    raw_controller = gw.get("controller")
-    if raw_controller:
-        if not isinstance(raw_controller, dict):
-            raise ConfigError(f"'gateway.controller' in {source} must be a mapping")
-        try:
-            controller = ControllerConfig(**raw_controller)
-        except TypeError as exc:
-            raise ConfigError(f"'gateway.controller' in {source}: {exc}") from None
-    shadow = None
-    raw_shadow = gw.get("shadow")
-    if raw_shadow:
-        if not isinstance(raw_shadow, dict):
-            raise ConfigError(f"'gateway.shadow' in {source} must be a mapping")
-        try:
-            shadow = ShadowConfig(**raw_shadow)
-        except TypeError as exc:
-            raise ConfigError(f"'gateway.shadow' in {source}: {exc}") from None
+    controller = _section(gw, "controller", ControllerConfig, source)
+    shadow = _section(gw, "shadow", ShadowConfig, source)
+    personalise = _section(gw, "personalise", PersonaliseConfig, source)
     try:
         return GatewaySettings(
             tiers=specs,
@@ -138,6 +140,7 @@ def parse_settings(doc: Any, source: str) -> GatewaySettings:
             api_key_hashes=frozenset(hashes),
             controller=controller,
             shadow=shadow,
+            personalise=personalise,
             source=source,
         )
     except (TypeError, ValueError):
