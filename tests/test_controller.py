@@ -90,3 +90,31 @@ def test_budget_sets_the_share() -> None:
 def test_bad_configs(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         ControllerConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_quality_floor_overrides_the_share_target() -> None:
+    clock = Clock()
+    config = ControllerConfig(
+        target_large_share=0.1,
+        window=100,
+        every=10,
+        max_step=0.05,
+        min_threshold=0.1,
+        quality_floor=0.8,
+    )
+    ctl = ThresholdController(config, threshold=0.5, clock=clock)
+    rng = np.random.default_rng(5)
+    changes = []
+    for s in rng.random(1000):
+        clock.now += 1
+        change = ctl.observe(float(s), quality=0.6)  # the small tier is judged too weak
+        if change:
+            changes.append(change)
+    # the 10% target alone would raise the threshold towards 0.9; the floor lowers it
+    assert changes and all(c.new < c.old for c in changes)
+    assert ctl.threshold == pytest.approx(0.1)
+    assert "estimated quality 0.60 below the floor 0.80" in changes[0].reason
+    for s in rng.random(500):  # quality recovers: the share target takes over again
+        clock.now += 1
+        ctl.observe(float(s), quality=0.9)
+    assert ctl.threshold > 0.8

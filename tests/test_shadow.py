@@ -113,3 +113,4 @@ def test_alert_when_quality_falls_below_target(tmp_path: Path, caplog) -> None: 
             assert "ALERT" not in caplog.text  # too few judgements to say
             shadow._update("small", 0.0)
         assert "ALERT: estimated quality of tier small is 0.40" in caplog.text
+        assert shadow.lowest_estimate() == pytest.approx(0.4)  # what the controller's floor reads

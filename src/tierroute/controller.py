@@ -32,6 +32,9 @@ class ControllerConfig:
     max_step: float = 0.05
     min_threshold: float = 0.02
     max_threshold: float = 0.98
+    # When the smaller tiers' estimated quality (from shadow judgements) is below this
+    # floor, the threshold only moves down (more requests to the largest tier).
+    quality_floor: float | None = None
 
     def __post_init__(self) -> None:
         if (self.target_large_share is None) == (self.budget_usd_per_hour is None):
@@ -83,8 +86,9 @@ class ThresholdController:
         share = (affordable - c.small_cost_usd) / (c.large_cost_usd - c.small_cost_usd)
         return min(1.0, max(0.0, share))
 
-    def observe(self, score: float) -> ThresholdChange | None:
-        """Record one request's score; every `every` requests, maybe move the threshold."""
+    def observe(self, score: float, quality: float | None = None) -> ThresholdChange | None:
+        """Record one request's score; every `every` requests, maybe move the threshold.
+        `quality` is the smaller tiers' current estimated quality, when known."""
         self._scores.append(score)
         self._times.append(self.clock())
         self._seen += 1
@@ -95,16 +99,19 @@ class ThresholdController:
         ideal = threshold_for_share(list(self._scores), target)
         ideal = min(c.max_threshold, max(c.min_threshold, ideal))
         step = max(-c.max_step, min(c.max_step, ideal - self.threshold))
-        if abs(step) < 1e-4:
-            return None
         share_now = sum(s >= self.threshold for s in self._scores) / len(self._scores)
-        old, self.threshold = self.threshold, self.threshold + step
+        why = (
+            f"large share {share_now:.1%} over the last {len(self._scores)} requests "
+            f"vs target {target:.1%}"
+        )
+        if c.quality_floor is not None and quality is not None and quality < c.quality_floor:
+            # Quality first: never send less to the largest tier while below the floor.
+            step = -c.max_step
+            why = f"estimated quality {quality:.2f} below the floor {c.quality_floor:.2f}"
+        new = min(c.max_threshold, max(c.min_threshold, self.threshold + step))
+        if abs(new - self.threshold) < 1e-4:
+            return None
+        old, self.threshold = self.threshold, new
         return ThresholdChange(
-            ts=self.clock(),
-            old=old,
-            new=self.threshold,
-            reason=(
-                f"large share {share_now:.1%} over the last {len(self._scores)} requests "
-                f"vs target {target:.1%}: threshold {old:.3f} -> {self.threshold:.3f}"
-            ),
+            ts=self.clock(), old=old, new=new, reason=f"{why}: threshold {old:.3f} -> {new:.3f}"
         )

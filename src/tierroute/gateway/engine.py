@@ -241,11 +241,15 @@ class Engine:
         routing_ms = (time.perf_counter() - start) * 1000
         return Routed(decision=decision, chain=chain, cache_hit=cache_hit, routing_ms=routing_ms)
 
+    def _small_tier_quality(self) -> float | None:
+        """The lowest estimated quality among the smaller tiers, once judged often enough."""
+        return self.shadow.lowest_estimate() if self.shadow is not None else None
+
     def _calibrate(self, score: float) -> None:
         """Feed the controller; apply and log a threshold change when it makes one."""
         if self.controller is None:
             return
-        change = self.controller.observe(score)
+        change = self.controller.observe(score, self._small_tier_quality())
         if change is None:
             return
         thresholds = self.settings.policy.thresholds

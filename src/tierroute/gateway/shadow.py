@@ -177,6 +177,15 @@ class Shadow:
                 target,
             )
 
+    def lowest_estimate(self) -> float | None:
+        """The lowest share of good-enough answers among tiers judged often enough."""
+        judged = [
+            sum(v) / len(v)
+            for v in self.verdicts.values()
+            if len(v) >= self.config.min_samples_for_alert
+        ]
+        return min(judged) if judged else None
+
     async def aclose(self) -> None:
         for task in list(self._tasks):
             task.cancel()
