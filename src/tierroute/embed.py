@@ -121,6 +121,9 @@ class Embedder:
             # Idle worker threads must not spin: they would steal the core that the
             # gateway's event loop (or another session) needs between requests.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            # No memory arena: it keeps the largest batch's buffers for the life of the
+            # process (~600 MB after 32 x 256-token texts) for no measurable speed-up here.
+            options.enable_cpu_mem_arena = False
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             self._tokenizer = tokenizer
             self._session = ort.InferenceSession(
