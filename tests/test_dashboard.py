@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -100,6 +101,16 @@ def test_shadow_judgements_are_recorded_and_exported(gateway: Server) -> None:
     assert "tierroute_shadow_judgements_total{outcome=" in metrics
     if any(v is not None for _, _, v in judged):
         assert 'tierroute_estimated_quality{stat="ci95_high",tier="small"}' in metrics
+    report = subprocess.run(
+        [sys.executable, "-m", "tierroute.cli", "report", "--data-dir", str(gateway.data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert "feedback" in report and "8 ratings" not in report  # split per tier
+    if any(v is not None for _, _, v in judged):
+        assert "estimated quality (shadow judgements" in report and "judged)" in report
 
 
 def test_dashboard_renders_in_chromium(gateway: Server, tmp_path: Path) -> None:

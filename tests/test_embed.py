@@ -71,3 +71,15 @@ def test_scoring_never_imports_torch() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_batches_are_length_sorted_and_token_bounded() -> None:
+    embedder = Embedder(batch_size=4, token_budget=100, max_length=64)
+    texts = ["x" * 400, "hi", "y" * 40, "z" * 200, "ok", "w" * 12]
+    batches = embedder._batches(texts)
+    assert sorted(i for b in batches for i in b) == list(range(len(texts)))
+    flat = [i for b in batches for i in b]
+    assert [len(texts[i]) for i in flat] == sorted(len(t) for t in texts)
+    for b in batches:
+        longest = max(min(64, len(texts[i]) // 4 + 2) for i in b)
+        assert len(b) <= 4 and (len(b) == 1 or len(b) * longest <= 100)

@@ -448,6 +448,39 @@ def _pricing(config: str | None) -> Any:
     return largest_cost
 
 
+def _quality_lines(
+    judged: list[tuple[str, str, float | None]], rated: list[tuple[str, str, float]]
+) -> list[str]:
+    """Estimated quality per tier from shadow verdicts, and feedback counts per tier."""
+    from tierroute.stats import wilson
+
+    lines = []
+    verdicts: dict[str, list[float]] = {}
+    for _, tier, verdict in judged:
+        if verdict is not None:
+            verdicts.setdefault(tier, []).append(verdict)
+    if verdicts:
+        lines.append("\nestimated quality (shadow judgements: share good enough, 95% CI)")
+        for tier, values in sorted(verdicts.items()):
+            lo, hi = wilson(sum(values), len(values))
+            lines.append(
+                f"  {tier:<14} {sum(values) / len(values):.2f}  ({lo:.2f}-{hi:.2f}, "
+                f"{len(values)} judged)"
+            )
+    ratings: dict[str, list[float]] = {}
+    for _, tier, rating in rated:
+        ratings.setdefault(tier, []).append(rating)
+    if ratings:
+        lines.append("\nfeedback")
+        for tier, values in sorted(ratings.items()):
+            up = sum(v >= 0.5 for v in values)
+            lines.append(
+                f"  {tier:<14} {len(values)} ratings: {up} up, {len(values) - up} down, "
+                f"mean {sum(values) / len(values):.2f}"
+            )
+    return lines
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from tierroute.ledger import Ledger, build_report, default_path, format_report, parse_since
 
@@ -458,7 +491,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     largest_cost = _pricing(args.config)
     with Ledger(path) as ledger:
         rows = ledger.rows(since=since)
+        judged = ledger.judgements(since)
+        rated = ledger.feedback_since(since)
     print(format_report(build_report(rows, largest_cost)))
+    for line in _quality_lines(judged, rated):
+        print(line)
     if args.plot:
         from tierroute.ledger import plot_report
 

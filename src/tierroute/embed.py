@@ -59,6 +59,7 @@ class Embedder:
         model_dir: Path | None = None,
         max_length: int | None = None,
         batch_size: int = 32,
+        token_budget: int = 2048,
         threads: int | None = None,
         precision: str | None = None,
     ) -> None:
@@ -67,6 +68,7 @@ class Embedder:
         # prompts are where a shorter read pays; TIERROUTE_EMBED_MAX_TOKENS sets it.
         self.max_length = max_length or int(os.environ.get("TIERROUTE_EMBED_MAX_TOKENS", "256"))
         self.batch_size = batch_size
+        self.token_budget = token_budget
         # ONNX intra-op threads; 0 (the default) lets onnxruntime use every physical core,
         # which halves single-query latency on 2 cores. Many concurrent sessions may
         # prefer 1 each (TIERROUTE_EMBED_THREADS=1).
@@ -150,11 +152,31 @@ class Embedder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        for start in range(0, len(order), self.batch_size):
-            index = order[start : start + self.batch_size]
+        for index in self._batches(texts):
             out[index] = self._run([texts[i] for i in index])
         return out
+
+    def _batches(self, texts: Sequence[str]) -> list[list[int]]:
+        """Length-sorted batches (little padding) of at most `batch_size` texts and about
+        `token_budget` padded tokens, so a batch of long texts cannot take much memory:
+        attention holds batch x 12 x length^2 floats per layer."""
+
+        def tokens(i: int) -> int:  # an estimate: ~4 characters a token, capped
+            return min(self.max_length, len(texts[i]) // 4 + 2)
+
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for i in sorted(range(len(texts)), key=lambda i: len(texts[i])):
+            longest = tokens(i)  # sorted, so the newest text is the longest
+            if current and (
+                len(current) >= self.batch_size or (len(current) + 1) * longest > self.token_budget
+            ):
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            batches.append(current)
+        return batches
 
     def _run(self, batch: list[str]) -> Vectors:
         encodings = self._tokenizer.encode_batch(batch)
