@@ -57,31 +57,22 @@ class Server:
         return self.proc.wait(timeout=60)
 
 
-def start(config: Path, data_dir: Path, env: dict[str, str] | None = None) -> Server:
+def start(config: Path | None, data_dir: Path, env: dict[str, str] | None = None) -> Server:
+    """`tierroute serve` on a free port (the embedded default when config is None)."""
     port = free_port()
     log = data_dir / "serve.log"
     data_dir.mkdir(parents=True, exist_ok=True)
+    args = ["serve", "--port", str(port), "--data-dir", str(data_dir), "--log-level", "warning"]
+    if config is not None:
+        args += ["--config", str(config)]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tierroute.cli",
-            "serve",
-            "--config",
-            str(config),
-            "--port",
-            str(port),
-            "--data-dir",
-            str(data_dir),
-            "--log-level",
-            "warning",
-        ],
+        [sys.executable, "-m", "tierroute.cli", *args],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
     )
     server = Server(proc, port, data_dir, log)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"serve exited early:\n{log.read_text()}")
@@ -473,36 +464,8 @@ def test_upstream_dies_mid_stream_then_fallback_and_breaker(
 
 def test_embedded_default_answers_on_both_local_tiers(tmp_path: Path) -> None:
     """`tierroute serve` with no config: SmolLM2 and Qwen2.5-Coder in-process, SQLite ledger."""
-    port = free_port()
-    log = tmp_path / "serve.log"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tierroute.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(tmp_path),
-            "--log-level",
-            "warning",
-        ],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    server = Server(proc, port, tmp_path, log)
+    server = start(None, tmp_path)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.5)
         from openai import OpenAI
 
         sdk = OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
