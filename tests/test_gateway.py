@@ -527,3 +527,28 @@ def test_config_check(tmp_path: Path) -> None:
         )
         assert bad.returncode == 2, bad.stdout + bad.stderr
         assert fragment in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_serve_refuses_an_unknown_local_model_in_one_line(tmp_path: Path) -> None:
+    config = write_yaml(
+        tmp_path / "bad.yaml",
+        "tiers:\n  - {name: a, kind: local, model: nope}\n"
+        "  - {name: b, kind: local, model: smollm2-135m}\n",
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tierroute.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "Unknown local model 'nope'" in proc.stderr.strip().splitlines()[-1]

@@ -423,6 +423,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = load_settings(args.config)
     data_dir = Path(args.data_dir) if args.data_dir else None
+    # Find and check local models before the server starts, so a missing package or a
+    # bad file is one clear line here rather than a traceback from the server's start-up.
+    from tierroute.backends.models import resolve_model
+
+    for spec in settings.tiers:
+        if spec.kind == "local":
+            resolve_model(spec.tier.model)
     app = create_app(settings, lambda s: build_parts(s, data_dir))
     tiers = ", ".join(f"{s.name}={s.kind}:{s.tier.model}" for s in settings.tiers)
     print(
