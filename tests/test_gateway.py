@@ -103,9 +103,11 @@ tiers:
 """,
     )
     upstream = start(upstream_cfg, root / "upstream")
-    gateway_cfg = write_yaml(
-        root / "gateway.yaml",
-        f"""
+    servers = [upstream]
+    try:
+        gateway_cfg = write_yaml(
+            root / "gateway.yaml",
+            f"""
 tiers:
   - name: small
     kind: local
@@ -131,16 +133,19 @@ gateway:
   breaker_cooldown_s: 3
   personalise: {{strength: 1.0, prior_n: 2, max_shift: 0.3}}
 """,
-    )
-    gateway = start(
-        gateway_cfg,
-        root / "gateway",
-        env={"TIERROUTE_API_KEYS": KEY, "UPSTREAM_KEY": "not-checked"},
-    )
-    yield gateway, upstream
-    for server in (gateway, upstream):
-        if server.proc.poll() is None:
-            server.proc.kill()
+        )
+        gateway = start(
+            gateway_cfg,
+            root / "gateway",
+            env={"TIERROUTE_API_KEYS": KEY, "UPSTREAM_KEY": "not-checked"},
+        )
+        servers.append(gateway)
+        yield gateway, upstream
+    finally:
+        # also when the gateway fails to start: never leave a server behind
+        for server in servers:
+            if server.proc.poll() is None:
+                server.proc.kill()
 
 
 def client(server: Server):  # type: ignore[no-untyped-def]
