@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tierroute.backends.base import Backend, BackendError, StreamDelta
-from tierroute.conversation import routing_text
+from tierroute.conversation import estimate_tokens
 from tierroute.errors import InputError
 from tierroute.gateway.engine import AllTiersFailed, Engine, Outcome, Routed, new_request_id
 from tierroute.gateway.metrics import Metrics
@@ -350,7 +350,7 @@ def create_app(
         )
         routed = await _route(call)
         outcome = Outcome(request_id=new_request_id(), routed=routed)
-        prompt = routing_text(call.request.messages) if settings.keep_prompts else None
+        prompt = routed.text if settings.keep_prompts else None
         if call.stream:
             return await _stream(call, outcome, key_id, start, prompt)
         try:
@@ -395,7 +395,7 @@ def create_app(
         tier_name = outcome.tier or outcome.routed.decision.tier.name
         tier = e.settings.spec(tier_name).tier
         max_cost = tier.cost(
-            len(routing_text(call.request.messages)) // 4 + 1,
+            estimate_tokens(outcome.routed.text),
             call.request.max_tokens or settings.max_tokens_default,
         )
         headers = _decision_headers(

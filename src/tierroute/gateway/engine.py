@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 from tierroute.backends.base import Backend, BackendError, ChatRequest, ChatResult, StreamDelta
 from tierroute.controller import ThresholdController
-from tierroute.conversation import routing_text
+from tierroute.conversation import estimate_tokens, routing_text
 from tierroute.gateway.cache import DecisionCache, cache_key
 from tierroute.gateway.metrics import Metrics
 from tierroute.gateway.resilience import CircuitBreaker, RollingLatency, backoff_s
@@ -77,6 +77,8 @@ class Routed:
     chain: list[str]
     cache_hit: bool
     routing_ms: float
+    # The request's routing text, made once here and reused by the ledger and cost estimates.
+    text: str = ""
 
 
 class AllTiersFailed(Exception):
@@ -162,8 +164,8 @@ class Engine:
 
     # ------------------------------------------------------------------ deciding
 
-    async def explain(self, messages: list[dict[str, Any]]) -> tuple[Explanation, bool]:
-        text = routing_text(messages)
+    async def explain(self, text: str) -> tuple[Explanation, bool]:
+        """The router's explanation of a routing text, from the decision cache if it can."""
         key = cache_key(text)
         cached = self.cache.get(key)
         if cached is not None:
@@ -203,6 +205,7 @@ class Engine:
     ) -> Routed:
         start = time.perf_counter()
         policy = self.settings.policy
+        text = routing_text(messages)
         if forced is not None:
             decision = Decision(
                 score=float("nan"),
@@ -211,13 +214,13 @@ class Engine:
             )
             cache_hit = False
         else:
-            explanation, cache_hit = await self.explain(messages)
+            explanation, cache_hit = await self.explain(text)
             self._calibrate(explanation.score)
             offset = self.personaliser.shift(hints.tenant) if self.personaliser else 0.0
             decision = policy.decide(explanation, hints.priority, offset, f"tenant {hints.tenant}")
         tiers = list(policy.tiers)
         index = tiers.index(decision.tier)
-        prompt_tokens = len(routing_text(messages)) // 4 + 1
+        prompt_tokens = estimate_tokens(text)
         notes = []
         why = self._fits(tiers[index], hints, prompt_tokens, max_tokens)
         if why is not None:
@@ -239,7 +242,9 @@ class Engine:
                 decision.score, chosen, "; ".join([decision.reason, *notes]), decision.tags
             )
         routing_ms = (time.perf_counter() - start) * 1000
-        return Routed(decision=decision, chain=chain, cache_hit=cache_hit, routing_ms=routing_ms)
+        return Routed(
+            decision=decision, chain=chain, cache_hit=cache_hit, routing_ms=routing_ms, text=text
+        )
 
     def _small_tier_quality(self) -> float | None:
         """The lowest estimated quality among the smaller tiers, once judged often enough."""
