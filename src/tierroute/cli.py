@@ -474,16 +474,15 @@ def _quality_lines(
                 f"  {tier:<14} {sum(values) / len(values):.2f}  ({lo:.2f}-{hi:.2f}, "
                 f"{len(values)} judged)"
             )
-    ratings: dict[str, list[float]] = {}
-    for _, tier, rating in rated:
-        ratings.setdefault(tier, []).append(rating)
-    if ratings:
+    from tierroute.ledger import feedback_by_tier
+
+    summary = feedback_by_tier(rated)
+    if summary:
         lines.append("\nfeedback")
-        for tier, values in sorted(ratings.items()):
-            up = sum(v >= 0.5 for v in values)
+        for tier, f in sorted(summary.items()):
             lines.append(
-                f"  {tier:<14} {len(values)} ratings: {up} up, {len(values) - up} down, "
-                f"mean {sum(values) / len(values):.2f}"
+                f"  {tier:<14} {f['n']} ratings: {f['up']} up, {f['down']} down, "
+                f"mean {f['mean']:.2f}"
             )
     return lines
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
+import statistics
 from collections import defaultdict
 from typing import Any
 
 from tierroute.gateway.settings import GatewaySettings
-from tierroute.ledger import Ledger
+from tierroute.ledger import Ledger, feedback_by_tier
 
 _BUCKETS = (10, 30, 60, 300, 900, 3600, 6 * 3600, 86400)
 
@@ -21,11 +21,7 @@ def bucket_seconds(span_s: float, most: int = 48) -> int:
 
 
 def _p50(values: list[float]) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return statistics.median(values) if values else None
 
 
 def dashboard_data(
@@ -55,24 +51,7 @@ def dashboard_data(
         routed_cum.append(r)
         largest_cum.append(a)
 
-    ratings: dict[str, list[float]] = {t: [] for t in tiers}
-    for _, tier, rating in ledger.feedback_since(since):
-        ratings.setdefault(tier, []).append(rating)
-    quality = {}
-    for tier, values in ratings.items():
-        n = len(values)
-        mean = sum(values) / n if n else None
-        half = None
-        if n > 1 and mean is not None:
-            var = sum((v - mean) ** 2 for v in values) / (n - 1)
-            half = 1.96 * math.sqrt(var / n)
-        quality[tier] = {
-            "n": n,
-            "up": sum(v >= 0.5 for v in values),
-            "down": sum(v < 0.5 for v in values),
-            "mean": mean,
-            "ci95": half,
-        }
+    quality = feedback_by_tier(ledger.feedback_since(since), tiers)
     changes = [
         {"ts": c.ts, "old": c.old_threshold, "new": c.new_threshold, "reason": c.reason}
         for c in ledger.policy_changes(since)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable
@@ -65,11 +66,7 @@ class RollingLatency:
             self.samples.popleft()
 
     def p50(self) -> float | None:
-        if not self.samples:
-            return None
-        ordered = sorted(self.samples)
-        mid = len(ordered) // 2
-        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+        return statistics.median(self.samples) if self.samples else None
 
 
 def backoff_s(attempt: int, base: float = 0.1, cap: float = 2.0) -> float:

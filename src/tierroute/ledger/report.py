@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from tierroute.errors import LedgerError
 from tierroute.ledger.store import LedgerRow
@@ -232,3 +233,24 @@ def parse_since(text: str, now: float | None = None) -> float:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return when.timestamp()
+
+
+def feedback_by_tier(
+    rated: Sequence[tuple[str, str, float]], tiers: Sequence[str] = ()
+) -> dict[str, dict[str, Any]]:
+    """Per tier (every one of `tiers`, and any other rated): the number of ratings, how
+    many were up (>= 0.5) and down, their mean and its 95% half-width (normal approx)."""
+    ratings: dict[str, list[float]] = {t: [] for t in tiers}
+    for _, tier, rating in rated:
+        ratings.setdefault(tier, []).append(rating)
+    out: dict[str, dict[str, Any]] = {}
+    for tier, values in ratings.items():
+        n = len(values)
+        mean = sum(values) / n if n else None
+        half = None
+        if n > 1 and mean is not None:
+            var = sum((v - mean) ** 2 for v in values) / (n - 1)
+            half = 1.96 * math.sqrt(var / n)
+        up = sum(v >= 0.5 for v in values)
+        out[tier] = {"n": n, "up": up, "down": n - up, "mean": mean, "ci95": half}
+    return out
