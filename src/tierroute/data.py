@@ -21,6 +21,36 @@ from tierroute.errors import DataError
 
 FloatArray = npt.NDArray[np.float64]
 
+# One model under the names different outcome files give it, so routers trained on
+# several files (and the model vectors of a factor router) see one model, not two.
+MODEL_ALIASES = {
+    "gpt4_1106_preview": "gpt-4-1106-preview",
+    "mistralai/Mixtral-8x7B-Instruct-v0.1": "mistralai/mixtral-8x7b-chat",
+    "Mixtral-8x7B-Instruct-v0.1": "mistralai/mixtral-8x7b-chat",
+}
+
+
+def canonical_model(name: str) -> str:
+    return MODEL_ALIASES.get(name, name)
+
+
+@dataclass(frozen=True)
+class ModelScores:
+    """Every model's score on every row (NaN where a model was not run), by canonical name.
+
+    This is what routers that learn from all models at once (the factor router) train
+    on; pair routers only need `Outcomes.labels`."""
+
+    models: list[str]
+    scores: FloatArray
+
+    def column(self, model: str) -> FloatArray:
+        name = canonical_model(model)
+        if name not in self.models:
+            raise DataError(f"model '{model}' has no scores here; models: {', '.join(self.models)}")
+        column: FloatArray = self.scores[:, self.models.index(name)]
+        return column
+
 
 @dataclass(frozen=True)
 class Outcomes:
@@ -47,6 +77,17 @@ class Outcomes:
         """1 where the large model did strictly better: the small tier was not enough."""
         return (self.large > self.small).astype(np.int64)
 
+    def model_scores(self, key: str = "score") -> ModelScores:
+        """Every model's `score` (or `cost_usd`) on these rows, not only the pair's."""
+        names = sorted({canonical_model(m) for row in self.rows for m in row["models"]})
+        scores = np.full((len(self.rows), len(names)), np.nan)
+        for i, row in enumerate(self.rows):
+            for model, entry in row["models"].items():
+                value = entry.get(key) if isinstance(entry, dict) else None
+                if isinstance(value, int | float):
+                    scores[i, names.index(canonical_model(model))] = float(value)
+        return ModelScores(models=names, scores=scores)
+
     @property
     def has_cost(self) -> bool:
         return self.small_cost is not None and self.large_cost is not None
@@ -71,6 +112,31 @@ class Outcomes:
             rows=[self.rows[i] for i in idx],
             skipped=self.skipped,
         )
+
+
+def concat_outcomes(parts: Sequence[Outcomes]) -> Outcomes:
+    """Several files' rows for one model pair as one set (models joined by canonical name)."""
+    if len(parts) == 1:
+        return parts[0]
+    with_cost = all(p.small_cost is not None and p.large_cost is not None for p in parts)
+
+    def join(arrays: list[FloatArray | None]) -> FloatArray:
+        return np.concatenate([a for a in arrays if a is not None])
+
+    return Outcomes(
+        path=" + ".join(p.path for p in parts),
+        data_hash=hashlib.sha256("".join(p.data_hash for p in parts).encode()).hexdigest(),
+        small_model=canonical_model(parts[0].small_model),
+        large_model=canonical_model(parts[0].large_model),
+        ids=[i for p in parts for i in p.ids],
+        prompts=[t for p in parts for t in p.prompts],
+        small=join([p.small for p in parts]),
+        large=join([p.large for p in parts]),
+        small_cost=join([p.small_cost for p in parts]) if with_cost else None,
+        large_cost=join([p.large_cost for p in parts]) if with_cost else None,
+        rows=[r for p in parts for r in p.rows],
+        skipped=sum(p.skipped for p in parts),
+    )
 
 
 def field_value(row: dict[str, Any], name: str) -> Any:
@@ -131,6 +197,13 @@ def parse_where(where: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def _present_name(model: str, present: set[str]) -> str:
+    if model in present:
+        return model
+    matches = [p for p in present if canonical_model(p) == canonical_model(model)]
+    return matches[0] if len(matches) == 1 else model
+
+
 def load_outcomes(
     path: str | Path,
     small_model: str,
@@ -142,6 +215,8 @@ def load_outcomes(
     present: set[str] = set()
     for row in rows:
         present.update(row["models"])
+    # A model may be named as another file names it (see MODEL_ALIASES).
+    small_model, large_model = (_present_name(m, present) for m in (small_model, large_model))
     for model in (small_model, large_model):
         if model not in present:
             names = ", ".join(sorted(present)[:12])

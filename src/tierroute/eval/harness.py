@@ -138,10 +138,9 @@ def out_of_fold_scores(
     factory: Callable[[], BaseRouter], o: Outcomes, folds: list[npt.NDArray[np.int64]]
 ) -> Scores:
     scores = np.empty(len(o), dtype=np.float64)
-    labels = o.labels
     for test in folds:
         train = np.setdiff1d(np.arange(len(o)), test)
-        router = factory().fit([o.prompts[i] for i in train], labels[train])
+        router = factory().fit_outcomes(o.subset(train))
         scores[test] = router.score_texts([o.prompts[i] for i in test])
     return scores
 

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tierroute.conversation import routing_text
+from tierroute.data import Outcomes
 from tierroute.errors import RouterError
 from tierroute.types import Explanation, Messages
 
@@ -53,9 +54,14 @@ class BaseRouter(ABC):
     def score_texts(self, texts: Sequence[str]) -> Scores:
         """Scores in [0, 1] for a batch of routing texts."""
 
-    # Learned routers override these three.
+    # Learned routers override these.
     def fit(self, texts: Sequence[str], labels: npt.ArrayLike) -> BaseRouter:
         return self
+
+    def fit_outcomes(self, outcomes: Outcomes) -> BaseRouter:
+        """Learn from outcome rows. Pair routers need only the pair's labels; routers that
+        learn from every model's scores (the factor router) override this."""
+        return self.fit(outcomes.prompts, outcomes.labels)
 
     def get_params(self) -> dict[str, Any]:
         return {}
