@@ -93,7 +93,7 @@ def test_train_calibrate_eval_route(tmp_path: Path, outcome_file: Path) -> None:
     assert meta["format_version"] == 1 and meta["trained_on"]["rows"] == 40
     assert len(meta["trained_on"]["data_hash"]) == 64
 
-    # evaluating or calibrating on the training rows is refused
+    # evaluating or calibrating a quality on the training rows is refused
     proc = run_cli("eval", "--router", str(model), "--data", str(outcome_file), *TOY)
     assert_one_line_error(proc, "trained router", "--exclude-trained")
     proc = run_cli(
@@ -103,10 +103,14 @@ def test_train_calibrate_eval_route(tmp_path: Path, outcome_file: Path) -> None:
         "--data",
         str(outcome_file),
         *TOY,
-        "--target-large-share",
-        "0.5",
+        "--target-quality",
+        "0.9",
     )
     assert_one_line_error(proc, "trained router")
+    # a share target reads no labels, so the training prompts serve (with a note)
+    share = [*TOY, "--target-large-share", "0.5"]
+    proc = run_cli("calibrate", "--router", str(model), "--data", str(outcome_file), *share)
+    assert proc.returncode == 0 and "quality is in-sample" in proc.stdout
 
     proc = run_cli(
         "calibrate",
@@ -168,8 +172,11 @@ def test_route_default(tmp_path: Path) -> None:
             ]
         )
     )
-    multi = json.loads(run_cli("route", "--messages", str(convo), "--json", check=True).stdout)
-    assert multi["score"] > easy["score"]  # the earlier code request still counts
+    # the earlier code request still counts (the rules router reads the whole conversation)
+    rules = ("--router", "rules", "--json")
+    multi = json.loads(run_cli("route", "--messages", str(convo), *rules, check=True).stdout)
+    alone = json.loads(run_cli("route", "thanks", *rules, check=True).stdout)
+    assert multi["score"] > alone["score"]
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path: Path, outcome_file: Path) -> None:

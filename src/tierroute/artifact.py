@@ -131,6 +131,14 @@ def load_router(path: str | Path, encoder_factory: Callable[[], Encoder] = TextE
         if params.pop("uses_tags", False):
             tagger = Tagger(encoder, load_prototypes(folder / "prototypes.yaml"))
         router = LogRegRouter(encoder, tagger, **params)
+    elif kind == "mf":
+        from tierroute.routers.factor import FactorRouter
+
+        router = FactorRouter(encoder_factory(), **params)
+    elif kind == "bert":
+        from tierroute.routers.finetuned import FineTunedRouter
+
+        router = FineTunedRouter(**params)
     else:
         raise ArtifactError(f"router '{folder}' is of kind '{kind}', which cannot be loaded")
     embed_model = meta.get("embed_model")
@@ -149,7 +157,37 @@ def load_router(path: str | Path, encoder_factory: Callable[[], Encoder] = TextE
         ) from None
     ids_file = folder / "train_ids.txt"
     ids = frozenset(ids_file.read_text().split("\n")) - {""} if ids_file.exists() else frozenset()
+    if meta.get("rule_prior"):
+        router = _with_rule_prior(router, folder, meta["rule_prior"], encoder_factory)
     return Artifact(path=folder, router=router, meta=meta, train_ids=ids)
+
+
+def _with_rule_prior(
+    router: BaseRouter, folder: Path, prior: Any, encoder_factory: Callable[[], Encoder]
+) -> BaseRouter:
+    """The saved router with a rule set on top. `rule_prior` in router.json:
+    {"rules": "builtin" or a rules file beside router.json, "weight": w}."""
+    from tierroute.routers.prior import RulePriorRouter
+    from tierroute.routers.rules import RulesRouter, load_rules
+    from tierroute.tagger import Tagger
+
+    if not isinstance(prior, dict) or not isinstance(prior.get("weight"), int | float):
+        raise ArtifactError(
+            f"router '{folder}' has a bad rule_prior {prior!r}; "
+            'it must look like {"rules": "builtin", "weight": 0.25}'
+        )
+    name = str(prior.get("rules", "builtin"))
+    rules = load_rules(None if name == "builtin" else folder / name)
+    encoder = getattr(router, "encoder", None) or encoder_factory()
+    tagger = Tagger(encoder) if rules.uses_tags else None
+    return RulePriorRouter(router, RulesRouter(rules, tagger), float(prior["weight"]))
+
+
+def default_router_dir() -> Path:
+    """The router that ships with the package (its card, CARD.md, says how it was made)."""
+    from importlib.resources import files
+
+    return Path(str(files("tierroute") / "resources" / "default_router"))
 
 
 def open_router(
@@ -159,7 +197,8 @@ def open_router(
     from tierroute.routers import make_router
 
     if spec == "default":
-        spec = "rules"  # until a trained default router ships with the package
+        artifact = load_router(default_router_dir(), encoder_factory)
+        return artifact.router, artifact
     if Path(spec).is_dir():
         artifact = load_router(spec, encoder_factory)
         return artifact.router, artifact

@@ -46,13 +46,21 @@ def _target(args: argparse.Namespace) -> Any:
 
 
 def _load_data(args: argparse.Namespace) -> Any:
-    from tierroute.data import load_outcomes
+    from tierroute.data import concat_outcomes, load_outcomes
 
-    return load_outcomes(args.data, args.small, args.large, args.where or ())
+    paths = args.data if isinstance(args.data, list) else [args.data]
+    return concat_outcomes(
+        [load_outcomes(path, args.small, args.large, args.where or ()) for path in paths]
+    )
 
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--data", required=required, help="outcome file (JSON Lines)")
+    p.add_argument(
+        "--data",
+        required=required,
+        action="append",
+        help="outcome file (JSON Lines); repeat to use several files as one set",
+    )
     p.add_argument("--small", required=required, help="name of the small model in the file")
     p.add_argument("--large", required=required, help="name of the large model in the file")
     p.add_argument(
@@ -152,13 +160,13 @@ def _print_eval(ev: Any, savings: Any) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tierroute.eval.harness import Target, evaluate
     from tierroute.eval.savings import Savings
-    from tierroute.routers import BUILTIN, make_router
+    from tierroute.routers import BUILTIN, LEARNED, make_router
 
     o = _load_data(args)
     target = _target(args)
     name = args.router
     factory = _encoder_factory(batch=True)
-    if name in ("knn", "logreg"):
+    if name in LEARNED:
         ev = evaluate(
             name,
             o,
@@ -280,7 +288,7 @@ def cmd_train_from_ledger(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tierroute.artifact import save_router
-    from tierroute.routers import make_router
+    from tierroute.routers import LEARNED, make_router
 
     if args.from_ledger:
         return cmd_train_from_ledger(args)
@@ -291,10 +299,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     router = make_router(args.router, _encoder_factory(batch=True), args.seed)
     if not router.learned:
-        raise InputError(f"the {args.router} router does not learn; train knn or logreg")
-    router.fit(o.prompts, o.labels)
+        raise InputError(f"the {args.router} router does not learn; train one of {LEARNED}")
+    router.fit_outcomes(o)
     trained_on = {
-        "data": str(Path(args.data).resolve()),
+        "data": [Path(path).name for path in args.data],
         "data_hash": o.data_hash,
         "small": o.small_model,
         "large": o.large_model,
@@ -303,8 +311,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         "positive_rate": float(o.labels.mean()),
     }
     artifact = save_router(router, args.out, trained_on, o.ids)
+    if args.rule_prior is not None:
+        artifact.meta["rule_prior"] = {"rules": "builtin", "weight": args.rule_prior}
+        artifact.write_meta()
     print(
-        f"trained {args.router} on {len(o):,} rows of {args.data} "
+        f"trained {args.router} on {len(o):,} rows of {' + '.join(args.data)} "
         f"({o.labels.mean():.1%} needed the large model) in {time.perf_counter() - start:.1f}s"
     )
     print(f"wrote {artifact.path}/router.json, weights.npz, train_ids.txt")
@@ -321,8 +332,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from tierroute.eval.metrics import point_at_threshold, routing_curve
 
     artifact = load_router(args.router, _encoder_factory(batch=True))
-    o = _check_unseen(artifact, _load_data(args), args.exclude_trained)
     target = _target(args)
+    o = _load_data(args)
+    if target.large_share is None:
+        o = _check_unseen(artifact, o, args.exclude_trained)
+    elif artifact.overlap(o.ids):
+        # A share target reads only the scores' distribution, never the labels, so the
+        # training prompts serve; the expected quality printed below is in-sample.
+        print("note: calibrating a large share on training rows; quality is in-sample")
     scores = artifact.router.score_texts(o.prompts)
     threshold = target.threshold(scores, o.small, o.large)
     curve = routing_curve(scores, o.small, o.large, o.small_cost, o.large_cost)
@@ -337,7 +354,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     artifact.meta["calibration"] = {
         "threshold": threshold if np.isfinite(threshold) else 1.0,
         "target": target.describe(),
-        "data": str(Path(args.data).resolve()),
+        "data": [Path(path).name for path in args.data],
         "data_hash": o.data_hash,
         "where": args.where or [],
         "rows": len(o),
@@ -568,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--router",
         default="default",
-        help="random, rules, knn, logreg, default, or a saved router folder",
+        help="random, rules, knn, logreg, mf, irt, bert, default, or a saved router folder",
     )
     p.add_argument(
         "--cv-group",
@@ -612,7 +629,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a router and save it as a versioned folder")
     _add_data_args(p, required=False)
-    p.add_argument("--router", required=True, choices=("knn", "logreg"))
+    p.add_argument("--router", required=True, choices=("knn", "logreg", "mf", "irt", "bert"))
+    p.add_argument(
+        "--rule-prior",
+        type=float,
+        metavar="WEIGHT",
+        help="score with the built-in rules, times WEIGHT, on top of the learned router "
+        "(see routers/prior.py)",
+    )
     p.add_argument("--out", required=True, help="folder to write the router into")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

@@ -1,7 +1,9 @@
 """Routers by name, and saved routers by path.
 
-Built-in names: random, rules, knn, logreg. Anything else is taken as the path of a
-saved router folder (see `tierroute.artifact`).
+Built-in names: random, rules, knn, logreg, mf (factor router over every model's
+scores), irt (its rank-0 form: a model ability and a prompt difficulty) and bert (a
+fine-tuned MiniLM classifier; training needs the `train` extra). Anything else is taken
+as the path of a saved router folder (see `tierroute.artifact`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from tierroute.encoder import Encoder, TextEncoder
 from tierroute.errors import RouterError
 from tierroute.routers.base import BaseRouter, Router
 
-BUILTIN = ("random", "rules", "knn", "logreg")
+BUILTIN = ("random", "rules", "knn", "logreg", "mf", "irt", "bert")
+LEARNED = ("knn", "logreg", "mf", "irt", "bert")
 
-__all__ = ["BUILTIN", "BaseRouter", "Router", "make_router"]
+__all__ = ["BUILTIN", "LEARNED", "BaseRouter", "Router", "make_router"]
 
 
 def make_router(
@@ -45,6 +48,14 @@ def make_router(
 
         encoder = encoder_factory()
         return LogRegRouter(encoder, Tagger(encoder))
+    if name in ("mf", "irt"):
+        from tierroute.routers.factor import FactorRouter
+
+        return FactorRouter(encoder_factory(), rank=16 if name == "mf" else 0, seed=seed)
+    if name == "bert":
+        from tierroute.routers.finetuned import FineTunedRouter
+
+        return FineTunedRouter(seed=seed)
     if Path(name).exists():
         raise RouterError(f"'{name}' is a path; load saved routers with tierroute.artifact")
     raise RouterError(
