@@ -1,156 +1,281 @@
-"""Routing quality of every router on every outcome file, in one command.
+"""Routing quality of every router, in domain and across datasets, in one command.
 
-    python benchmarks/quality_bench.py [--out bench-out] [--routers random rules knn logreg]
+    python benchmarks/quality_bench.py [--out bench-out] [--routers random rules knn ...]
 
-Writes bench-out/quality.md (a markdown table) and one PNG per (data, router), and prints
-the table. Each row is a cross-validated evaluation (grouped as named) or a train/test
-split, with random, oracle and RouteLLM's published figures beside it, and the router's
-fitting time and scoring time (per query, in a batch, embeddings from the disk cache;
-benchmarks/route_bench.py measures latency with the embedding) measured in the same run.
-AlpacaEval (CC BY-NC) is used for evaluation only.
+Writes bench-out/quality.md (markdown tables) and PNG plots, and prints the tables.
+
+- In domain: MMLU under grouped 5-fold CV by subject (no subject in both parts);
+  RouterBench on its own train/test split (meta.routerdc_split) for Mistral-7B and
+  Mixtral against GPT-4, with the dollar curve against the convex hull of the 11
+  single models (RouterBench's "zero router"); AlpacaEval 2 under grouped CV (its data
+  is CC BY-NC: evaluation only, never in a shipped router).
+- Across datasets: trained on RouterBench, tested on MMLU; trained on MMLU, tested on
+  RouterBench's test rows; trained on MMLU + RouterBench (the default router's recipe),
+  tested on AlpacaEval. A router trained on one pair and tested on another keeps its
+  training pair (named in the row).
+- Beside each: random, oracle, RouteLLM's published figures, fit time and scoring time
+  (per query in a batch, embeddings from the disk cache; benchmarks/route_bench.py
+  measures latency with the embedding). "ensemble" averages the ranks of the mf and
+  knn scores of the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
+
+MMLU = "mmlu_gpt4_mixtral.jsonl"
+RB = "routerbench_arc_winogrande_mbpp.jsonl"
+ALPACA = "alpacaeval2_vs_gpt4turbo.jsonl"
+GPT4 = "gpt-4-1106-preview"
+MIXTRAL = "mistralai/mixtral-8x7b-chat"  # MMLU's "mistralai/Mixtral-8x7B-Instruct-v0.1"
+MISTRAL = "mistralai/mistral-7b-chat"
+ALPACA_SMALL, ALPACA_LARGE = "FuseChat-Llama-3.2-1B-Instruct", "gpt4_1106_preview"
+TRAIN, TEST = "meta.routerdc_split=train", "meta.routerdc_split=test"
+
+
+@dataclass(frozen=True)
+class Part:
+    files: tuple[str, ...]
+    small: str
+    large: str
+    where: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Setup:
     name: str
-    file: str
-    small: str
-    large: str
+    test: Part
+    train: Part | None = None  # None: grouped cross-validation on the test part
     cv_group: str | None = None
     folds: int = 5
-    train_where: str | None = None
-    test_where: str | None = None
+    hull: bool = False  # compare the dollar curve with the single models' hull
 
 
 SETUPS = (
-    Setup(
-        "MMLU, grouped by subject",
-        "mmlu_gpt4_mixtral.jsonl",
-        "mistralai/Mixtral-8x7B-Instruct-v0.1",
-        "gpt-4-1106-preview",
-        "meta.domain",
-    ),
+    Setup("MMLU, grouped CV by subject", Part((MMLU,), MIXTRAL, GPT4), cv_group="meta.domain"),
     Setup(
         "RouterBench Mistral-7B, own split",
-        "routerbench_arc_winogrande_mbpp.jsonl",
-        "mistralai/mistral-7b-chat",
-        "gpt-4-1106-preview",
-        train_where="meta.routerdc_split=train",
-        test_where="meta.routerdc_split=test",
+        Part((RB,), MISTRAL, GPT4, (TEST,)),
+        Part((RB,), MISTRAL, GPT4, (TRAIN,)),
+        hull=True,
     ),
     Setup(
         "RouterBench Mixtral, own split",
-        "routerbench_arc_winogrande_mbpp.jsonl",
-        "mistralai/mixtral-8x7b-chat",
-        "gpt-4-1106-preview",
-        train_where="meta.routerdc_split=train",
-        test_where="meta.routerdc_split=test",
+        Part((RB,), MIXTRAL, GPT4, (TEST,)),
+        Part((RB,), MIXTRAL, GPT4, (TRAIN,)),
+        hull=True,
     ),
     Setup(
-        "RouterBench Mistral-7B, grouped by subset",
-        "routerbench_arc_winogrande_mbpp.jsonl",
-        "mistralai/mistral-7b-chat",
-        "gpt-4-1106-preview",
-        "subset",
-        folds=3,
+        "AlpacaEval 2, grouped CV by subset (eval-only data)",
+        Part((ALPACA,), ALPACA_SMALL, ALPACA_LARGE),
+        cv_group="subset",
+    ),
+    Setup("cross: RouterBench -> MMLU", Part((MMLU,), MIXTRAL, GPT4), Part((RB,), MIXTRAL, GPT4)),
+    Setup(
+        "cross: MMLU -> RouterBench Mistral-7B test (trained on the Mixtral pair)",
+        Part((RB,), MISTRAL, GPT4, (TEST,)),
+        Part((MMLU,), MIXTRAL, GPT4),
     ),
     Setup(
-        "AlpacaEval 2, grouped by subset",
-        "alpacaeval2_vs_gpt4turbo.jsonl",
-        "FuseChat-Llama-3.2-1B-Instruct",
-        "gpt4_1106_preview",
-        "subset",
+        "cross: MMLU -> RouterBench Mixtral test",
+        Part((RB,), MIXTRAL, GPT4, (TEST,)),
+        Part((MMLU,), MIXTRAL, GPT4),
+    ),
+    Setup(
+        "cross: MMLU + RouterBench -> AlpacaEval 2 (trained on the Mixtral pair)",
+        Part((ALPACA,), ALPACA_SMALL, ALPACA_LARGE),
+        Part((MMLU, RB), MIXTRAL, GPT4),
     ),
 )
+
+
+def load(part: Part) -> Any:
+    from tierroute.data import concat_outcomes, load_outcomes
+
+    return concat_outcomes(
+        [load_outcomes(DATA / f, part.small, part.large, part.where) for f in part.files]
+    )
+
+
+def rank_average(*scores: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return np.mean([rankdata(s) / len(s) for s in scores], axis=0)
+
+
+def hull_figures(test: Any, router: Any, train: Any) -> tuple[str, str]:
+    """(pair router vs hull, factor router over all 11 models vs hull)."""
+    from tierroute.eval.hull import multi_model_curve, share_above, single_model_hull
+    from tierroute.eval.metrics import routing_curve
+
+    quality, costs = test.model_scores(), test.model_scores("cost_usd")
+    hull = single_model_hull(
+        quality.models, np.nanmean(quality.scores, 0), np.nanmean(costs.scores, 0)
+    )
+    scores = router.score_texts(test.prompts)
+    curve = routing_curve(scores, test.small, test.large, test.small_cost, test.large_cost)
+    share, worst = share_above(hull, curve.cost, curve.quality)
+    pair = f"{share:.0%} of its $ range (worst {worst:+.3f})"
+    if not hasattr(router, "model_probabilities"):
+        return pair, "-"
+    probs = router.model_probabilities(test.prompts)
+    columns = [router.models_.index(m) for m in quality.models]
+    expected = np.nanmean(train.model_scores("cost_usd").scores, 0)
+    xs, ys = multi_model_curve(probs[:, columns], quality.scores, costs.scores, expected)
+    share_all, worst_all = share_above(hull, xs, ys)
+    return pair, f"{share_all:.0%} (worst {worst_all:+.3f}; best {ys.max():.3f})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench-out")
-    parser.add_argument("--routers", nargs="+", default=["random", "rules", "knn", "logreg"])
+    parser.add_argument(
+        "--routers",
+        nargs="+",
+        default=["random", "rules", "knn", "logreg", "irt", "mf", "ensemble", "default"],
+        help="add bert for the fine-tuned encoder (about an hour on 2 cores)",
+    )
+    parser.add_argument("--setups", nargs="*", help="only setups whose name contains one of these")
     args = parser.parse_args()
 
-    from tierroute.data import load_outcomes
+    from tierroute.artifact import open_router
     from tierroute.embed import Embedder, EmbeddingCache
     from tierroute.encoder import TextEncoder
     from tierroute.eval.harness import evaluate
     from tierroute.eval.plot import plot_evaluation
-    from tierroute.routers import make_router
+    from tierroute.routers import LEARNED, make_router
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     encoder = TextEncoder(Embedder(), EmbeddingCache())
-    lines = [
-        "| data | router | APGR | CPT50 | CPT80 | random APGR | oracle APGR | published "
-        "| fit s | score ms/query (cached embeddings) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = (
+        "| setup | router | APGR | CPT50 | CPT80 | random | oracle | published (APGR/CPT50) "
+        "| $ curve above single-model hull | mf over all 11 models above hull "
+        "| fit s | score ms/query |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [header]
+    default_trained_on = {MMLU, RB}
     for setup in SETUPS:
-        path = DATA / setup.file
-        if not path.is_file():
-            print(f"skipped {setup.name}: {path} is absent")
+        if args.setups and not any(s.lower() in setup.name.lower() for s in args.setups):
             continue
+        files = set(setup.test.files) | set(setup.train.files if setup.train else ())
+        missing = [f for f in files if not (DATA / f).is_file()]
+        if missing:
+            print(f"skipped {setup.name}: {', '.join(missing)} absent from {DATA}")
+            continue
+        test = load(setup.test)
+        train = load(setup.train) if setup.train else None
+        results: dict[str, Any] = {}
         for name in args.routers:
-            start = time.perf_counter()
-            if setup.train_where:
-                train = load_outcomes(path, setup.small, setup.large, [setup.train_where])
-                test = load_outcomes(path, setup.small, setup.large, [str(setup.test_where)])
-                router = make_router(name, lambda: encoder)
-                router.fit(train.prompts, train.labels)
-                train_s = time.perf_counter() - start
+            if name == "ensemble":
+                if not {"mf", "knn"} <= set(results):
+                    continue
+                scores = rank_average(results["mf"][0].scores, results["knn"][0].scores)
+                ev = evaluate(name, test, fixed=_Fixed(test.prompts, scores))
+                results[name] = (ev, None, 0.0, 0.0)
+            elif name == "default":
+                # Trained on MMLU and RouterBench: only a fair test on other data.
+                if files & default_trained_on:
+                    continue
+                router, _ = open_router("default", lambda: encoder)
                 ev = evaluate(name, test, fixed=router)
+                results[name] = (ev, router, 0.0, _score_ms(router, test.prompts))
             else:
-                data = load_outcomes(path, setup.small, setup.large)
-                learned = name in ("knn", "logreg")
-                ev = evaluate(
-                    name,
-                    data,
-                    factory=(lambda n=name: make_router(n, lambda: encoder)) if learned else None,
-                    fixed=None if learned else make_router(name, lambda: encoder),
-                    cv_group=setup.cv_group,
-                    n_folds=setup.folds,
-                )
-                train_s = (time.perf_counter() - start) / setup.folds if learned else 0.0
-                router = make_router(name, lambda: encoder)
-                if learned:
-                    router.fit(data.prompts, data.labels)
-            probe = ev.outcomes.prompts[:500]
-            begin = time.perf_counter()
-            router.score_texts(probe)
-            score_ms = (time.perf_counter() - begin) * 1000 / len(probe)
+                results[name] = run_one(name, setup, test, train, encoder, evaluate, make_router)
+            ev, router, fit_s, score_ms = results[name]
             f, b = ev.figures, ev.baselines
             published = (
                 "; ".join(f"{k}: {v['apgr']:.3f}/{v['cpt50']:.1%}" for k, v in ev.published.items())
                 or "-"
             )
+            pair_hull, all_hull = "-", "-"
+            if setup.hull and router is not None and train is not None and name in LEARNED:
+                pair_hull, all_hull = hull_figures(test, router, train)
             lines.append(
                 f"| {setup.name} | {name} | {f['apgr']:.3f} | {f['cpt50']:.1%} | "
                 f"{f['cpt80']:.1%} | {b['random']['apgr']:.3f} | {b['oracle']['apgr']:.3f} | "
-                f"{published} | {train_s:.1f} | {score_ms:.2f} |"
+                f"{published} | {pair_hull} | {all_hull} | {fit_s:.1f} | {score_ms:.3f} |"
             )
-            slug = "".join(c if c.isalnum() else "_" for c in setup.name.lower())
+            slug = "".join(c if c.isalnum() else "_" for c in setup.name.lower())[:60]
             plot_evaluation(ev, out / f"{slug}_{name}.png")
+            if setup.hull and ev.curve.cost is not None:
+                plot_evaluation(ev, out / f"{slug}_{name}_cost.png", x="cost")
             print(lines[-1], flush=True)
     table = "\n".join(lines)
     (out / "quality.md").write_text(
-        "# tierroute routing quality\n\nAPGR and CPT from out-of-fold scores (grouped CV) or "
-        "the file's own train/test split. fit s: seconds per fit (per fold under CV, with "
-        "embeddings from the disk cache); score ms/query: batch scoring of 500 prompts with "
-        "cached embeddings. End-to-end latency with the embedding is benchmarks/route_bench.py."
-        "\n\n" + table + "\n"
+        "# tierroute routing quality\n\n"
+        "APGR and CPT from out-of-fold scores (grouped CV) or a held-out test set. "
+        "random and oracle are APGR on the same rows. fit s: seconds per fit (per fold "
+        "under CV; embeddings from the disk cache). score ms/query: batch scoring of up to "
+        "500 prompts with cached embeddings. Hull columns: share of the router's dollar "
+        "range where its curve is above the convex hull of the single models' (cost, "
+        "quality) points, and the smallest margin.\n\n" + table + "\n"
     )
     print(f"\n{table}\n\nwrote {out / 'quality.md'} and the plots")
+
+
+class _Fixed:
+    """Scores already computed, looked up by prompt (for the rank-average ensemble)."""
+
+    def __init__(self, prompts: list[str], scores: np.ndarray) -> None:
+        self._by_prompt = dict(zip(prompts, scores, strict=True))
+
+    def score_texts(self, texts: list[str]) -> np.ndarray:
+        return np.array([self._by_prompt[t] for t in texts])
+
+
+def _score_ms(router: Any, prompts: list[str]) -> float:
+    probe = prompts[:500]
+    begin = time.perf_counter()
+    router.score_texts(probe)
+    return (time.perf_counter() - begin) * 1000 / len(probe)
+
+
+def run_one(
+    name: str,
+    setup: Setup,
+    test: Any,
+    train: Any,
+    encoder: Any,
+    evaluate: Callable[..., Any],
+    make_router: Callable[..., Any],
+) -> tuple[Any, Any, float, float]:
+    """(evaluation, a router fitted on the training part, fit s, score ms/query)."""
+    from tierroute.routers import LEARNED
+
+    learned = name in LEARNED
+    made: list[Any] = []
+
+    def new() -> Any:
+        made.append(make_router(name, lambda: encoder))
+        return made[-1]
+
+    start = time.perf_counter()
+    if train is not None:
+        router = new()
+        if learned:
+            router.fit_outcomes(train)
+        fit_s = time.perf_counter() - start
+        ev = evaluate(name, test, fixed=router)
+    elif learned:
+        ev = evaluate(name, test, factory=new, cv_group=setup.cv_group, n_folds=setup.folds)
+        fit_s = (time.perf_counter() - start) / setup.folds
+        router = made[-1]  # the last fold's, for the scoring time
+    else:
+        router = new()
+        ev = evaluate(name, test, fixed=router, cv_group=setup.cv_group, n_folds=setup.folds)
+        fit_s = 0.0
+    return ev, router, fit_s, _score_ms(router, test.prompts)
 
 
 if __name__ == "__main__":
