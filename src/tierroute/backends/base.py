@@ -32,6 +32,9 @@ class ChatResult:
     prompt_tokens: int
     completion_tokens: int
     model: str
+    # The log-probability of each answer token under the model (natural log), when the
+    # request asked for it with extra={"logprobs": True} and the backend can tell.
+    token_logprobs: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)

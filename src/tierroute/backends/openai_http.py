@@ -102,6 +102,7 @@ class OpenAIHTTPBackend:
                 prompt_tokens=int(usage.get("prompt_tokens") or 0),
                 completion_tokens=int(usage.get("completion_tokens") or 0),
                 model=str(data.get("model") or self.model),
+                token_logprobs=_token_logprobs(choice),
             )
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise BackendError(
@@ -216,6 +217,19 @@ class OpenAIHTTPBackend:
             retryable=retryable,
             status=status,
         )
+
+
+def _token_logprobs(choice: dict[str, Any]) -> tuple[float, ...] | None:
+    """`choices[0].logprobs.content[*].logprob`, when the endpoint sent them (the request
+    asked with "logprobs": true); None when absent or not in that shape."""
+    logprobs = choice.get("logprobs")
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not isinstance(content, list):
+        return None
+    try:
+        return tuple(float(item["logprob"]) for item in content)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _message(data: Any) -> str:

@@ -7,7 +7,8 @@
     GET  /openapi.json, /docs   the schema
 
 Every answer carries X-Tierroute-Tier, -Score, -Reason, -Cost-Usd, -Fallback and
--Request-Id headers; every error is an OpenAI error object with the right status.
+-Request-Id headers (and -Cascade when the cascade ran); every error is an OpenAI error
+object with the right status.
 """
 
 from __future__ import annotations
@@ -84,7 +85,12 @@ def _header_safe(text: str, limit: int = 400) -> str:
 
 
 def _decision_headers(
-    routed: Routed, tier: str | None, tried: list[str], cost: float | None, request_id: str
+    routed: Routed,
+    tier: str | None,
+    tried: list[str],
+    cost: float | None,
+    request_id: str,
+    cascade: str | None = None,
 ) -> dict[str, str]:
     d = routed.decision
     headers = {
@@ -97,6 +103,8 @@ def _decision_headers(
     }
     if cost is not None:
         headers["X-Tierroute-Cost-Usd"] = f"{cost:.8f}"
+    if cascade is not None:
+        headers["X-Tierroute-Cascade"] = _header_safe(cascade)
     return headers
 
 
@@ -351,15 +359,20 @@ def create_app(
         routed = await _route(call)
         outcome = Outcome(request_id=new_request_id(), routed=routed)
         prompt = routed.text if settings.keep_prompts else None
+        cascade = e.cascades(routed, forced=call.model != "auto")
         if call.stream:
-            return await _stream(call, outcome, key_id, start, prompt)
+            return await _stream(call, outcome, key_id, start, prompt, cascade)
         try:
-            result = await e.complete(outcome, call.request)
+            if cascade:
+                result = await e.complete_cascade(outcome, call.request, call.hints)
+            else:
+                result = await e.complete(outcome, call.request)
         except (AllTiersFailed, BackendError) as exc:
             raise failed(outcome, call, key_id, start, prompt, exc, stream=False) from None
         latency = (time.perf_counter() - start) * 1000
         tier = e.settings.spec(outcome.tier or routed.decision.tier.name).tier
-        cost = tier.cost(result.prompt_tokens, result.completion_tokens)
+        # Usage in the body is the returned answer's; the cost covers every call made.
+        cost = tier.cost(result.prompt_tokens, result.completion_tokens) + e.spent_cost(outcome)
         e.record(
             outcome,
             status=200,
@@ -380,15 +393,25 @@ def create_app(
             result.prompt_tokens,
             result.completion_tokens,
         )
-        headers = _decision_headers(routed, outcome.tier, outcome.tried, cost, outcome.request_id)
+        headers = _decision_headers(
+            routed, outcome.tier, outcome.tried, cost, outcome.request_id, outcome.cascade
+        )
         return JSONResponse(body, headers=headers)
 
     async def _stream(
-        call: ChatCall, outcome: Outcome, key_id: str | None, start: float, prompt: str | None
+        call: ChatCall,
+        outcome: Outcome,
+        key_id: str | None,
+        start: float,
+        prompt: str | None,
+        cascade: bool,
     ) -> Response:
         e = engine()
         try:
-            first, rest = await e.open_stream(outcome, call.request)
+            if cascade:
+                first, rest = await e.open_cascade_stream(outcome, call.request, call.hints)
+            else:
+                first, rest = await e.open_stream(outcome, call.request)
         except (AllTiersFailed, BackendError) as exc:
             raise failed(outcome, call, key_id, start, prompt, exc, stream=True) from None
         ttft = (time.perf_counter() - start) * 1000
@@ -397,9 +420,9 @@ def create_app(
         max_cost = tier.cost(
             estimate_tokens(outcome.routed.text),
             call.request.max_tokens or settings.max_tokens_default,
-        )
+        ) + e.spent_cost(outcome)
         headers = _decision_headers(
-            outcome.routed, tier_name, outcome.tried, max_cost, outcome.request_id
+            outcome.routed, tier_name, outcome.tried, max_cost, outcome.request_id, outcome.cascade
         )
         headers["X-Tierroute-Cost-Usd-Is"] = "upper-estimate"
         created = int(time.time())
@@ -454,7 +477,10 @@ def create_app(
                                 "completion_tokens": c,
                                 "total_tokens": p + c,
                             },
-                            "tierroute": {"tier": tier_name, "cost_usd": tier.cost(p, c)},
+                            "tierroute": {
+                                "tier": tier_name,
+                                "cost_usd": tier.cost(p, c) + e.spent_cost(outcome),
+                            },
                         }
                     )
                 yield sse("[DONE]")
@@ -470,9 +496,10 @@ def create_app(
                 status, error = 499, "client closed the stream"
                 raise
             finally:
-                e.stream_finished(
-                    tier_name, (time.perf_counter() - tier_start) * 1000, ok=status != 502
-                )
+                if not outcome.replayed:  # a replayed answer's tier was booked when it answered
+                    e.stream_finished(
+                        tier_name, (time.perf_counter() - tier_start) * 1000, ok=status != 502
+                    )
                 e.record(
                     outcome,
                     status=status,

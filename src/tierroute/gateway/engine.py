@@ -21,11 +21,20 @@ retried with exponential backoff before moving on.
 A stream that breaks before its first chunk falls back like any request. Once a chunk has
 been sent the answer cannot switch tiers silently: the client receives an OpenAI-style
 error event and the stream ends; the ledger records status 502 and the error.
+
+Cascade (opt-in, `gateway.cascade`, see tierroute.cascade): an auto request the router sends
+to the smallest tier (scope "small"; every auto request with scope "all") is answered there
+first, whole, and a verifier decides whether that answer stands. If not, the request goes
+along the routed chain without the smallest tier, and a stream streams that tier's answer;
+an accepted answer is streamed from the buffer. The small answer is kept when escalating
+would break the request's latency or cost budget, or when every larger tier fails. The
+ledger row names the tier that answered and holds the tokens and cost of every call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -36,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from tierroute.backends.base import Backend, BackendError, ChatRequest, ChatResult, StreamDelta
+from tierroute.cascade import Cascade, Draft
 from tierroute.controller import ThresholdController
 from tierroute.conversation import estimate_tokens, routing_text
 from tierroute.gateway.cache import DecisionCache, cache_key
@@ -97,6 +107,12 @@ class Outcome:
     tier: str | None = None
     tried: list[str] = field(default_factory=list)
     result: ChatResult | None = None
+    # The cascade's X-Tierroute-Cascade note, and the small-tier calls it made whose answers
+    # were not returned, as (tier, prompt tokens, completion tokens): the ledger adds them.
+    cascade: str | None = None
+    spent: list[tuple[str, int, int]] = field(default_factory=list)
+    escalated: bool = False  # the verifier sent it on (an escalation, not a fallback)
+    replayed: bool = False  # a buffered answer was streamed: its tier's latency is booked
 
 
 class Engine:
@@ -123,6 +139,11 @@ class Engine:
             for s in settings.tiers
         }
         self.latency = {s.name: RollingLatency() for s in settings.tiers}
+        self.cascade = (
+            Cascade.from_config(settings.cascade)
+            if settings.cascade is not None and settings.cascade.enabled
+            else None
+        )
         self.controller = (
             ThresholdController(settings.controller, settings.policy.thresholds[-1], clock)
             if settings.controller is not None and settings.policy.thresholds
@@ -290,40 +311,69 @@ class Engine:
         self.latency[tier].add(ms)
         self.metrics.breaker_open.labels(tier).set(0)
 
-    async def _along_chain(
-        self, outcome: Outcome, attempt: Callable[[str, float], Awaitable[T]]
-    ) -> T:
-        """The first success of `attempt(tier, timeout)` along the fallback chain, with
-        retries per tier; raises AllTiersFailed, or a non-retryable BackendError at once."""
+    async def _on_tier(self, tier: str, attempt: Callable[[str, float], Awaitable[T]]) -> T:
+        """`attempt(tier, timeout)` with the tier's retries. Raises the last retryable
+        BackendError once they are spent (and counts the failure on the tier's breaker),
+        a non-retryable one at once."""
+        timeout = self.settings.spec(tier).timeout_s
         last: BackendError | None = None
-        for tier in outcome.routed.chain:
+        async for _ in self._attempts(tier):
+            try:
+                return await attempt(tier, timeout)
+            except BackendError as exc:
+                if not exc.retryable:
+                    raise
+                last = exc
+        self._failed(tier)
+        assert last is not None  # there is always at least one attempt
+        raise last
+
+    async def _along_chain(
+        self,
+        outcome: Outcome,
+        attempt: Callable[[str, float], Awaitable[T]],
+        chain: list[str] | None = None,
+    ) -> T:
+        """The first success of `attempt(tier, timeout)` along the fallback chain (the
+        routed one unless given), with retries per tier; raises AllTiersFailed, or a
+        non-retryable BackendError at once."""
+        last: BackendError | None = None
+        for tier in outcome.routed.chain if chain is None else chain:
             if not self._available(tier):
                 continue
             outcome.tried.append(tier)
-            timeout = self.settings.spec(tier).timeout_s
-            async for _ in self._attempts(tier):
-                try:
-                    value = await attempt(tier, timeout)
-                except BackendError as exc:
-                    if not exc.retryable:
-                        raise
-                    last = exc
-                    continue
-                outcome.tier = tier
-                return value
-            self._failed(tier)
+            try:
+                value = await self._on_tier(tier, attempt)
+            except BackendError as exc:
+                if not exc.retryable:
+                    raise
+                last = exc
+                continue
+            outcome.tier = tier
+            return value
         raise AllTiersFailed(outcome.tried, last)
+
+    async def _complete_on(self, tier: str, request: ChatRequest, timeout: float) -> ChatResult:
+        start = time.perf_counter()
+        result = await self.backends[tier].complete(request, timeout)
+        self._succeeded(tier, (time.perf_counter() - start) * 1000)
+        return result
+
+    async def _open_on(
+        self, tier: str, request: ChatRequest, timeout: float
+    ) -> tuple[StreamDelta, AsyncIterator[StreamDelta]]:
+        stream = self.backends[tier].stream(request, timeout)
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            first = StreamDelta(text="", finish_reason="stop", prompt_tokens=0, completion_tokens=0)
+        return first, stream
 
     async def complete(self, outcome: Outcome, request: ChatRequest) -> ChatResult:
         """Answer along the fallback chain."""
-
-        async def attempt(tier: str, timeout: float) -> ChatResult:
-            start = time.perf_counter()
-            result = await self.backends[tier].complete(request, timeout)
-            self._succeeded(tier, (time.perf_counter() - start) * 1000)
-            return result
-
-        outcome.result = await self._along_chain(outcome, attempt)
+        outcome.result = await self._along_chain(
+            outcome, lambda tier, timeout: self._complete_on(tier, request, timeout)
+        )
         return outcome.result
 
     async def open_stream(
@@ -331,20 +381,123 @@ class Engine:
     ) -> tuple[StreamDelta, AsyncIterator[StreamDelta]]:
         """The first delta and the rest of the stream, from the first tier that starts one.
         Success or failure of the tier is settled by `stream_finished` at the end."""
+        return await self._along_chain(
+            outcome, lambda tier, timeout: self._open_on(tier, request, timeout)
+        )
 
-        async def attempt(
-            tier: str, timeout: float
-        ) -> tuple[StreamDelta, AsyncIterator[StreamDelta]]:
-            stream = self.backends[tier].stream(request, timeout)
-            try:
-                first = await anext(stream)
-            except StopAsyncIteration:
-                first = StreamDelta(
-                    text="", finish_reason="stop", prompt_tokens=0, completion_tokens=0
-                )
-            return first, stream
+    # ------------------------------------------------------------------ cascade
 
-        return await self._along_chain(outcome, attempt)
+    def cascades(self, routed: Routed, forced: bool) -> bool:
+        """Whether a request goes through the cascade: never one that names its tier;
+        with scope "small" an auto request routed to the smallest tier, with "all" any."""
+        config = self.settings.cascade
+        if self.cascade is None or config is None or forced:
+            return False
+        return config.scope == "all" or routed.chain[0] == self.tier_names[0]
+
+    async def complete_cascade(
+        self, outcome: Outcome, request: ChatRequest, hints: Hints
+    ) -> ChatResult:
+        """Answer through the cascade (see the module docstring)."""
+
+        def keep(result: ChatResult) -> ChatResult:
+            return result
+
+        outcome.result = await self._cascade(
+            outcome,
+            request,
+            hints,
+            lambda tier, timeout: self._complete_on(tier, request, timeout),
+            keep,
+        )
+        return outcome.result
+
+    async def open_cascade_stream(
+        self, outcome: Outcome, request: ChatRequest, hints: Hints
+    ) -> tuple[StreamDelta, AsyncIterator[StreamDelta]]:
+        """Like `open_stream`, through the cascade: the small answer is buffered, then
+        whichever answer stands is streamed."""
+
+        def replay(result: ChatResult) -> tuple[StreamDelta, AsyncIterator[StreamDelta]]:
+            outcome.replayed = True
+            return _replay(result)
+
+        return await self._cascade(
+            outcome,
+            request,
+            hints,
+            lambda tier, timeout: self._open_on(tier, request, timeout),
+            replay,
+        )
+
+    async def _cascade(
+        self,
+        outcome: Outcome,
+        request: ChatRequest,
+        hints: Hints,
+        attempt: Callable[[str, float], Awaitable[T]],
+        keep: Callable[[ChatResult], T],
+    ) -> T:
+        small = self.tier_names[0]
+        draft = await self._draft(outcome, request)
+        chain = [t for t in outcome.routed.chain if t != small]
+        max_tokens = request.max_tokens or self.settings.max_tokens_default
+        over = self._fits(
+            self.settings.spec(chain[0]).tier,
+            hints,
+            estimate_tokens(outcome.routed.text),
+            max_tokens,
+        )
+        if draft is not None:
+            if draft.accepted:
+                return keep(self._keep(outcome, draft, draft.note))
+            if over is not None:
+                note = f"{draft.note}; kept: escalating breaks the budget ({over})"
+                return keep(self._keep(outcome, draft, note))
+            outcome.cascade, outcome.escalated = draft.note, True
+        try:
+            return await self._along_chain(outcome, attempt, chain)
+        except (AllTiersFailed, BackendError) as exc:
+            if draft is None:
+                raise
+            note = f"{draft.note}; kept: no larger tier answered ({exc})"
+            return keep(self._keep(outcome, draft, note))
+
+    async def _draft(self, outcome: Outcome, request: ChatRequest) -> Draft | None:
+        """The smallest tier's answer and verdict; None when that tier is unavailable or
+        failed after its retries (the note says so), so the request escalates."""
+        assert self.cascade is not None
+        small = self.tier_names[0]
+        if not self._available(small):
+            outcome.cascade = f"escalated: tier {small} is unavailable (circuit breaker open)"
+            return None
+        outcome.tried.append(small)
+
+        async def ask(req: ChatRequest) -> ChatResult:
+            result = await self._on_tier(
+                small, lambda tier, timeout: self._complete_on(tier, req, timeout)
+            )
+            outcome.spent.append((small, result.prompt_tokens, result.completion_tokens))
+            return result
+
+        try:
+            return await self.cascade.draft(ask, request)
+        except BackendError as exc:
+            if not exc.retryable:
+                raise
+            outcome.cascade = f"escalated: tier {small} failed ({exc})"
+            return None
+
+    def _keep(self, outcome: Outcome, draft: Draft, note: str) -> ChatResult:
+        """The small answer stands: its own tokens are the answer's, not spent extra."""
+        del outcome.spent[0]  # the first small call is the answer (see _draft's ask)
+        outcome.tier = self.tier_names[0]
+        outcome.cascade = note
+        return draft.result
+
+    def spent_cost(self, outcome: Outcome) -> float:
+        """USD of the cascade's calls whose answers were not returned."""
+        return sum(self.settings.spec(t).tier.cost(p, c) for t, p, c in outcome.spent)
 
     def stream_finished(self, tier: str, ms: float, ok: bool) -> None:
         if ok:
@@ -373,6 +526,10 @@ class Engine:
         tier = self.settings.spec(tier_name).tier
         cost = tier.cost(prompt_tokens, completion_tokens)
         score = outcome.routed.decision.score
+        # The ledger has one row per request: a cascade's extra calls are in its sums.
+        spent_prompt = sum(p for _, p, _ in outcome.spent)
+        spent_completion = sum(c for _, _, c in outcome.spent)
+        spent_cost = self.spent_cost(outcome)
         self.ledger.record(
             LedgerRow(
                 id=outcome.request_id,
@@ -382,9 +539,9 @@ class Engine:
                 score=None if score != score else score,
                 hints=hints.as_dict(),
                 model=tier.model,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                cost_usd=cost,
+                prompt_tokens=prompt_tokens + spent_prompt,
+                completion_tokens=completion_tokens + spent_completion,
+                cost_usd=cost + spent_cost,
                 latency_ms=latency_ms,
                 ttft_ms=ttft_ms,
                 fallback_chain=tuple(outcome.tried),
@@ -406,7 +563,13 @@ class Engine:
         m.tokens.labels(tier_name, "prompt").inc(prompt_tokens)
         m.tokens.labels(tier_name, "completion").inc(completion_tokens)
         m.cost.labels(tier_name).inc(cost)
-        for a, b in zip(outcome.tried, outcome.tried[1:], strict=False):
+        for spent_tier, p, c in outcome.spent:
+            m.tokens.labels(spent_tier, "prompt").inc(p)
+            m.tokens.labels(spent_tier, "completion").inc(c)
+            m.cost.labels(spent_tier).inc(self.settings.spec(spent_tier).tier.cost(p, c))
+        # A cascade's escalation is by design, not a fallback: only later steps count.
+        steps = outcome.tried[1:] if outcome.escalated else outcome.tried
+        for a, b in itertools.pairwise(steps):
             m.fallbacks.labels(a, b).inc()
 
     async def request_owner(self, request_id: str) -> Owner | None:
@@ -437,6 +600,23 @@ class Engine:
             if row is not None:
                 tenant = row.hints.get("tenant") if isinstance(row.hints, Mapping) else None
                 self.feedback(Owner(row.api_key_id, row.tier, tenant), rating)
+
+
+def _replay(result: ChatResult) -> tuple[StreamDelta, AsyncIterator[StreamDelta]]:
+    """A whole answer as a stream: its text in one delta, then the final delta."""
+    last = StreamDelta(
+        text="",
+        finish_reason=result.finish_reason,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+    )
+    deltas = [StreamDelta(text=result.text), last] if result.text else [last]
+
+    async def rest() -> AsyncIterator[StreamDelta]:
+        for delta in deltas[1:]:
+            yield delta
+
+    return deltas[0], rest()
 
 
 def new_request_id() -> str:

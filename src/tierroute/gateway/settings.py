@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tierroute.cascade import CascadeConfig
 from tierroute.config import parse_policy, parse_tier
 from tierroute.controller import ControllerConfig
 from tierroute.errors import ConfigError
@@ -60,6 +61,7 @@ class GatewaySettings:
     controller: ControllerConfig | None = None
     shadow: ShadowConfig | None = None
     personalise: PersonaliseConfig | None = None
+    cascade: CascadeConfig | None = None
     source: str = "built-in gateway.yaml"
 
     def spec(self, name: str) -> TierSpec:
@@ -102,9 +104,16 @@ def _section(gw: dict[str, Any], name: str, kind: Callable[..., S], source: str)
         return None
     if not isinstance(raw, dict):
         raise ConfigError(f"'gateway.{name}' in {source} must be a mapping")
+    known = [f.name for f in fields(kind)] if isinstance(kind, type) and is_dataclass(kind) else []
+    unknown = sorted(set(raw) - set(known)) if known else []
+    if unknown:
+        raise ConfigError(
+            f"'gateway.{name}' in {source} has unknown key(s) {', '.join(map(str, unknown))}; "
+            f"use {', '.join(known)}"
+        )
     try:
         return kind(**raw)
-    except TypeError as exc:
+    except (TypeError, ConfigError) as exc:
         raise ConfigError(f"'gateway.{name}' in {source}: {exc}") from None
 
 
@@ -124,6 +133,7 @@ def parse_settings(doc: Any, source: str) -> GatewaySettings:
     controller = _section(gw, "controller", ControllerConfig, source)
     shadow = _section(gw, "shadow", ShadowConfig, source)
     personalise = _section(gw, "personalise", PersonaliseConfig, source)
+    cascade = _section(gw, "cascade", CascadeConfig, source)
     try:
         return GatewaySettings(
             tiers=specs,
@@ -141,6 +151,7 @@ def parse_settings(doc: Any, source: str) -> GatewaySettings:
             controller=controller,
             shadow=shadow,
             personalise=personalise,
+            cascade=cascade,
             source=source,
         )
     except (TypeError, ValueError):

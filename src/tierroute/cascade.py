@@ -1,0 +1,328 @@
+"""A cascade: the smallest tier answers first, a verifier decides whether that answer stands.
+
+    request -> small tier -> verifier -> confidence >= threshold ? small answer
+                                                                 : the next tier's answer
+
+Routing decides from the prompt alone; a cascade also sees the small tier's answer, at the
+price of that answer (its tokens and its latency) whenever it escalates. Verifiers share one
+protocol: `prepare` says what the first small call must ask for (token logprobs), `verify`
+returns a `Verdict`, a confidence in [0, 1] and a reason, and may ask the small tier for more
+answers through the `ask` it is given. The threshold is passed in so a sampling verifier can
+stop as soon as the outcome is settled.
+
+    LogprobVerifier     exp(mean or min token logprob) of the first answer; no extra calls
+    AgreementVerifier   share of n small answers (the first plus n-1 sampled at a
+                        temperature > 0) whose final answers equal the first one's
+    AllOf               members in order, confidence = the lowest; stops at the first
+                        member below the threshold (so "logprob+agreement" only samples
+                        when the logprobs look confident)
+
+`Cascade.draft` runs the small tier and the verifier; `Cascade.run` adds the escalation.
+The gateway uses `draft` with its own fallbacks and budgets (tierroute.gateway.engine).
+
+Logprobs from a local model move by up to ~0.15 (nats, per token) with llama.cpp's prompt
+cache: a prompt whose prefix is cached has its last tokens evaluated one by one instead of
+in one batch. A threshold within that distance of an answer's confidence can go either way.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from decimal import Decimal
+from typing import Protocol
+
+from tierroute.backends.base import ChatRequest, ChatResult
+from tierroute.errors import ConfigError
+
+Ask = Callable[[ChatRequest], Awaitable[ChatResult]]
+
+VERIFIERS = ("logprob", "agreement", "logprob+agreement")
+STATS = ("mean", "min")
+SCOPES = ("small", "all")
+
+# A number as written in an answer: thousands groups only with commas ("1,234", not "6, 5").
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+_MARKER = re.compile(r"\banswer\b(?:\s+is)?\s*[:=]?", re.IGNORECASE)
+_NON_WORD = re.compile(r"[^\w]+")
+
+
+def _canonical_number(raw: str) -> str:
+    # Decimal, not float: two long integers must not round to the same value.
+    value = Decimal(raw.replace(",", ""))
+    return str(int(value)) if value == value.to_integral_value() else str(value.normalize())
+
+
+def final_answer(text: str) -> str | None:
+    """The final answer of a reply, normalised so that equal answers compare equal.
+
+    The first number after the last "answer:" / "answer is", else the last number in the
+    text, as a canonical decimal ("1,234.0" -> "1234"); for a reply with no number, its
+    last non-empty line lowercased with punctuation collapsed. None for an empty reply.
+    """
+    markers = list(_MARKER.finditer(text))
+    if markers:
+        after = _NUMBER.search(text, markers[-1].end())
+        if after is not None:
+            return _canonical_number(after.group())
+    numbers = _NUMBER.findall(text)
+    if numbers:
+        return _canonical_number(numbers[-1])
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return None
+    words = _NON_WORD.sub(" ", lines[-1].lower()).strip()
+    return words or None
+
+
+def logprob_statistic(logprobs: Sequence[float], stat: str) -> float:
+    """The mean or the min of the token logprobs (natural log)."""
+    if not logprobs:
+        raise ValueError("no token logprobs to summarise")
+    return min(logprobs) if stat == "min" else math.fsum(logprobs) / len(logprobs)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    confidence: float  # in [0, 1]
+    reason: str
+
+
+class Verifier(Protocol):
+    name: str
+
+    def prepare(self, request: ChatRequest) -> ChatRequest:
+        """The request for the first small call (e.g. asking for token logprobs)."""
+        ...
+
+    async def verify(
+        self, request: ChatRequest, first: ChatResult, ask: Ask, threshold: float
+    ) -> Verdict:
+        """How far to trust `first`, the small tier's answer to `request`."""
+        ...
+
+
+class LogprobVerifier:
+    """Confidence exp(stat) of the answer's token logprobs: the geometric-mean token
+    probability for `mean`, the least likely token's probability for `min`."""
+
+    name = "logprob"
+
+    def __init__(self, stat: str = "mean") -> None:
+        if stat not in STATS:
+            raise ConfigError(f"logprob_stat must be one of {', '.join(STATS)}, not {stat!r}")
+        self.stat = stat
+
+    def prepare(self, request: ChatRequest) -> ChatRequest:
+        # top_logprobs too: llama.cpp's OpenAI server sends no logprobs without it.
+        extra = {"top_logprobs": 1, **request.extra, "logprobs": True}
+        return replace(request, extra=extra)
+
+    async def verify(
+        self, request: ChatRequest, first: ChatResult, ask: Ask, threshold: float
+    ) -> Verdict:
+        if first.token_logprobs is None:
+            return Verdict(0.0, "the small tier returned no token logprobs")
+        if not first.token_logprobs:
+            return Verdict(0.0, "the small tier's answer is empty")
+        value = logprob_statistic(first.token_logprobs, self.stat)
+        return Verdict(math.exp(value), f"{self.stat} token logprob {value:.2f}")
+
+
+class AgreementVerifier:
+    """Confidence = the share of `samples` small answers whose final answer (see
+    `final_answer`) equals the first one's. The first answer is the request as sent; the
+    others are sampled at `temperature` with seeds 1..samples-1 (plus the request's own
+    seed), so they are reproducible."""
+
+    name = "agreement"
+
+    def __init__(self, samples: int = 3, temperature: float = 0.7) -> None:
+        if samples < 2:
+            raise ConfigError(
+                f"samples must be at least 2 (the first answer and more), not {samples}"
+            )
+        if not temperature > 0:
+            raise ConfigError(
+                f"sample_temperature must be above 0 so the samples can differ, not {temperature}"
+            )
+        self.samples = samples
+        self.temperature = temperature
+
+    def prepare(self, request: ChatRequest) -> ChatRequest:
+        return request
+
+    def sample_request(self, request: ChatRequest, i: int) -> ChatRequest:
+        extra = {k: v for k, v in request.extra.items() if k not in ("logprobs", "top_logprobs")}
+        seed = extra.get("seed")
+        base = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
+        extra["seed"] = base + i
+        return replace(request, temperature=self.temperature, extra=extra)
+
+    async def verify(
+        self, request: ChatRequest, first: ChatResult, ask: Ask, threshold: float
+    ) -> Verdict:
+        answer = final_answer(first.text)
+        if answer is None:
+            return Verdict(0.0, "the small tier's answer is empty")
+        n = self.samples
+        agree, seen = 1, 1
+        while seen < n:
+            # Stop once the rest cannot change the outcome: the confidence is then reported
+            # as the bound that settled it.
+            if agree / n >= threshold:
+                break
+            if (agree + n - seen) / n < threshold:
+                break
+            sample = await ask(self.sample_request(request, seen))
+            agree += final_answer(sample.text) == answer
+            seen += 1
+        # Accepted: the share even if every unseen answer disagreed; escalated: the share
+        # even if every unseen answer agreed. Both are the plain share once all are seen.
+        accepted = agree / n >= threshold
+        confidence = agree / n if accepted else (agree + n - seen) / n
+        stopped = f", stopped after {seen} of {n}" if seen < n else ""
+        return Verdict(confidence, f"{agree} of {seen} answers agree on {answer!r}{stopped}")
+
+
+class AllOf:
+    """Every member must be confident: confidence = the lowest member's; members run in
+    order and the first one below the threshold ends the check."""
+
+    def __init__(self, members: Sequence[Verifier]) -> None:
+        if not members:
+            raise ConfigError("a combined verifier needs at least one member")
+        self.members = tuple(members)
+        self.name = "+".join(m.name for m in self.members)
+
+    def prepare(self, request: ChatRequest) -> ChatRequest:
+        for member in self.members:
+            request = member.prepare(request)
+        return request
+
+    async def verify(
+        self, request: ChatRequest, first: ChatResult, ask: Ask, threshold: float
+    ) -> Verdict:
+        verdicts: list[Verdict] = []
+        for member in self.members:
+            verdicts.append(await member.verify(request, first, ask, threshold))
+            if verdicts[-1].confidence < threshold:
+                break
+        return Verdict(min(v.confidence for v in verdicts), "; ".join(v.reason for v in verdicts))
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    """The gateway's `cascade:` section (see resources/gateway.yaml)."""
+
+    enabled: bool = False
+    # "small": auto requests the router sends to the smallest tier; "all": every auto request.
+    scope: str = "small"
+    verifier: str = "logprob"
+    threshold: float = 0.5  # accept the small answer when confidence >= threshold
+    logprob_stat: str = "mean"
+    samples: int = 3  # agreement: answers compared, the first included
+    sample_temperature: float = 0.7
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"enabled must be true or false, not {self.enabled!r}")
+        if self.scope not in SCOPES:
+            raise ConfigError(f"scope must be one of {', '.join(SCOPES)}, not {self.scope!r}")
+        if self.verifier not in VERIFIERS:
+            raise ConfigError(
+                f"verifier must be one of {', '.join(VERIFIERS)}, not {self.verifier!r}"
+            )
+        for key in ("threshold", "sample_temperature"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{key} must be a number, not {value!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(
+                f"threshold is a confidence and must be within [0, 1], not {self.threshold}"
+            )
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int):
+            raise ConfigError(f"samples must be a whole number, not {self.samples!r}")
+        LogprobVerifier(self.logprob_stat)  # each raises a ConfigError for a bad setting
+        AgreementVerifier(self.samples, float(self.sample_temperature))
+
+    def build_verifier(self) -> Verifier:
+        logprob = LogprobVerifier(self.logprob_stat)
+        if self.verifier == "logprob":
+            return logprob
+        agreement = AgreementVerifier(self.samples, float(self.sample_temperature))
+        if self.verifier == "agreement":
+            return agreement
+        return AllOf([logprob, agreement])
+
+
+@dataclass(frozen=True)
+class Draft:
+    """The small tier's answer, every small call made for it, and the verdict."""
+
+    result: ChatResult
+    calls: tuple[ChatResult, ...]  # the first (== result) and any samples, in order
+    verdict: Verdict
+    threshold: float
+
+    @property
+    def accepted(self) -> bool:
+        return self.verdict.confidence >= self.threshold
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(c.prompt_tokens for c in self.calls)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.completion_tokens for c in self.calls)
+
+    @property
+    def note(self) -> str:
+        """For the X-Tierroute-Cascade header, e.g. "escalated: mean token logprob -0.92
+        (confidence 0.40 < 0.50)"."""
+        c, t = self.verdict.confidence, self.threshold
+        if self.accepted:
+            return f"accepted: {self.verdict.reason} (confidence {c:.2f} >= {t:.2f})"
+        return f"escalated: {self.verdict.reason} (confidence {c:.2f} < {t:.2f})"
+
+
+@dataclass(frozen=True)
+class CascadeResult:
+    answer: ChatResult
+    draft: Draft
+    escalated: bool
+    large: ChatResult | None = None  # the next tier's answer when escalated
+
+
+class Cascade:
+    def __init__(self, verifier: Verifier, threshold: float) -> None:
+        self.verifier = verifier
+        self.threshold = threshold
+
+    @classmethod
+    def from_config(cls, config: CascadeConfig) -> Cascade:
+        return cls(config.build_verifier(), float(config.threshold))
+
+    async def draft(self, small: Ask, request: ChatRequest) -> Draft:
+        """Ask the small tier and judge its answer; raises what `small` raises."""
+        calls: list[ChatResult] = []
+
+        async def counted(req: ChatRequest) -> ChatResult:
+            result = await small(req)
+            calls.append(result)
+            return result
+
+        first = await counted(self.verifier.prepare(request))
+        verdict = await self.verifier.verify(request, first, counted, self.threshold)
+        return Draft(first, tuple(calls), verdict, self.threshold)
+
+    async def run(self, small: Ask, large: Ask, request: ChatRequest) -> CascadeResult:
+        """The small answer if the verifier accepts it, else the large tier's."""
+        draft = await self.draft(small, request)
+        if draft.accepted:
+            return CascadeResult(draft.result, draft, escalated=False)
+        answer = await large(request)
+        return CascadeResult(answer, draft, escalated=True, large=answer)
