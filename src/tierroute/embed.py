@@ -11,8 +11,9 @@ import hashlib
 import importlib.util
 import os
 import sqlite3
+import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ class Embedder:
         token_budget: int = 2048,
         threads: int | None = None,
         precision: str | None = None,
+        overrides: Mapping[str, npt.NDArray[Any]] | None = None,
     ) -> None:
         self.model_dir = model_dir
         # Tokens read per text (the model allows 256). Cost grows with length, so long
@@ -78,6 +80,9 @@ class Embedder:
         self.precision = precision or os.environ.get("TIERROUTE_EMBED_PRECISION", "fp32")
         if self.precision not in ("fp32", "int8"):
             raise ConfigError(f"embedding precision must be fp32 or int8, not '{self.precision}'")
+        # Tensors replacing the packaged ones (a fine-tuned router's layers). Such a model
+        # is built in memory, not in the on-disk cache: it is per router and cheap to build.
+        self.overrides = overrides
         self._session: Any = None
         self._tokenizer: Any = None
         self._model_id: str | None = None
@@ -91,6 +96,10 @@ class Embedder:
             weights = folder / "model.safetensors"
             digest = hashlib.sha256((folder / "config.json").read_bytes())
             digest.update(str(weights.stat().st_size).encode())
+            overrides = self.overrides or {}
+            for name in sorted(overrides):
+                digest.update(name.encode())
+                digest.update(np.ascontiguousarray(overrides[name]).tobytes())
             self._model_id = (
                 f"{MODEL_NAME}@{digest.hexdigest()[:12]}/len{self.max_length}/{self.precision}"
             )
@@ -110,7 +119,7 @@ class Embedder:
                 ) from None
             folder = self.model_dir or find_model_dir()
             self.model_dir = folder
-            onnx_path = self._onnx_path(folder)
+            model = str(self._onnx_path(folder)) if self.overrides is None else self._build(folder)
             tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
             tokenizer.enable_truncation(max_length=self.max_length)
             tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
@@ -128,9 +137,7 @@ class Embedder:
             options.enable_cpu_mem_arena = False
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             self._tokenizer = tokenizer
-            self._session = ort.InferenceSession(
-                str(onnx_path), options, providers=["CPUExecutionProvider"]
-            )
+            self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
     def _onnx_path(self, folder: Path) -> Path:
         from tierroute.onnx_bert import build_model
@@ -144,6 +151,19 @@ class Embedder:
                 _quantize(tmp)
             tmp.replace(path)  # atomic: a concurrent reader never sees half a file
         return path
+
+    def _build(self, folder: Path) -> bytes:
+        """The ONNX model with `overrides`, in memory (quantisation needs a file)."""
+        from tierroute.onnx_bert import build_model
+
+        data = build_model(folder, self.overrides)
+        if self.precision == "int8":
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "model.onnx"
+                path.write_bytes(data)
+                _quantize(path)
+                data = path.read_bytes()
+        return data
 
     def embed(self, texts: Sequence[str]) -> Vectors:
         """Embeddings of `texts`, in order. Batches are length-sorted to cut padding."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,12 @@ def read_safetensors(path: Path) -> dict[str, npt.NDArray[Any]]:
     return tensors
 
 
-def build_model(model_dir: Path) -> bytes:
-    """Serialized ONNX model: (input_ids, attention_mask, token_type_ids) -> embeddings."""
+def build_model(model_dir: Path, overrides: Mapping[str, npt.NDArray[Any]] | None = None) -> bytes:
+    """Serialized ONNX model: (input_ids, attention_mask, token_type_ids) -> embeddings.
+
+    `overrides` replaces tensors by name (e.g. `encoder.layer.5.output.dense.weight`):
+    a fine-tuned router ships only the tensors it changed and serves them through here.
+    """
     try:
         import onnx
         from onnx import TensorProto, helper, numpy_helper
@@ -53,6 +58,10 @@ def build_model(model_dir: Path) -> bytes:
     head_dim = hidden // heads
     weights = read_safetensors(model_dir / "model.safetensors")
     weights = {k.removeprefix("bert."): v for k, v in weights.items()}
+    for name, value in (overrides or {}).items():
+        if name not in weights or weights[name].shape != value.shape:
+            raise ValueError(f"override '{name}' {value.shape} matches no tensor of the model")
+        weights[name] = np.asarray(value, dtype=np.float32)
 
     inits: list[Any] = []
     nodes: list[Any] = []
