@@ -22,8 +22,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 UNSEEN = ["What's the capital of Italy?", "Prove that there are infinitely many prime numbers."]
-# Small and quick: one trained layer, no validation slice (20 texts are too few).
-PARAMS: dict[str, Any] = {"layers": 1, "epochs": 2, "val_fraction": 0.0, "seed": 0}
+# Small and quick: one trained layer, no validation slice (20 texts are too few), and a
+# high learning rate so the trained layer moves visibly away from the packaged one.
+PARAMS: dict[str, Any] = {"layers": 1, "epochs": 2, "lr": 1e-3, "val_fraction": 0.0, "seed": 0}
 
 
 def labelled() -> tuple[list[str], np.ndarray]:
@@ -52,6 +53,14 @@ def test_onnx_export_matches_torch(tuned, router: FineTunedRouter) -> None:  # t
     torch_scores = tuned.scores(texts)
     assert np.max(np.abs(onnx_scores - torch_scores)) < 1e-4
     assert np.all((onnx_scores >= 0) & (onnx_scores <= 1))
+
+
+def test_export_serves_the_trained_layer_not_the_packaged_one(router: FineTunedRouter) -> None:
+    from tierroute.embed import Embedder
+
+    tuned = router._load().embed(UNSEEN)
+    packaged = Embedder(max_length=router.max_tokens, threads=1).embed(UNSEEN)
+    assert np.max(np.abs(tuned - packaged)) > 1e-2
 
 
 def test_fitted_router_separates_unseen_prompts(router: FineTunedRouter) -> None:
