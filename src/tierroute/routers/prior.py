@@ -36,23 +36,22 @@ class RulePriorRouter(BaseRouter):
         self.weight = weight
         self.encoder = getattr(base, "encoder", None)
 
-    def _shift(self, texts: Sequence[str]) -> Scores:
-        # the rules' score minus their bias: only the weights of the rules that matched
-        shift: Scores = _logit(self.rules.score_texts(texts)) - self.rules.rules.bias
-        return self.weight * shift
-
-    def score_texts(self, texts: Sequence[str]) -> Scores:
-        z = _logit(self.base.score_texts(texts)) + self._shift(texts)
+    def _combine(self, learned: Scores, ruled: Scores) -> Scores:
+        # the rules' logit minus their bias: only the weights of the rules that matched
+        z = _logit(learned) + self.weight * (_logit(ruled) - self.rules.rules.bias)
         out: Scores = 1.0 / (1.0 + np.exp(-z))
         return out
 
+    def score_texts(self, texts: Sequence[str]) -> Scores:
+        return self._combine(self.base.score_texts(texts), self.rules.score_texts(texts))
+
     def explain_text(self, text: str) -> Explanation:
         learned = self.base.explain_text(text)
-        ruled = self.rules.explain_text(text)
-        z = float(_logit(np.array([learned.score]))[0] + self._shift([text])[0])
+        ruled = self.rules.explain_text(text)  # its score is the rules' score: not run twice
+        score = self._combine(np.array([learned.score]), np.array([ruled.score]))[0]
         matched = tuple(f"{r} x{self.weight:g}" for r in ruled.reasons if r != "no rule matched")
         return Explanation(
-            score=1.0 / (1.0 + np.exp(-z)),
+            score=float(score),
             reasons=(f"learned {learned.score:.2f}", *learned.reasons, *matched),
             min_tiers=ruled.min_tiers,
             tags={**learned.tags, **ruled.tags},
