@@ -1,0 +1,68 @@
+"""How the engine applies a request's latency budget and cost cap, with three tiers and
+latencies set by hand (the gateway test can only bracket real, machine-dependent ones)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from tierroute.gateway.engine import Engine, Hints
+from tierroute.gateway.settings import parse_settings
+from tierroute.ledger import Ledger
+from tierroute.routers import make_router
+
+HARD = [{"role": "user", "content": "Prove that sqrt(2) is irrational, step by step."}]
+
+
+def tier(name: str, price: float, latency_ms: int) -> dict[str, object]:
+    return {
+        "name": name,
+        "kind": "openai",
+        "base_url": "http://127.0.0.1:9/v1",  # never called: these tests only route
+        "model": name,
+        "input_price_per_m": price,
+        "output_price_per_m": price,
+        "typical_latency_ms": latency_ms,
+    }
+
+
+def make_engine(tmp_path: Path) -> Engine:
+    doc = {
+        "tiers": [tier("small", 0.1, 200), tier("medium", 1.0, 800), tier("large", 10.0, 3000)],
+        "policy": {"thresholds": [0.05, 0.1]},
+    }
+    settings = parse_settings(doc, "test")
+    return Engine(settings, make_router("rules"), {}, Ledger(tmp_path / "ledger.db"))
+
+
+def test_latency_budget_steps_down_to_the_largest_tier_that_fits(tmp_path: Path) -> None:
+    engine = make_engine(tmp_path)
+    try:
+        plain = asyncio.run(engine.route(HARD, Hints(), 64))
+        assert plain.decision.tier.name == "large"
+        routed = asyncio.run(engine.route(HARD, Hints(latency_budget_ms=1000), 64))
+        assert routed.decision.tier.name == "medium"
+        assert "large p50 3000 ms > budget; using medium" in routed.decision.reason
+        assert routed.chain == ["medium", "large", "small"]
+        # measured latencies replace the configured ones once the tier has answered
+        for _ in range(3):
+            engine.latency["large"].add(500)
+        fast = asyncio.run(engine.route(HARD, Hints(latency_budget_ms=1000), 64))
+        assert fast.decision.tier.name == "large"
+        none_fit = asyncio.run(engine.route(HARD, Hints(latency_budget_ms=10), 64))
+        assert none_fit.decision.tier.name == "small"
+        assert "no tier meets the budget" in none_fit.decision.reason
+    finally:
+        engine.ledger.close()
+
+
+def test_cost_cap_steps_down_by_estimated_cost(tmp_path: Path) -> None:
+    engine = make_engine(tmp_path)
+    try:
+        # 1000 output tokens: large $0.01+, medium $0.001+, small $0.0001+
+        capped = asyncio.run(engine.route(HARD, Hints(max_cost_usd=0.005), 1000))
+        assert capped.decision.tier.name == "medium" and "cap" in capped.decision.reason
+        roomy = asyncio.run(engine.route(HARD, Hints(max_cost_usd=1.0), 1000))
+        assert roomy.decision.tier.name == "large"
+    finally:
+        engine.ledger.close()
