@@ -9,9 +9,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from tierroute.encoder import Encoder
+    from tierroute.tagger import Tagger
 
 _MATH = re.compile(r"[=<>^∑∫√±≤≥≠∞π]|\\frac|\\sum|\d\s*[*/^]\s*\d")
 _CODE = re.compile(r"```|\bdef |\bclass |#include|\breturn\b|[{};]\s*$", re.MULTILINE)
@@ -58,3 +63,16 @@ def text_features(texts: Sequence[str]) -> npt.NDArray[np.float32]:
             ]
         )
     return np.asarray(rows, dtype=np.float32).reshape(len(texts), len(FEATURE_NAMES))
+
+
+def prompt_features(
+    encoder: Encoder, texts: Sequence[str], tagger: Tagger | None = None
+) -> npt.NDArray[np.float64]:
+    """What learned routers read: the embedding, tag similarities if a tagger is given,
+    then the text features above, one row per text."""
+    vectors = encoder.encode(texts)
+    blocks: list[npt.NDArray[Any]] = [vectors]
+    if tagger is not None:
+        blocks.append(tagger.similarities(vectors))
+    blocks.append(text_features(texts))
+    return np.hstack(blocks).astype(np.float64)

@@ -24,6 +24,19 @@ from tierroute.types import Explanation, Messages
 Scores = npt.NDArray[np.float64]
 
 
+def sigmoid(z: npt.ArrayLike) -> Scores:
+    """The logistic function, in the tanh form that never overflows for large |z|."""
+    out: Scores = 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, dtype=np.float64)))
+    return out
+
+
+def logit(p: npt.ArrayLike) -> Scores:
+    """The inverse of `sigmoid`, clipped so that 0 and 1 map to finite values."""
+    q = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
+    out: Scores = np.log(q / (1 - q))
+    return out
+
+
 @runtime_checkable
 class Router(Protocol):
     kind: ClassVar[str]

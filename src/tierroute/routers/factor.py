@@ -28,19 +28,14 @@ import numpy.typing as npt
 from tierroute.data import ModelScores, Outcomes, canonical_model
 from tierroute.encoder import Encoder
 from tierroute.errors import RouterError
-from tierroute.features import text_features
-from tierroute.routers.base import BaseRouter, Scores
+from tierroute.features import prompt_features
+from tierroute.routers.base import BaseRouter, Scores, sigmoid
 from tierroute.types import Explanation
 
 Matrix = npt.NDArray[np.float64]
 
 # The stand-in "model" when only pair labels are given: its score is 1 - label.
 PAIR_SMALL = "small-tier"
-
-
-def _sigmoid(z: Matrix) -> Matrix:
-    out: Matrix = 0.5 * (1.0 + np.tanh(0.5 * z))  # no overflow warnings for large |z|
-    return out
 
 
 class FactorRouter(BaseRouter):
@@ -76,10 +71,6 @@ class FactorRouter(BaseRouter):
 
     # ------------------------------------------------------------------ training
 
-    def _raw_features(self, texts: Sequence[str]) -> Matrix:
-        vectors = self.encoder.encode(texts)
-        return np.hstack([vectors, text_features(texts)]).astype(np.float64)
-
     def fit_outcomes(self, outcomes: Outcomes) -> FactorRouter:
         self.small = self.small or canonical_model(outcomes.small_model)
         self.large = self.large or canonical_model(outcomes.large_model)
@@ -98,7 +89,7 @@ class FactorRouter(BaseRouter):
         observed = ~np.isnan(scores)
         if len(texts) != len(scores) or not observed.any():
             raise RouterError("the factor router needs scores for the texts it is trained on")
-        x = self._raw_features(texts)
+        x = prompt_features(self.encoder, texts)
         self.mean_ = x.mean(axis=0)
         std = x.std(axis=0)
         self.scale_ = np.where(std > 1e-9, std, 1.0)
@@ -129,7 +120,7 @@ class FactorRouter(BaseRouter):
         def loss(theta: Matrix) -> tuple[float, Matrix]:
             proj, vectors, ability, difficulty = unpack(theta)
             hidden = z @ proj
-            p = _sigmoid(hidden @ vectors.T + ability + (z @ difficulty)[:, None])
+            p = sigmoid(hidden @ vectors.T + ability + (z @ difficulty)[:, None])
             eps = 1e-12
             nll = -(target * np.log(p + eps) + (1 - target) * np.log(1 - p + eps))
             grad = np.where(observed, p - target, 0.0) / n_obs
@@ -157,11 +148,11 @@ class FactorRouter(BaseRouter):
         assert self.mean_ is not None and self.scale_ is not None
         assert self.proj_ is not None and self.vectors_ is not None
         assert self.ability_ is not None and self.difficulty_ is not None
-        z = (self._raw_features(texts) - self.mean_) / self.scale_
+        z = (prompt_features(self.encoder, texts) - self.mean_) / self.scale_
         logits = (
             (z @ self.proj_) @ self.vectors_.T + self.ability_ + (z @ self.difficulty_)[:, None]
         )
-        return _sigmoid(logits)
+        return sigmoid(logits)
 
     def _column(self, model: str | None) -> int | None:
         assert self.models_ is not None

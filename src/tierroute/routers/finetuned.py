@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from tierroute.embed import Embedder, find_model_dir
 from tierroute.errors import MissingDependencyError, RouterError
-from tierroute.routers.base import BaseRouter, Scores
+from tierroute.routers.base import BaseRouter, Scores, sigmoid
 
 State = dict[str, npt.NDArray[Any]]
 
@@ -135,8 +135,7 @@ class FineTunedRouter(BaseRouter):
         s = self.state_
         logits = ((vectors - s["head.mean"]) / s["head.scale"]) @ s["head.coef"]
         logits += float(s["head.intercept"][0])
-        scores: Scores = 1.0 / (1.0 + np.exp(-logits))
-        return scores
+        return sigmoid(logits)
 
 
 def base_id(folder: Path) -> str:

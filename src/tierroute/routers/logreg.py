@@ -9,8 +9,8 @@ import numpy as np
 import numpy.typing as npt
 
 from tierroute.encoder import Encoder
-from tierroute.features import FEATURE_NAMES, text_features
-from tierroute.routers.base import BaseRouter, Scores
+from tierroute.features import FEATURE_NAMES, prompt_features
+from tierroute.routers.base import BaseRouter, Scores, sigmoid
 from tierroute.tagger import Tagger
 from tierroute.types import Explanation
 
@@ -38,12 +38,7 @@ class LogRegRouter(BaseRouter):
         return names + list(FEATURE_NAMES)
 
     def _features(self, texts: Sequence[str]) -> Matrix:
-        vectors = self.encoder.encode(texts)
-        blocks: list[npt.NDArray[Any]] = [vectors]
-        if self.tagger is not None:
-            blocks.append(self.tagger.similarities(vectors))
-        blocks.append(text_features(texts))
-        return np.hstack(blocks).astype(np.float64)
+        return prompt_features(self.encoder, texts, self.tagger)
 
     def fit(self, texts: Sequence[str], labels: npt.ArrayLike) -> LogRegRouter:
         from sklearn.linear_model import LogisticRegression
@@ -65,12 +60,11 @@ class LogRegRouter(BaseRouter):
         return logits
 
     def score_texts(self, texts: Sequence[str]) -> Scores:
-        scores: Scores = 1.0 / (1.0 + np.exp(-self._logits(self._features(texts))))
-        return scores
+        return sigmoid(self._logits(self._features(texts)))
 
     def explain_text(self, text: str) -> Explanation:
         x = self._features([text])
-        score = float(1.0 / (1.0 + np.exp(-self._logits(x)[0])))
+        score = float(sigmoid(self._logits(x))[0])
         assert self.mean_ is not None and self.scale_ is not None and self.coef_ is not None
         contrib = ((x[0] - self.mean_) / self.scale_) * self.coef_
         names = self.feature_names

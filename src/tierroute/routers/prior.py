@@ -16,15 +16,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from tierroute.routers.base import BaseRouter, Scores
+from tierroute.routers.base import BaseRouter, Scores, logit, sigmoid
 from tierroute.routers.rules import RulesRouter
 from tierroute.types import Explanation
-
-
-def _logit(p: Scores) -> Scores:
-    q = np.clip(p, 1e-6, 1 - 1e-6)
-    out: Scores = np.log(q / (1 - q))
-    return out
 
 
 class RulePriorRouter(BaseRouter):
@@ -38,9 +32,8 @@ class RulePriorRouter(BaseRouter):
 
     def _combine(self, learned: Scores, ruled: Scores) -> Scores:
         # the rules' logit minus their bias: only the weights of the rules that matched
-        z = _logit(learned) + self.weight * (_logit(ruled) - self.rules.rules.bias)
-        out: Scores = 1.0 / (1.0 + np.exp(-z))
-        return out
+        z = logit(learned) + self.weight * (logit(ruled) - self.rules.rules.bias)
+        return sigmoid(z)
 
     def score_texts(self, texts: Sequence[str]) -> Scores:
         return self._combine(self.base.score_texts(texts), self.rules.score_texts(texts))

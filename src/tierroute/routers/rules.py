@@ -7,7 +7,6 @@ The default rule set is resources/rules.yaml.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from tierroute.errors import ConfigError
-from tierroute.routers.base import BaseRouter, Scores
+from tierroute.routers.base import BaseRouter, Scores, sigmoid
 from tierroute.tagger import Tagger
 from tierroute.types import Explanation
 from tierroute.yaml_files import read_yaml
@@ -120,10 +119,6 @@ def load_rules(path: str | Path | None = None) -> RuleSet:
     return parse_rules(*read_yaml(path, "rules.yaml", "rules file"))
 
 
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x))
-
-
 class RulesRouter(BaseRouter):
     kind: ClassVar[str] = "rules"
 
@@ -143,7 +138,7 @@ class RulesRouter(BaseRouter):
 
     def _evaluate(self, text: str, tags: Mapping[str, str]) -> tuple[float, list[Rule]]:
         hits = [rule for rule in self.rules.rules if rule.matches(text, tags)]
-        return _sigmoid(self.rules.bias + sum(rule.weight for rule in hits)), hits
+        return float(sigmoid(self.rules.bias + sum(r.weight for r in hits))), hits
 
     def score_texts(self, texts: Sequence[str]) -> Scores:
         tags = self._tags(texts)
