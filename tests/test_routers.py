@@ -69,6 +69,32 @@ def test_artifact_round_trip(tmp_path: Path, encoder, outcome_file: Path, kind: 
     assert art.meta["format_version"] == 1
 
 
+def test_logreg_feature_sets(tmp_path: Path, encoder, outcome_file: Path) -> None:  # type: ignore[no-untyped-def]
+    texts, y = labelled()
+    raw = LogRegRouter(encoder, Tagger(encoder), C=1.0).fit(texts, y)
+    full = LogRegRouter(encoder, Tagger(encoder), C=1.0, features="all").fit(texts, y)
+    # "embedding" keeps MiniLM's geometry: nothing is centred or rescaled
+    assert raw.mean_ is not None and raw.scale_ is not None and raw.coef_ is not None
+    assert not raw.mean_.any() and (raw.scale_ == 1).all() and len(raw.coef_) == encoder.dim
+    assert full.coef_ is not None and len(full.coef_) > encoder.dim
+    proof = [{"role": "user", "content": "Prove that 5 is prime."}]
+    # both still name the tags the tagger sees; only "all" names single features
+    assert raw.explain(proof).tags == full.explain(proof).tags
+    assert raw.explain(proof).reasons[1:] == () and len(full.explain(proof).reasons) > 1
+    with pytest.raises(RouterError, match="features must be one of embedding, all"):
+        LogRegRouter(encoder, features="tfidf")
+    # a router saved before the choice existed was trained on "all" and loads as such
+    o = load_outcomes(outcome_file, "small-m", "large-m")
+    old = LogRegRouter(encoder, Tagger(encoder), features="all").fit(o.prompts, o.labels)
+    save_router(old, tmp_path / "r", {}, o.ids)
+    meta = json.loads((tmp_path / "r" / "router.json").read_text())
+    del meta["params"]["features"]
+    (tmp_path / "r" / "router.json").write_text(json.dumps(meta))
+    loaded = load_router(tmp_path / "r", lambda: encoder).router
+    assert isinstance(loaded, LogRegRouter) and loaded.features == "all"
+    assert np.allclose(loaded.score_texts(o.prompts[:5]), old.score_texts(o.prompts[:5]))
+
+
 def test_artifact_of_another_format_version(tmp_path: Path, encoder, outcome_file: Path) -> None:  # type: ignore[no-untyped-def]
     o = load_outcomes(outcome_file, "small-m", "large-m")
     save_router(

@@ -130,6 +130,7 @@ def load_router(path: str | Path, encoder_factory: Callable[[], Encoder] = TextE
         tagger = None
         if params.pop("uses_tags", False):
             tagger = Tagger(encoder, load_prototypes(folder / "prototypes.yaml"))
+        params.setdefault("features", "all")  # saved before the choice existed
         router = LogRegRouter(encoder, tagger, **params)
     elif kind == "mf":
         from tierroute.routers.factor import FactorRouter
