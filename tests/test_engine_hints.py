@@ -1,15 +1,21 @@
 """How the engine applies a request's latency budget and cost cap, with three tiers and
-latencies set by hand (the gateway test can only bracket real, machine-dependent ones)."""
+latencies set by hand (the gateway test can only bracket real, machine-dependent ones),
+and how a calibrated router's threshold becomes the policy's top boundary."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
+
+import pytest
 
 from tierroute.gateway.engine import Engine, Hints
 from tierroute.gateway.settings import parse_settings
 from tierroute.ledger import Ledger
 from tierroute.routers import make_router
+
+from .conftest import run_cli
 
 HARD = [{"role": "user", "content": "Prove that sqrt(2) is irrational, step by step."}]
 
@@ -66,3 +72,30 @@ def test_cost_cap_steps_down_by_estimated_cost(tmp_path: Path) -> None:
         assert roomy.decision.tier.name == "large"
     finally:
         engine.ledger.close()
+
+
+def test_a_calibrated_router_sets_the_top_boundary_for_any_number_of_tiers(
+    tmp_path: Path,
+) -> None:
+    from tierroute.artifact import calibrated_threshold
+    from tierroute.gateway.settings import apply_calibration
+
+    threshold = calibrated_threshold("default")
+    assert threshold is not None and 0 < threshold < 1
+    assert calibrated_threshold("rules") is None  # built-in routers carry no calibration
+    doc = {
+        "tiers": [tier("small", 0.1, 200), tier("medium", 1.0, 800), tier("large", 10.0, 3000)],
+        "policy": {"thresholds": [0.2, 0.6]},
+        "router": "default",
+    }
+    settings = parse_settings(doc, "test")
+    note = apply_calibration(settings, threshold)
+    # the lower boundary keeps its third of the range below the top one
+    assert settings.policy.thresholds == pytest.approx([threshold / 3, threshold])
+    assert "instead of the configured [0.2, 0.6]" in note
+    # `config check` shows the thresholds the gateway will use, not only the configured ones
+    config = tmp_path / "gateway.yaml"
+    config.write_text(json.dumps(doc))  # JSON is YAML
+    proc = run_cli("config", "check", str(config))
+    assert proc.returncode == 0, proc.stderr
+    assert f"thresholds [{threshold / 3:.4g}, {threshold:.4g}]" in proc.stdout

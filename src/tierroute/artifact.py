@@ -191,6 +191,16 @@ def default_router_dir() -> Path:
     return Path(str(files("tierroute") / "resources" / "default_router"))
 
 
+def calibrated_threshold(spec: str) -> float | None:
+    """The calibrated threshold of the saved router `spec` (`default` or a folder), read
+    from its router.json without loading it; None for built-in or uncalibrated routers."""
+    folder = default_router_dir() if spec == "default" else Path(spec)
+    if not folder.is_dir():
+        return None
+    cal = read_meta(folder).get("calibration")
+    return float(cal["threshold"]) if isinstance(cal, dict) and "threshold" in cal else None
+
+
 def open_router(
     spec: str, encoder_factory: Callable[[], Encoder] = TextEncoder
 ) -> tuple[BaseRouter, Artifact | None]:

@@ -530,7 +530,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_config_check(args: argparse.Namespace) -> int:
     import os
 
-    from tierroute.gateway.settings import load_settings
+    from tierroute.artifact import calibrated_threshold
+    from tierroute.gateway.settings import apply_calibration, load_settings
 
     settings = load_settings(args.file)
     problems = []
@@ -556,6 +557,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         f"policy: thresholds {settings.policy.thresholds}, "
         f"abstain band {settings.policy.abstain_band}; router {settings.router}"
     )
+    threshold = calibrated_threshold(settings.router)
+    if threshold is not None:
+        print(apply_calibration(settings, threshold))
     if problems:
         raise InputError("; ".join(problems))
     print(f"{settings.source}: OK")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from tierroute.backends.base import Backend
 from tierroute.errors import ConfigError
 from tierroute.gateway.app import Parts
-from tierroute.gateway.settings import GatewaySettings, TierSpec
+from tierroute.gateway.settings import GatewaySettings, TierSpec, apply_calibration
 from tierroute.ledger import Ledger, default_path
+
+log = logging.getLogger("tierroute.gateway")
 
 
 def make_backend(spec: TierSpec, max_tokens_default: int = 256) -> Backend:
@@ -46,8 +49,8 @@ def build_parts(settings: GatewaySettings, data_dir: Path | None = None) -> Part
     from tierroute.backends.llamacpp import LlamaCppBackend
 
     router, artifact = open_router(settings.router)
-    if artifact is not None and artifact.threshold is not None and len(settings.tiers) == 2:
-        settings.policy.thresholds = [artifact.threshold]
+    if artifact is not None and artifact.threshold is not None:
+        log.info(apply_calibration(settings, artifact.threshold))
     router.explain_text("warm up")  # loads the embedding model and tag prototypes
     backends: dict[str, Backend] = {}
     for spec in settings.tiers:

@@ -158,5 +158,19 @@ def parse_settings(doc: Any, source: str) -> GatewaySettings:
         raise ConfigError(f"a value under 'gateway' in {source} is not a number") from None
 
 
+def apply_calibration(settings: GatewaySettings, threshold: float) -> str:
+    """Let a saved router's calibrated threshold set the policy's top boundary, the lower
+    ones keeping their share of the range below it (`Policy.with_threshold`, as
+    `tierroute route` does). Configured thresholds are for uncalibrated routers: a saved
+    router's scores live on its own scale. Returns what changed, for the log."""
+    before = list(settings.policy.thresholds or [])
+    settings.policy.thresholds = settings.policy.with_threshold(threshold).thresholds
+    after = ", ".join(f"{t:.4g}" for t in settings.policy.thresholds or [])
+    return (
+        f"policy: router {settings.router} is calibrated (threshold {threshold:.4g}): "
+        f"thresholds [{after}] instead of the configured {before}"
+    )
+
+
 def load_settings(path: str | Path | None = None) -> GatewaySettings:
     return parse_settings(*read_yaml(path, "gateway.yaml", "gateway config"))
