@@ -14,6 +14,7 @@ from tierroute.gateway.engine import Engine, Hints
 from tierroute.gateway.settings import parse_settings
 from tierroute.ledger import Ledger
 from tierroute.routers import make_router
+from tierroute.types import Explanation
 
 from .conftest import run_cli
 
@@ -99,3 +100,27 @@ def test_a_calibrated_router_sets_the_top_boundary_for_any_number_of_tiers(
     proc = run_cli("config", "check", str(config))
     assert proc.returncode == 0, proc.stderr
     assert f"thresholds [{threshold / 3:.4g}, {threshold:.4g}]" in proc.stdout
+
+
+def test_the_controller_holds_the_share_sent_up_with_an_abstain_band(tmp_path: Path) -> None:
+    doc = {
+        "tiers": [tier("small", 0.1, 200), tier("large", 10.0, 3000)],
+        "policy": {"thresholds": [0.5], "abstain_band": 0.05},
+        "gateway": {
+            "controller": {"target_large_share": 0.3, "window": 400, "every": 50, "max_step": 1}
+        },
+    }
+    engine = Engine(
+        parse_settings(doc, "test"), make_router("rules"), {}, Ledger(tmp_path / "l.db")
+    )
+    try:
+        assert engine.controller is not None and engine.controller.threshold == 0.45
+        scores = [0.1 + 0.4 * ((i * 7919) % 1000) / 999 for i in range(2000)]
+        for s in scores:
+            engine._calibrate(s)
+        policy = engine.settings.policy
+        assert policy.entry == pytest.approx(engine.controller.threshold)
+        sent_up = [policy.decide(Explanation(score=s)).tier.name == "large" for s in scores]
+        assert sum(sent_up) / len(sent_up) == pytest.approx(0.3, abs=0.01)
+    finally:
+        engine.ledger.close()

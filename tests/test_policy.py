@@ -64,6 +64,19 @@ def test_with_threshold_moves_the_top_boundary() -> None:
     assert p.thresholds == pytest.approx([0.1, 0.2, 0.4])
 
 
+def test_a_calibrated_threshold_keeps_its_share_with_an_abstain_band() -> None:
+    # scores on a compressed scale, like a learned router's (0.1-0.5)
+    scores = [0.1 + 0.4 * i / 999 for i in range(1000)]
+    calibrated = 0.38  # 30% of these scores are >= 0.38
+    p = Policy(TIERS[2:], [0.5], abstain_band=0.05).with_threshold(calibrated)
+    assert p.thresholds == pytest.approx([0.43]) and p.entry == pytest.approx(calibrated)
+    decided = [tier_for(p, s) for s in scores]
+    assert decided.count("large") == sum(s >= calibrated for s in scores) == 300
+    # the band still marks the close calls, now above the calibrated threshold
+    assert "unsure" in p.decide(Explanation(score=0.40)).reason
+    assert tier_for(p, 0.379) == "medium"
+
+
 @pytest.mark.parametrize(
     ("thresholds", "message"),
     [([0.5], "need 3 thresholds"), ([0.5, 0.4, 0.9], "ascend")],

@@ -59,17 +59,33 @@ class Policy:
                 return tier
         raise ConfigError(f"no tier named '{name}'; tiers are {[t.name for t in self.tiers]}")
 
-    def with_threshold(self, threshold: float) -> Policy:
-        """A copy whose top boundary is the calibrated `threshold`.
+    @property
+    def entry(self) -> float:
+        """The lowest score that reaches the largest tier: its boundary minus the abstain
+        band (a score within the band below a boundary is unsure and goes up)."""
+        assert self.thresholds is not None
+        return self.thresholds[-1] - self.abstain_band
 
-        The calibrated threshold separates the largest tier from the rest; lower
-        boundaries keep their configured share of the range below it.
+    def with_threshold(self, threshold: float) -> Policy:
+        """A copy whose largest tier takes exactly the scores >= the calibrated `threshold`.
+
+        A calibration promises a large share or a quality for the scores from its
+        threshold up, so the abstain band goes above it: the top boundary is threshold +
+        band, scores in [threshold, threshold + band) reach the largest tier as unsure, and
+        none below it do (a band below would send more than the calibrated share up: with
+        the default router's scores, 45% instead of 30%). Lower boundaries keep their
+        configured share of the range below the threshold.
         """
         assert self.thresholds is not None
         top = self.thresholds[-1]
         scale = threshold / top if top > 0 else 1.0
         lower = [t * scale for t in self.thresholds[:-1]]
-        return Policy(self.tiers, [*lower, threshold], self.abstain_band, self.priority_shift)
+        return Policy(
+            self.tiers,
+            [*lower, threshold + self.abstain_band],
+            self.abstain_band,
+            self.priority_shift,
+        )
 
     def decide(
         self,

@@ -145,13 +145,13 @@ class Engine:
             else None
         )
         self.controller = (
-            ThresholdController(settings.controller, settings.policy.thresholds[-1], clock)
+            ThresholdController(settings.controller, settings.policy.entry, clock)
             if settings.controller is not None and settings.policy.thresholds
             else None
         )
-        self.metrics.threshold.set(
-            settings.policy.thresholds[-1] if settings.policy.thresholds else 0
-        )
+        # The gauge, the controller and the ledger speak of the largest tier's entry score
+        # (its boundary minus the abstain band): the share they hold is the share sent up.
+        self.metrics.threshold.set(settings.policy.entry if settings.policy.thresholds else 0)
         self.shadow: Shadow | None = None
         if settings.shadow is not None:
             largest = settings.tiers[-1]
@@ -278,12 +278,11 @@ class Engine:
         change = self.controller.observe(score, self._small_tier_quality())
         if change is None:
             return
-        thresholds = self.settings.policy.thresholds
-        assert thresholds is not None
+        policy = self.settings.policy
+        assert policy.thresholds is not None
+        top = change.new + policy.abstain_band  # the band lies above the entry score
         # Lower boundaries never rise above the top one, so thresholds stay ascending.
-        self.settings.policy.thresholds = [min(t, change.new) for t in thresholds[:-1]] + [
-            change.new
-        ]
+        policy.thresholds = [min(t, top) for t in policy.thresholds[:-1]] + [top]
         self.ledger.record_policy_change(change.ts, change.old, change.new, change.reason)
         self.metrics.threshold.set(change.new)
         log.info("policy: %s", change.reason)

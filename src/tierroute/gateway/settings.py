@@ -166,9 +166,12 @@ def apply_calibration(settings: GatewaySettings, threshold: float) -> str:
     before = list(settings.policy.thresholds or [])
     settings.policy.thresholds = settings.policy.with_threshold(threshold).thresholds
     after = ", ".join(f"{t:.4g}" for t in settings.policy.thresholds or [])
+    band = settings.policy.abstain_band
     return (
         f"policy: router {settings.router} is calibrated (threshold {threshold:.4g}): "
-        f"thresholds [{after}] instead of the configured {before}"
+        f"thresholds [{after}] instead of the configured {before}; the largest tier takes "
+        f"scores >= {threshold:.4g}"
+        + (f" ({threshold:.4g} to {threshold + band:.4g} as unsure)" if band else "")
     )
 
 
