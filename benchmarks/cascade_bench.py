@@ -344,16 +344,18 @@ def explain_all(
 ) -> tuple[Route, Policy, str]:
     """The gateway's router's explanation of each problem as the gateway sees the request
     (system prompt included) with the time it took in ms, the gateway's effective policy
-    (a saved router's calibrated threshold replaces the configured one, as build_parts
-    does) and a description of the router."""
+    (a saved router's calibrated threshold sets the top boundary, as build_parts does)
+    and a description of the router."""
     from tierroute.artifact import open_router
+    from tierroute.gateway.settings import apply_calibration
 
     router, artifact = open_router(settings.router)
-    policy, about = settings.policy, f"router {settings.router!r}"
+    about = f"router {settings.router!r}"
     if artifact is not None:
         about += f" ({artifact.meta.get('kind')} router from {artifact.path.name})"
-        if artifact.threshold is not None and len(settings.tiers) == 2:
-            policy = Policy(policy.tiers, [artifact.threshold], policy.abstain_band)
+        if artifact.threshold is not None:
+            apply_calibration(settings, artifact.threshold)
+    policy = settings.policy
     router.explain_text("warm up")  # loads the embedding model and prototypes
     out: Route = {}
     for p in problems:
