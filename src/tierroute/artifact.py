@@ -36,14 +36,8 @@ class Artifact:
     train_ids: frozenset[str] = field(default_factory=frozenset)
 
     @property
-    def calibration(self) -> dict[str, Any] | None:
-        value = self.meta.get("calibration")
-        return value if isinstance(value, dict) else None
-
-    @property
     def threshold(self) -> float | None:
-        cal = self.calibration
-        return float(cal["threshold"]) if cal else None
+        return _threshold(self.meta)
 
     def overlap(self, ids: Sequence[str]) -> list[str]:
         return [i for i in ids if i in self.train_ids]
@@ -191,14 +185,22 @@ def default_router_dir() -> Path:
     return Path(str(files("tierroute") / "resources" / "default_router"))
 
 
-def calibrated_threshold(spec: str) -> float | None:
-    """The calibrated threshold of the saved router `spec` (`default` or a folder), read
-    from its router.json without loading it; None for built-in or uncalibrated routers."""
+def _threshold(meta: dict[str, Any]) -> float | None:
+    cal = meta.get("calibration")
+    return float(cal["threshold"]) if isinstance(cal, dict) and cal else None
+
+
+def _saved_folder(spec: str) -> Path | None:
+    """The folder of router `spec` when it is a saved one (`default` or a path)."""
     folder = default_router_dir() if spec == "default" else Path(spec)
-    if not folder.is_dir():
-        return None
-    cal = read_meta(folder).get("calibration")
-    return float(cal["threshold"]) if isinstance(cal, dict) and "threshold" in cal else None
+    return folder if folder.is_dir() else None
+
+
+def calibrated_threshold(spec: str) -> float | None:
+    """The calibrated threshold of router `spec` (as `open_router` takes it), read from
+    router.json without loading the router; None for built-in or uncalibrated routers."""
+    folder = _saved_folder(spec)
+    return None if folder is None else _threshold(read_meta(folder))
 
 
 def open_router(
@@ -207,10 +209,8 @@ def open_router(
     """A router by built-in name, `default`, or saved folder; with its artifact if saved."""
     from tierroute.routers import make_router
 
-    if spec == "default":
-        artifact = load_router(default_router_dir(), encoder_factory)
-        return artifact.router, artifact
-    if Path(spec).is_dir():
-        artifact = load_router(spec, encoder_factory)
+    folder = _saved_folder(spec)
+    if folder is not None:
+        artifact = load_router(folder, encoder_factory)
         return artifact.router, artifact
     return make_router(spec, encoder_factory), None

@@ -48,10 +48,14 @@ def _target(args: argparse.Namespace) -> Any:
 def _load_data(args: argparse.Namespace) -> Any:
     from tierroute.data import concat_outcomes, load_outcomes
 
-    paths = args.data if isinstance(args.data, list) else [args.data]
     return concat_outcomes(
-        [load_outcomes(path, args.small, args.large, args.where or ()) for path in paths]
+        [load_outcomes(path, args.small, args.large, args.where or ()) for path in args.data]
     )
+
+
+def _data_names(args: argparse.Namespace) -> list[str]:
+    """The outcome files' names, as an artifact records what it was trained or calibrated on."""
+    return [Path(path).name for path in args.data]
 
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -302,7 +306,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise InputError(f"the {args.router} router does not learn; train one of {LEARNED}")
     router.fit_outcomes(o)
     trained_on = {
-        "data": [Path(path).name for path in args.data],
+        "data": _data_names(args),
         "data_hash": o.data_hash,
         "small": o.small_model,
         "large": o.large_model,
@@ -354,7 +358,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     artifact.meta["calibration"] = {
         "threshold": threshold if np.isfinite(threshold) else 1.0,
         "target": target.describe(),
-        "data": [Path(path).name for path in args.data],
+        "data": _data_names(args),
         "data_hash": o.data_hash,
         "where": args.where or [],
         "rows": len(o),
