@@ -78,6 +78,22 @@ def outcome_file(tmp_path: Path) -> Path:
     return write_outcomes(tmp_path / "toy.jsonl")
 
 
+# What scoring must never load: torch and the libraries that come with it, or training code.
+HEAVY_MODULES = ("torch", "transformers", "sentence_transformers", "tierroute.finetune")
+
+
+def run_without_heavy_imports(code: str) -> None:
+    """Run `code` in a fresh interpreter, then check that onnxruntime did the work and that
+    none of HEAVY_MODULES was imported."""
+    check = (
+        "\nimport sys\n"
+        "assert 'onnxruntime' in sys.modules\n"
+        f"bad = [m for m in {HEAVY_MODULES!r} if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code + check], check=True, timeout=300)
+
+
 def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [sys.executable, "-m", "tierroute.cli", *args],

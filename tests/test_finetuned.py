@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,15 @@ import pytest
 from tierroute.errors import RouterError
 from tierroute.routers.finetuned import FineTunedRouter
 
-from .conftest import EASY, HARD, MMLU, MMLU_LARGE, MMLU_SMALL, needs_shared
+from .conftest import (
+    EASY,
+    HARD,
+    MMLU,
+    MMLU_LARGE,
+    MMLU_SMALL,
+    needs_shared,
+    run_without_heavy_imports,
+)
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("torch") is None, reason="training needs torch (extra `train`)"
@@ -91,8 +97,8 @@ def test_scoring_a_saved_router_never_imports_torch(
 ) -> None:
     np.savez(tmp_path / "weights.npz", **router.get_state())
     (tmp_path / "params.json").write_text(json.dumps(router.get_params()))
-    code = (
-        "import json, sys\n"
+    run_without_heavy_imports(
+        "import json\n"
         "import numpy as np\n"
         "from tierroute.routers.finetuned import FineTunedRouter\n"
         f"folder = {str(tmp_path)!r}\n"
@@ -101,11 +107,7 @@ def test_scoring_a_saved_router_never_imports_torch(
         "    r.set_state({k: f[k] for k in f.files})\n"
         "s = r.score_texts(['Prove that sqrt(2) is irrational.', 'hi'])\n"
         "assert s.shape == (2,) and 0 <= s.min() and s.max() <= 1\n"
-        "assert 'onnxruntime' in sys.modules\n"
-        "bad = [m for m in ('torch', 'transformers', 'tierroute.finetune') if m in sys.modules]\n"
-        "assert not bad, bad\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
 def test_unfitted_router_and_foreign_state_say_so() -> None:
