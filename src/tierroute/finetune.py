@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tierroute.errors import InputError
+from tierroute.learning import roc_auc
 from tierroute.onnx_bert import read_safetensors
 from tierroute.routers.finetuned import base_id
 
@@ -437,12 +438,6 @@ def _holdout(
     return np.setdiff1d(everything, held), held
 
 
-def _auc(labels: npt.NDArray[np.int64], scores: npt.NDArray[np.float64]) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(labels, scores))
-
-
 def fine_tune(
     texts: Sequence[str],
     labels: npt.ArrayLike,
@@ -504,7 +499,7 @@ def fine_tune(
         best = _snapshot(model, first)
         best_auc = -1.0
         if len(val):
-            best_auc = _auc(y[val], _predict(model, states, val, first))
+            best_auc = roc_auc(_predict(model, states, val, first), y[val])
             result.val_auc.append(best_auc)
         for _ in range(config.epochs):
             batches = list(_batches(lengths, train, config.batch_size, rng))
@@ -530,7 +525,7 @@ def fine_tune(
                 if not len(val):  # nothing to choose with: keep the last
                     best = _snapshot(model, first)
                     continue
-                auc = _auc(y[val], _predict(model, states, val, first))
+                auc = roc_auc(_predict(model, states, val, first), y[val])
                 result.val_auc.append(auc)
                 if auc > best_auc:
                     best_auc, best = auc, _snapshot(model, first)
