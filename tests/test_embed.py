@@ -77,3 +77,30 @@ def test_batches_are_length_sorted_and_token_bounded() -> None:
     for b in batches:
         longest = max(min(64, len(texts[i]) // 4 + 2) for i in b)
         assert len(b) <= 4 and (len(b) == 1 or len(b) * longest <= 100)
+
+
+def test_interrupted_embedding_keeps_finished_chunks(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+    texts = [f"question number {i} about the weather" for i in range(10)]
+    real = encoder.embedder
+    calls: list[int] = []
+
+    class StopsAfterOneChunk(Embedder):
+        def embed(self, batch):  # type: ignore[no-untyped-def]
+            calls.append(len(batch))
+            if len(calls) > 1:
+                raise KeyboardInterrupt  # Ctrl-C during the second chunk
+            return real.embed(batch)
+
+    cache = EmbeddingCache(tmp_path / "emb.sqlite", chunk=4)
+    with pytest.raises(KeyboardInterrupt):
+        cache.embed(StopsAfterOneChunk(model_dir=real.model_dir), texts)
+    calls.clear()
+
+    class Counts(Embedder):
+        def embed(self, batch):  # type: ignore[no-untyped-def]
+            calls.append(len(batch))
+            return real.embed(batch)
+
+    resumed = cache.embed(Counts(model_dir=real.model_dir), texts)
+    assert sum(calls) == 6  # the first chunk of four was kept; only the rest is computed
+    assert np.allclose(resumed, real.embed(texts), atol=1e-5)

@@ -224,8 +224,9 @@ def _quantize(path: Path) -> None:
 class EmbeddingCache:
     """On-disk cache of embeddings keyed by (model id, sha256 of the text): SQLite."""
 
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, chunk: int = 1024) -> None:
         self.path = path or cache_dir() / "embeddings.sqlite"
+        self.chunk = chunk
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,18 +254,30 @@ class EmbeddingCache:
                 rows = conn.execute(f"{query}({marks})", [model, *chunk])
                 found.update(rows)
             missing = [i for i, k in enumerate(keys) if k not in found]
-            if missing:
-                first: dict[bytes, int] = {}
-                for i in missing:
-                    first.setdefault(keys[i], i)
-                todo = list(first.values())
-                vectors = embedder.embed([texts[i] for i in todo])
-                with conn:
-                    conn.executemany(
-                        "INSERT OR REPLACE INTO embedding VALUES (?, ?, ?)",
-                        [(model, keys[i], v.tobytes()) for i, v in zip(todo, vectors, strict=True)],
-                    )
-                found.update((keys[i], v.tobytes()) for i, v in zip(todo, vectors, strict=True))
+            first: dict[bytes, int] = {}
+            for i in missing:
+                first.setdefault(keys[i], i)
+            todo = list(first.values())
+            # Written chunk by chunk, so an interrupted run keeps what it computed and resumes.
+            with _progress(len(todo), "embedding") as bar:
+                for start in range(0, len(todo), self.chunk):
+                    part = todo[start : start + self.chunk]
+                    vectors = embedder.embed([texts[i] for i in part])
+                    rows = [(keys[i], v.tobytes()) for i, v in zip(part, vectors, strict=True)]
+                    with conn:
+                        conn.executemany(
+                            "INSERT OR REPLACE INTO embedding VALUES (?, ?, ?)",
+                            [(model, key, blob) for key, blob in rows],
+                        )
+                    found.update(rows)
+                    bar.update(len(part))
         finally:
             conn.close()
         return np.stack([np.frombuffer(found[k], dtype=np.float32) for k in keys])
+
+
+def _progress(total: int, what: str) -> Any:
+    """A progress bar on stderr for long work; silent for a few texts (the gateway's case)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, unit="text", disable=total < 256, leave=False)
