@@ -263,13 +263,13 @@ class EmbeddingCache:
                 for start in range(0, len(todo), self.chunk):
                     part = todo[start : start + self.chunk]
                     vectors = embedder.embed([texts[i] for i in part])
-                    rows = [(keys[i], v.tobytes()) for i, v in zip(part, vectors, strict=True)]
+                    done = [(keys[i], v.tobytes()) for i, v in zip(part, vectors, strict=True)]
                     with conn:
                         conn.executemany(
                             "INSERT OR REPLACE INTO embedding VALUES (?, ?, ?)",
-                            [(model, key, blob) for key, blob in rows],
+                            [(model, key, blob) for key, blob in done],
                         )
-                    found.update(rows)
+                    found.update(done)
                     bar.update(len(part))
         finally:
             conn.close()
