@@ -322,18 +322,19 @@ def test_bad_cascade_config_is_a_clear_error(tmp_path: Path) -> None:
     cases = [
         ({"verifier": "vibes"}, "verifier must be one of logprob, agreement, logprob+agreement"),
         ({"threshold": 1.5}, "threshold is a confidence and must be within [0, 1], not 1.5"),
-        ({"threshold": "high"}, "threshold must be a number"),
+        ({"threshold": "high"}, "gateway.cascade.threshold' input should be a valid number"),
         ({"samples": 1, "verifier": "agreement"}, "samples must be at least 2"),
         ({"sample_temperature": 0}, "sample_temperature must be above 0"),
         ({"logprob_stat": "median"}, "logprob_stat must be one of mean, min"),
         ({"scope": "large"}, "scope must be one of small, all"),
-        ({"enabled": "yes"}, "enabled must be true or false"),
-        ({"treshold": 0.5}, "unknown key(s) treshold; use enabled, scope, verifier, threshold"),
+        ({"enabled": "yes"}, "gateway.cascade.enabled' input should be a valid boolean"),
+        ({"treshold": 0.5}, "unknown key 'gateway.cascade.treshold'; did you mean 'threshold'?"),
     ]
     for raw, fragment in cases:
         with pytest.raises(ConfigError) as err:
             parse_settings({"tiers": tiers, "gateway": {"cascade": raw}}, "my.yaml")
-        assert "'gateway.cascade' in my.yaml" in str(err.value) and fragment in str(err.value)
+        assert str(err.value).startswith("my.yaml: ") and fragment in str(err.value)
+        assert "gateway.cascade" in str(err.value)
     ok = parse_settings({"tiers": tiers, "gateway": {"cascade": {"enabled": True}}}, "my.yaml")
     assert ok.cascade == CascadeConfig(enabled=True)
     assert parse_settings({"tiers": tiers}, "my.yaml").cascade is None  # off by default

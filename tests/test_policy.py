@@ -97,7 +97,7 @@ def test_default_and_file_config(tmp_path: Path) -> None:
     p = load_policy(f)
     assert p.tiers[1].cost(1_000_000, 1_000_000) == 2.0
     f.write_text("tiers:\n  - {name: a}\n")
-    with pytest.raises(ConfigError, match="needs a 'name' and a 'model'"):
+    with pytest.raises(ConfigError, match=r"line 2: 'tiers\[0\].model' is required"):
         load_policy(f)
     f.write_text("tiers: [")
     with pytest.raises(ConfigError, match="not valid YAML"):

@@ -531,10 +531,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe_remote(base_url: str, key: str | None, timeout: float = 5.0) -> str | None:
+    """None when `base_url`/models answers; else what went wrong, in a few words."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(base_url.rstrip("/") + "/models")
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return None if answer.status < 400 else f"HTTP {answer.status}"
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code} from {base_url}/models"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return f"cannot reach {base_url}: {reason}"
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
+    """Everything `serve` would load, loaded: the file, each tier's model or endpoint, the
+    router; every problem is listed in one line."""
     import os
 
     from tierroute.artifact import calibrated_threshold
+    from tierroute.errors import TierrouteError
     from tierroute.gateway.settings import apply_calibration, load_settings
 
     settings = load_settings(args.file)
@@ -547,20 +568,37 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             f"${t.input_price_per_m:g}/${t.output_price_per_m:g} per M tokens, "
             f"timeout {spec.timeout_s:g}s)"
         )
-        if spec.api_key_env and not os.environ.get(spec.api_key_env):
+        key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
+        if spec.api_key_env and not key:
             problems.append(f"${spec.api_key_env} (API key of tier {t.name}) is not set")
         if spec.kind == "local":
-            from tierroute.backends.models import MODELS
+            from tierroute.backends.models import MODELS, resolve_model
 
             if t.model not in MODELS:
                 problems.append(
                     f"tier {t.name}: unknown local model '{t.model}'; "
                     f"known: {', '.join(sorted(MODELS))}"
                 )
+            elif not args.offline:
+                try:
+                    print(f"  model file {resolve_model(t.model)}: checked")
+                except TierrouteError as exc:
+                    problems.append(f"tier {t.name}: {exc}")
+        elif spec.base_url and not args.offline:
+            failure = _probe_remote(spec.base_url, key)
+            if failure:
+                problems.append(f"tier {t.name}: {failure}")
+            else:
+                print(f"  {spec.base_url}/models: answers")
     print(
         f"policy: thresholds {settings.policy.thresholds}, "
         f"abstain band {settings.policy.abstain_band}; router {settings.router}"
     )
+    try:
+        router, _ = _resolve_router(settings.router, batch=False)
+        print(f"router {settings.router}: loaded ({type(router).__name__})")
+    except TierrouteError as exc:
+        problems.append(f"router {settings.router}: {exc}")
     threshold = calibrated_threshold(settings.router)
     if threshold is not None:
         print(apply_calibration(settings, threshold))
@@ -711,6 +749,11 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = p.add_subparsers(dest="config_command", required=True)
     c = config_sub.add_parser("check", help="validate a gateway YAML")
     c.add_argument("file")
+    c.add_argument(
+        "--offline",
+        action="store_true",
+        help="check the file only: do not load local models or call remote tiers",
+    )
     c.set_defaults(func=cmd_config_check)
     return parser
 

@@ -18,49 +18,68 @@ policy:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from tierroute.errors import ConfigError
 from tierroute.policy import Policy
+from tierroute.strict import Lines, StrictModel, check
 from tierroute.types import Tier
-from tierroute.yaml_files import read_yaml
+from tierroute.yaml_files import read_yaml_lines
+
+# Bounds a real deployment stays far inside; beyond them the value is a typo.
+Price = Annotated[float, Field(ge=0, le=10_000)]
 
 
-def parse_tier(spec: Any, i: int, source: str) -> Tier:
-    if not isinstance(spec, dict) or not spec.get("name") or not spec.get("model"):
-        raise ConfigError(f"tier {i} in {source} needs a 'name' and a 'model'")
-    try:
+class TierFields(StrictModel):
+    """One tier as written in a tiers or gateway file."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model: str = Field(min_length=1, max_length=512)
+    input_price_per_m: Price = 0.0
+    output_price_per_m: Price = 0.0
+    typical_latency_ms: float = Field(0.0, ge=0, le=3_600_000)
+
+    def tier(self) -> Tier:
         return Tier(
-            name=str(spec["name"]),
-            model=str(spec["model"]),
-            input_price_per_m=float(spec.get("input_price_per_m", 0.0)),
-            output_price_per_m=float(spec.get("output_price_per_m", 0.0)),
-            typical_latency_ms=float(spec.get("typical_latency_ms", 0.0)),
+            name=self.name,
+            model=self.model,
+            input_price_per_m=self.input_price_per_m,
+            output_price_per_m=self.output_price_per_m,
+            typical_latency_ms=self.typical_latency_ms,
         )
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"tier '{spec['name']}' in {source} has a price or latency that is not a number"
-        ) from None
 
 
-def parse_policy(doc: Any, source: str) -> Policy:
+class PolicyFields(StrictModel):
+    thresholds: list[Annotated[float, Field(ge=0, le=1)]] | None = Field(None, max_length=15)
+    abstain_band: float = Field(0.0, ge=0, lt=1)
+
+
+class TiersFile(StrictModel):
+    tiers: list[TierFields] = Field(min_length=2, max_length=16)
+    policy: PolicyFields | None = None
+
+
+def build_policy(
+    tiers: list[Tier], fields: PolicyFields | None, source: str, lines: Lines | None = None
+) -> Policy:
+    """The Policy of checked fields; its own consistency errors (count, order) name the file."""
+    fields = fields or PolicyFields()
+    try:
+        return Policy(tiers=tiers, thresholds=fields.thresholds, abstain_band=fields.abstain_band)
+    except ConfigError as exc:
+        line = (lines or {}).get(("policy",))
+        raise ConfigError(f"{source}{f', line {line}' if line else ''}: {exc}") from None
+
+
+def parse_policy(doc: Any, source: str, lines: Lines | None = None) -> Policy:
     if not isinstance(doc, dict) or not isinstance(doc.get("tiers"), list):
         raise ConfigError(f"{source} needs a 'tiers' list, smallest tier first")
-    tiers = [parse_tier(spec, i, source) for i, spec in enumerate(doc["tiers"], start=1)]
-    policy_doc = doc.get("policy") or {}
-    if not isinstance(policy_doc, dict):
-        raise ConfigError(f"'policy' in {source} must be a mapping")
-    thresholds = policy_doc.get("thresholds")
-    try:
-        return Policy(
-            tiers=tiers,
-            thresholds=[float(t) for t in thresholds] if thresholds is not None else None,
-            abstain_band=float(policy_doc.get("abstain_band", 0.0)),
-        )
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+    checked = check(TiersFile, doc, source, lines)
+    return build_policy([t.tier() for t in checked.tiers], checked.policy, source, lines)
 
 
 def load_policy(path: str | Path | None = None) -> Policy:
     """The policy in `path`, or the built-in default tiers when no path is given."""
-    return parse_policy(*read_yaml(path, "tiers.yaml", "tier config"))
+    return parse_policy(*read_yaml_lines(path, "tiers.yaml", "tier config"))

@@ -13,6 +13,16 @@ from tierroute.errors import ConfigError
 
 def read_yaml(path: str | Path | None, builtin: str, what: str) -> tuple[Any, str]:
     """(document, source name) of `path`, or of the packaged resource `builtin` when None."""
+    doc, source, _ = read_yaml_lines(path, builtin, what)
+    return doc, source
+
+
+def read_yaml_lines(
+    path: str | Path | None, builtin: str, what: str
+) -> tuple[Any, str, dict[tuple[str | int, ...], int]]:
+    """As read_yaml, with the line of every key, so errors can point at it."""
+    from tierroute.strict import key_lines
+
     if path is None:
         text = resources.files("tierroute.resources").joinpath(builtin).read_text()
         source = f"built-in {builtin}"
@@ -23,6 +33,6 @@ def read_yaml(path: str | Path | None, builtin: str, what: str) -> tuple[Any, st
             raise ConfigError(f"cannot read {what} '{path}': {exc.strerror}") from None
         source = str(path)
     try:
-        return yaml.safe_load(text), source
+        return yaml.safe_load(text), source, key_lines(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source} is not valid YAML: {exc}") from None

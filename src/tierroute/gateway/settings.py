@@ -8,24 +8,26 @@ endpoint: base_url, model, the name of the env variable holding its API key, tim
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import Field, model_validator
 
 from tierroute.cascade import CascadeConfig
-from tierroute.config import parse_policy, parse_tier
+from tierroute.config import PolicyFields, TierFields, build_policy
 from tierroute.controller import ControllerConfig
 from tierroute.errors import ConfigError
 from tierroute.gateway.shadow import ShadowConfig
 from tierroute.personalise import PersonaliseConfig
 from tierroute.policy import Policy
+from tierroute.strict import Lines, StrictModel, build_section, check
 from tierroute.types import Tier
-from tierroute.yaml_files import read_yaml
+from tierroute.yaml_files import read_yaml_lines
 
-KINDS = ("local", "openai")
 S = TypeVar("S")
 
 
@@ -75,87 +77,116 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _tier_spec(raw: Any, i: int, source: str) -> TierSpec:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"tier {i} in {source} must be a mapping")
-    kind = raw.get("kind", "openai" if "base_url" in raw else "local")
-    if kind not in KINDS:
-        raise ConfigError(f"tier '{raw.get('name')}' in {source}: kind must be local or openai")
-    if kind == "openai" and not raw.get("base_url"):
-        raise ConfigError(f"tier '{raw.get('name')}' in {source} is remote and needs a base_url")
-    try:
+class GatewayTier(TierFields):
+    """A tier of the gateway: a local GGUF model or a remote OpenAI-compatible endpoint."""
+
+    kind: Literal["local", "openai"] | None = None
+    timeout_s: float = Field(60.0, gt=0, le=3600)
+    base_url: str | None = Field(None, pattern=r"^https?://", max_length=2048)
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)
+    n_ctx: int = Field(2048, ge=128, le=1 << 20)
+    n_threads: int | None = Field(None, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _remote_needs_url(self) -> GatewayTier:
+        if self.kind == "openai" and not self.base_url:
+            raise ValueError("a remote tier (kind: openai) needs a base_url")
+        return self
+
+    def spec(self) -> TierSpec:
         return TierSpec(
-            tier=parse_tier(raw, i, source),
-            kind=str(kind),
-            timeout_s=float(raw.get("timeout_s", 60.0)),
-            base_url=str(raw["base_url"]) if raw.get("base_url") else None,
-            api_key_env=str(raw["api_key_env"]) if raw.get("api_key_env") else None,
-            n_ctx=int(raw.get("n_ctx", 2048)),
-            n_threads=int(raw["n_threads"]) if raw.get("n_threads") is not None else None,
+            tier=self.tier(),
+            kind=self.kind or ("openai" if self.base_url else "local"),
+            timeout_s=self.timeout_s,
+            base_url=self.base_url,
+            api_key_env=self.api_key_env,
+            n_ctx=self.n_ctx,
+            n_threads=self.n_threads,
         )
-    except (TypeError, ValueError):
-        raise ConfigError(f"tier '{raw.get('name')}' in {source} has a bad number") from None
 
 
-def _section(gw: dict[str, Any], name: str, kind: Callable[..., S], source: str) -> S | None:
-    """The optional `gateway.<name>` mapping, built into its config class."""
-    raw = gw.get(name)
-    if not raw:
-        return None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"'gateway.{name}' in {source} must be a mapping")
-    known = [f.name for f in fields(kind)] if isinstance(kind, type) and is_dataclass(kind) else []
-    unknown = sorted(set(raw) - set(known)) if known else []
-    if unknown:
-        raise ConfigError(
-            f"'gateway.{name}' in {source} has unknown key(s) {', '.join(map(str, unknown))}; "
-            f"use {', '.join(known)}"
-        )
-    try:
-        return kind(**raw)
-    except (TypeError, ConfigError) as exc:
-        raise ConfigError(f"'gateway.{name}' in {source}: {exc}") from None
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
+Section = dict[str, Any] | None
 
 
-def parse_settings(doc: Any, source: str) -> GatewaySettings:
+class GatewayFields(StrictModel):
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
+    keep_prompts: bool = False
+    retries: int = Field(2, ge=0, le=10)
+    breaker_failures: int = Field(3, ge=1, le=10_000)
+    breaker_cooldown_s: float = Field(30.0, gt=0, le=86_400)
+    cache_size: int = Field(10_000, ge=0, le=10_000_000)
+    cache_ttl_s: float = Field(600.0, ge=0, le=30 * 86_400)
+    max_tokens_default: int = Field(256, ge=1, le=1 << 20)
+    api_keys_sha256: list[Sha256Hex] = Field(default_factory=list, max_length=100_000)
+    # Checked against their own dataclasses below, so each names its own keys.
+    controller: Section = None
+    shadow: Section = None
+    personalise: Section = None
+    cascade: Section = None
+
+
+class GatewayFile(StrictModel):
+    tiers: list[GatewayTier] = Field(min_length=2, max_length=16)
+    policy: PolicyFields | None = None
+    router: str = Field("default", min_length=1, max_length=4096)
+    gateway: GatewayFields | None = None
+
+
+def _check_router(spec: str, source: str, lines: Lines | None) -> None:
+    """A router name that is neither built in nor a saved folder is a typo: say so now,
+    not as a traceback when `serve` loads it."""
+    from tierroute.routers import BUILTIN
+
+    if spec == "default" or spec in BUILTIN or Path(spec).is_dir():
+        return
+    line = (lines or {}).get(("router",))
+    close = difflib.get_close_matches(spec, ["default", *BUILTIN], n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ConfigError(
+        f"{source}{f', line {line}' if line else ''}: router '{spec}' is neither a built-in "
+        f"router nor a saved router folder; {hint}use default, {', '.join(BUILTIN)} or a folder"
+    )
+
+
+def parse_settings(doc: Any, source: str, lines: Lines | None = None) -> GatewaySettings:
     if not isinstance(doc, dict) or not isinstance(doc.get("tiers"), list):
         raise ConfigError(f"{source} needs a 'tiers' list, smallest tier first")
-    specs = tuple(_tier_spec(raw, i, source) for i, raw in enumerate(doc["tiers"], start=1))
-    policy = parse_policy({"tiers": doc["tiers"], "policy": doc.get("policy")}, source)
-    gw = doc.get("gateway") or {}
-    if not isinstance(gw, dict):
-        raise ConfigError(f"'gateway' in {source} must be a mapping")
-    keys = gw.get("api_keys_sha256") or []
+    checked = check(GatewayFile, doc, source, lines)
+    specs = tuple(t.spec() for t in checked.tiers)
+    policy = build_policy([s.tier for s in specs], checked.policy, source, lines)
+    _check_router(checked.router, source, lines)
+    gw = checked.gateway or GatewayFields()
     env_keys = os.environ.get("TIERROUTE_API_KEYS", "")
-    hashes = {str(k).lower() for k in keys} | {hash_key(k) for k in env_keys.split(",") if k}
-    if any(len(h) != 64 for h in hashes):
-        raise ConfigError(f"api_keys_sha256 in {source} must hold sha256 hex digests")
-    controller = _section(gw, "controller", ControllerConfig, source)
-    shadow = _section(gw, "shadow", ShadowConfig, source)
-    personalise = _section(gw, "personalise", PersonaliseConfig, source)
-    cascade = _section(gw, "cascade", CascadeConfig, source)
-    try:
-        return GatewaySettings(
-            tiers=specs,
-            policy=policy,
-            router=str(doc.get("router", "default")),
-            max_body_bytes=int(gw.get("max_body_bytes", 1 << 20)),
-            keep_prompts=bool(gw.get("keep_prompts", False)),
-            retries=int(gw.get("retries", 2)),
-            breaker_failures=int(gw.get("breaker_failures", 3)),
-            breaker_cooldown_s=float(gw.get("breaker_cooldown_s", 30.0)),
-            cache_size=int(gw.get("cache_size", 10_000)),
-            cache_ttl_s=float(gw.get("cache_ttl_s", 600.0)),
-            max_tokens_default=int(gw.get("max_tokens_default", 256)),
-            api_key_hashes=frozenset(hashes),
-            controller=controller,
-            shadow=shadow,
-            personalise=personalise,
-            cascade=cascade,
-            source=source,
-        )
-    except (TypeError, ValueError):
-        raise ConfigError(f"a value under 'gateway' in {source} is not a number") from None
+    hashes = {k.lower() for k in gw.api_keys_sha256} | {
+        hash_key(k) for k in env_keys.split(",") if k
+    }
+
+    def section(name: str, kind: type[S]) -> S | None:
+        raw = getattr(gw, name)
+        if raw is None:
+            return None
+        return build_section(kind, raw, source, lines, ("gateway", name))
+
+    return GatewaySettings(
+        tiers=specs,
+        policy=policy,
+        router=checked.router,
+        max_body_bytes=gw.max_body_bytes,
+        keep_prompts=gw.keep_prompts,
+        retries=gw.retries,
+        breaker_failures=gw.breaker_failures,
+        breaker_cooldown_s=gw.breaker_cooldown_s,
+        cache_size=gw.cache_size,
+        cache_ttl_s=gw.cache_ttl_s,
+        max_tokens_default=gw.max_tokens_default,
+        api_key_hashes=frozenset(hashes),
+        controller=section("controller", ControllerConfig),
+        shadow=section("shadow", ShadowConfig),
+        personalise=section("personalise", PersonaliseConfig),
+        cascade=section("cascade", CascadeConfig),
+        source=source,
+    )
 
 
 def apply_calibration(settings: GatewaySettings, threshold: float) -> str:
@@ -176,4 +207,4 @@ def apply_calibration(settings: GatewaySettings, threshold: float) -> str:
 
 
 def load_settings(path: str | Path | None = None) -> GatewaySettings:
-    return parse_settings(*read_yaml(path, "gateway.yaml", "gateway config"))
+    return parse_settings(*read_yaml_lines(path, "gateway.yaml", "gateway config"))
