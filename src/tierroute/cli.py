@@ -465,10 +465,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _pricing(config: str | None) -> Any:
+    """Prices for rows written before the ledger recorded them: only from a config the user
+    names, never from the built-in one (whose prices are not theirs)."""
+    if config is None:
+        return None
     from tierroute.gateway.settings import load_settings
 
-    settings = load_settings(config)
-    largest = settings.tiers[-1].tier
+    largest = load_settings(config).tiers[-1].tier
 
     def largest_cost(row: Any) -> float:
         return largest.cost(row.prompt_tokens, row.completion_tokens)
@@ -509,7 +512,15 @@ def _quality_lines(
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tierroute.ledger import Ledger, build_report, default_path, format_report, parse_since
+    from tierroute.ledger import (
+        Ledger,
+        build_report,
+        default_path,
+        format_report,
+        parse_since,
+        report_csv,
+        report_json,
+    )
 
     path = default_path(Path(args.data_dir) if args.data_dir else None)
     if not path.is_file():
@@ -520,14 +531,33 @@ def cmd_report(args: argparse.Namespace) -> int:
         rows = ledger.rows(since=since)
         judged = ledger.judgements(since)
         rated = ledger.feedback_since(since)
-    print(format_report(build_report(rows, largest_cost)))
-    for line in _quality_lines(judged, rated):
-        print(line)
+    by_request: dict[str, list[float]] = {}
+    for request_id, _, rating in rated:
+        by_request.setdefault(request_id, []).append(rating)
+    verdicts: dict[str, list[float]] = {}
+    for request_id, _, verdict in judged:
+        if verdict is not None:
+            verdicts.setdefault(request_id, []).append(verdict)
+    report = build_report(
+        rows,
+        largest_cost,
+        by=args.by,
+        ratings={k: sum(v) / len(v) for k, v in by_request.items()},
+        verdicts=verdicts,
+    )
+    if args.format == "csv":
+        sys.stdout.write(report_csv(report))
+    elif args.format == "json":
+        print(report_json(report))
+    else:
+        print(format_report(report))
+        for line in _quality_lines(judged, rated):
+            print(line)
     if args.plot:
         from tierroute.ledger import plot_report
 
         plot_report(rows, Path(args.plot), largest_cost)
-        print(f"wrote {args.plot}")
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
 
@@ -621,6 +651,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from tierroute import __version__
+    from tierroute.ledger.report import GROUPINGS
 
     parser = _Parser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -739,9 +770,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config",
         metavar="FILE",
-        help="gateway YAML whose largest tier prices "
-        "the all-large baseline (default: the built-in one)",
+        help="gateway YAML whose largest tier prices rows written before the ledger "
+        "recorded prices (newer rows carry their own)",
     )
+    p.add_argument("--by", choices=GROUPINGS, default="tier", help="group rows by this")
+    p.add_argument("--format", choices=("text", "csv", "json"), default="text")
     p.add_argument("--plot", metavar="FILE", help="write a PNG")
     p.set_defaults(func=cmd_report)
 

@@ -44,6 +44,14 @@ class Personaliser:
         counts[0] += 1
         counts[1] += 1.0 - rating  # a rating in [0, 1]: 0 is fully bad
 
+    def revise(self, tenant: str, old: float, new: float) -> None:
+        """A rater changed their rating of one answer: the latest counts, once."""
+        counts = self._counts.get(tenant)
+        if counts is None:
+            self.observe(tenant, new)
+        else:
+            counts[1] += old - new
+
     def shift(self, tenant: str | None) -> float:
         if tenant is None or tenant not in self._counts:
             return 0.0

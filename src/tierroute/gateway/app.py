@@ -308,8 +308,9 @@ def create_app(
                 param="request_id",
                 code="request_not_found",
             )
-        engine().ledger.add_feedback(request_id, float(rating), comment)
-        engine().feedback(owner, float(rating))
+        rater = key_id or ""
+        engine().ledger.add_feedback(request_id, float(rating), comment, rater=rater)
+        engine().feedback(owner, float(rating), (request_id, rater))
         return JSONResponse(
             {
                 "object": "feedback",

@@ -89,6 +89,7 @@ class Routed:
     routing_ms: float
     # The request's routing text, made once here and reused by the ledger and cost estimates.
     text: str = ""
+    forced: bool = False  # the client named the tier
 
 
 class AllTiersFailed(Exception):
@@ -168,6 +169,8 @@ class Engine:
         # Ids of recent requests -> their API key id, so feedback can be checked at once
         # (ledger rows reach the disk a few ms later, from the writer thread).
         self._recent: OrderedDict[str, Owner] = OrderedDict()
+        # The latest rating per (request, rater), so a changed rating replaces, not adds.
+        self._ratings: OrderedDict[tuple[str, str], float] = OrderedDict()
         self.personaliser: Personaliser | None = None
         if settings.personalise is not None:
             self.personaliser = Personaliser(settings.personalise)
@@ -264,7 +267,12 @@ class Engine:
             )
         routing_ms = (time.perf_counter() - start) * 1000
         return Routed(
-            decision=decision, chain=chain, cache_hit=cache_hit, routing_ms=routing_ms, text=text
+            decision=decision,
+            chain=chain,
+            cache_hit=cache_hit,
+            routing_ms=routing_ms,
+            text=text,
+            forced=forced is not None,
         )
 
     def _small_tier_quality(self) -> float | None:
@@ -529,6 +537,8 @@ class Engine:
         spent_prompt = sum(p for _, p, _ in outcome.spent)
         spent_completion = sum(c for _, _, c in outcome.spent)
         spent_cost = self.spent_cost(outcome)
+        largest = self.settings.tiers[-1].tier
+        decision = outcome.routed.decision
         self.ledger.record(
             LedgerRow(
                 id=outcome.request_id,
@@ -549,6 +559,14 @@ class Engine:
                 cache_hit=outcome.routed.cache_hit,
                 stream=stream,
                 prompt_text=prompt_text,
+                reason=decision.reason,
+                tags=dict(decision.tags),
+                forced=outcome.routed.forced,
+                tenant=hints.tenant,
+                price_in_per_m=tier.input_price_per_m,
+                price_out_per_m=tier.output_price_per_m,
+                largest_price_in_per_m=largest.input_price_per_m,
+                largest_price_out_per_m=largest.output_price_per_m,
             )
         )
         self._recent[outcome.request_id] = Owner(api_key_id, tier_name, hints.tenant)
@@ -581,14 +599,25 @@ class Engine:
         tenant = row.hints.get("tenant") if isinstance(row.hints, Mapping) else None
         return Owner(row.api_key_id, row.tier, tenant)
 
-    def feedback(self, owner: Owner, rating: float) -> None:
-        """A rating arrived: it personalises its tenant's routing (smaller tiers only)."""
+    def feedback(self, owner: Owner, rating: float, rated: tuple[str, str] | None = None) -> None:
+        """A rating arrived: it personalises its tenant's routing (smaller tiers only).
+        `rated` is (request id, rater): a rater's second rating of a request replaces the
+        first instead of counting twice."""
+        previous = None
+        if rated is not None:
+            previous = self._ratings.pop(rated, None)
+            self._ratings[rated] = rating
+            if len(self._ratings) > 100_000:
+                self._ratings.popitem(last=False)
         if (
             self.personaliser is not None
             and owner.tenant is not None
             and owner.tier != self.settings.tiers[-1].name
         ):
-            self.personaliser.observe(owner.tenant, rating)
+            if previous is None:
+                self.personaliser.observe(owner.tenant, rating)
+            else:
+                self.personaliser.revise(owner.tenant, previous, rating)
 
     def _restore_personaliser(self, days: float = 30) -> None:
         """Rebuild tenants' offsets from the ledger's recent feedback after a restart."""

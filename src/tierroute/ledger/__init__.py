@@ -12,6 +12,8 @@ from tierroute.ledger.report import (
     parse_since,
     percentile,
     plot_report,
+    report_csv,
+    report_json,
 )
 from tierroute.ledger.store import (
     MIGRATIONS,
@@ -43,4 +45,6 @@ __all__ = [
     "parse_since",
     "percentile",
     "plot_report",
+    "report_csv",
+    "report_json",
 ]

@@ -54,6 +54,24 @@ class LedgerRow:
     cache_hit: bool = False
     stream: bool = False
     prompt_text: str | None = None  # kept only when the ledger is opened with keep_prompts
+    # Why it went where it went, and the prices in effect, so the books need no config.
+    reason: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+    forced: bool = False  # the client named the tier: no routing decision to credit
+    tenant: str | None = None
+    price_in_per_m: float | None = None
+    price_out_per_m: float | None = None
+    largest_price_in_per_m: float | None = None  # the counterfactual: all on the largest tier
+    largest_price_out_per_m: float | None = None
+
+    def largest_cost(self) -> float | None:
+        """What this request would have cost on the largest tier, at the prices then."""
+        if self.largest_price_in_per_m is None or self.largest_price_out_per_m is None:
+            return None
+        return (
+            self.prompt_tokens * self.largest_price_in_per_m
+            + self.completion_tokens * self.largest_price_out_per_m
+        ) / 1e6
 
 
 @dataclass(frozen=True)
@@ -157,6 +175,29 @@ def _m005_shadow_judgements(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX shadow_request ON shadow_judgements (request_id)")
 
 
+def _m006_request_context(conn: sqlite3.Connection) -> None:
+    """Each row keeps why it was routed and the prices then; one rating per request and rater
+    (older duplicate ratings collapse to the latest)."""
+    for column in (
+        "reason TEXT",
+        "tags TEXT NOT NULL DEFAULT '{}'",
+        "forced INTEGER NOT NULL DEFAULT 0",
+        "tenant TEXT",
+        "price_in_per_m REAL",
+        "price_out_per_m REAL",
+        "largest_price_in_per_m REAL",
+        "largest_price_out_per_m REAL",
+    ):
+        conn.execute(f"ALTER TABLE requests ADD COLUMN {column}")
+    conn.execute("CREATE INDEX requests_tenant_ts ON requests (tenant, ts)")
+    conn.execute("ALTER TABLE feedback ADD COLUMN rater TEXT NOT NULL DEFAULT ''")
+    conn.execute(
+        "DELETE FROM feedback WHERE id NOT IN "
+        "(SELECT max(id) FROM feedback GROUP BY request_id, rater)"
+    )
+    conn.execute("CREATE UNIQUE INDEX feedback_request_rater ON feedback (request_id, rater)")
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 MIGRATIONS: Final[tuple[Migration, ...]] = (
@@ -165,6 +206,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     _m003_feedback,
     _m004_policy_changes,
     _m005_shadow_judgements,
+    _m006_request_context,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -212,12 +254,25 @@ _COLUMNS: Final = (
     "cache_hit",
     "stream",
     "prompt_text",
+    "reason",
+    "tags",
+    "forced",
+    "tenant",
+    "price_in_per_m",
+    "price_out_per_m",
+    "largest_price_in_per_m",
+    "largest_price_out_per_m",
 )
 _INSERT_REQUEST: Final = (
     f"INSERT INTO requests ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 )
 _SELECT_REQUEST: Final = f"SELECT {', '.join(_COLUMNS)} FROM requests"
-_INSERT_FEEDBACK: Final = "INSERT INTO feedback (request_id, ts, rating, comment) VALUES (?,?,?,?)"
+# The latest rating of a request by one rater (an API key id, '' without keys) wins.
+_INSERT_FEEDBACK: Final = (
+    "INSERT INTO feedback (request_id, ts, rating, comment, rater) VALUES (?,?,?,?,?) "
+    "ON CONFLICT (request_id, rater) DO UPDATE SET "
+    "ts = excluded.ts, rating = excluded.rating, comment = excluded.comment"
+)
 _INSERT_JUDGEMENT: Final = (
     "INSERT INTO shadow_judgements (request_id, ts, tier, judge, verdict, raw) VALUES (?,?,?,?,?,?)"
 )
@@ -255,6 +310,14 @@ def _row_params(row: LedgerRow, keep_prompt: bool) -> _Params:
         int(bool(row.cache_hit)),
         int(bool(row.stream)),
         row.prompt_text if keep_prompt else None,
+        row.reason,
+        json.dumps(dict(row.tags), sort_keys=True),
+        int(bool(row.forced)),
+        row.tenant,
+        row.price_in_per_m,
+        row.price_out_per_m,
+        row.largest_price_in_per_m,
+        row.largest_price_out_per_m,
     )
 
 
@@ -278,6 +341,14 @@ def _decode_row(r: Sequence[Any]) -> LedgerRow:
         cache_hit=bool(r[15]),
         stream=bool(r[16]),
         prompt_text=r[17],
+        reason=r[18],
+        tags=json.loads(r[19]),
+        forced=bool(r[20]),
+        tenant=r[21],
+        price_in_per_m=r[22],
+        price_out_per_m=r[23],
+        largest_price_in_per_m=r[24],
+        largest_price_out_per_m=r[25],
     )
 
 
@@ -393,13 +464,15 @@ class Ledger:
         """Queue one row; returns at once. Thread-safe; call it straight from the event loop."""
         self._put(_Item(_INSERT_REQUEST, _row_params(row, self.keep_prompts)))
 
-    def add_feedback(self, request_id: str, rating: float, comment: str | None = None) -> None:
-        """Queue a rating for a request (non-blocking, like `record`)."""
+    def add_feedback(
+        self, request_id: str, rating: float, comment: str | None = None, rater: str = ""
+    ) -> None:
+        """Queue a rating for a request (non-blocking, like `record`). A rater's later rating
+        of the same request replaces their earlier one."""
         if not math.isfinite(rating):
             raise LedgerError(f"the rating for {request_id!r} must be a finite number")
-        self._put(
-            _Item(_INSERT_FEEDBACK, (request_id, float(self.clock()), float(rating), comment))
-        )
+        params = (request_id, float(self.clock()), float(rating), comment, rater)
+        self._put(_Item(_INSERT_FEEDBACK, params))
 
     def record_policy_change(
         self, ts: float, old_threshold: float, new_threshold: float, reason: str
