@@ -18,6 +18,8 @@ import pytest
 
 from .test_gateway import KEY, Server, needs_llama, post, start, write_yaml
 
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
     needs_llama,
@@ -73,8 +75,16 @@ gateway:
     server.stop()
 
 
+def test_dashboard_data_needs_a_key_when_keys_are_set(gateway: Server) -> None:
+    anonymous = httpx.get(gateway.url + "/v1/dashboard/data")
+    assert anonymous.status_code == 401
+    assert anonymous.json()["error"]["code"] == "invalid_api_key"
+    wrong = httpx.get(gateway.url + "/v1/dashboard/data", headers={"Authorization": "Bearer x"})
+    assert wrong.status_code == 401
+
+
 def test_controller_moves_the_threshold_and_logs_why(gateway: Server) -> None:
-    data = httpx.get(gateway.url + "/v1/dashboard/data").json()
+    data = httpx.get(gateway.url + "/v1/dashboard/data", headers=AUTH).json()
     changes = data["threshold_changes"]
     assert changes, "36 requests with a 20% target should have moved the 0.5 threshold"
     assert all(abs(c["new"] - c["old"]) <= 0.1 + 1e-9 for c in changes)
@@ -126,7 +136,14 @@ def test_dashboard_renders_in_chromium(gateway: Server, tmp_path: Path) -> None:
         f"--user-data-dir={tmp_path / 'profile'}",
         "--virtual-time-budget=10000",
     ]
-    url = gateway.url + "/dashboard"
+    locked = subprocess.run(
+        [CHROMIUM, *flags, "--dump-dom", gateway.url + "/dashboard"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert "this gateway needs an API key" in locked and 'class="chart"' not in locked
+    url = gateway.url + f"/dashboard#key={KEY}"
     dom = subprocess.run(
         [CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120
     ).stdout

@@ -220,7 +220,9 @@ def create_app(
         return Response(page, media_type="text/html; charset=utf-8")
 
     @app.get("/v1/dashboard/data")
-    async def dashboard_json(since: str = "24h") -> JSONResponse:
+    async def dashboard_json(request: Request, since: str = "24h") -> JSONResponse:
+        # The page itself holds no data; its numbers are the whole gateway's, for key holders.
+        authorise(request)
         from tierroute.errors import LedgerError
         from tierroute.gateway.dashboard import dashboard_data
         from tierroute.ledger import parse_since
