@@ -270,3 +270,21 @@ def test_knn_beats_random_on_mmlu_under_grouped_cv(tmp_path: Path) -> None:
 def test_outcome_writer_is_deterministic(tmp_path: Path) -> None:
     a = write_outcomes(tmp_path / "a.jsonl").read_text()
     assert a == write_outcomes(tmp_path / "b.jsonl").read_text()
+
+
+def test_route_follows_the_gateway_config(tmp_path: Path) -> None:
+    """`route` prints what `serve` would do: the config's tiers, policy and router."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        "tiers:\n"
+        "  - {name: small, kind: openai, base_url: 'http://127.0.0.1:9/v1', model: c}\n"
+        "  - {name: large, kind: openai, base_url: 'http://127.0.0.1:9/v1', model: p}\n"
+        "policy: {thresholds: [0.4]}\nrouter: rules\n"
+    )
+    code = "Write a Python function that reverses a linked list."
+    decision = json.loads(run_cli("route", code, "--config", str(config), "--json").stdout)
+    assert decision["tier"] == "large" and decision["model"] == "p"
+    # the rules' conventional floor "medium" is told as the configured tier it means
+    assert "floor medium: large" in decision["reason"]
+    builtin = json.loads(run_cli("route", "hi, thanks!", "--json", check=True).stdout)
+    assert builtin["tier"] in {"small", "large"}  # the built-in gateway's two local tiers

@@ -55,7 +55,7 @@ def test_factor_router_learns_every_model_and_scores_unseen_prompts(
     assert 0.0 <= easy < hard <= 1.0
     probs = router.model_probabilities(["Prove that the square root of 5 is irrational."])[0]
     assert probs[2] < probs[1]  # weak is less likely than strong to answer a hard prompt
-    assert "P(small weak answers well)" in router.explain_text("Prove it.").reasons[0]
+    assert "P(a small model answers well)" in router.explain_text("Prove it.").reasons[0]
 
 
 def test_factor_router_pairs_models_it_never_saw_as_a_pair(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]

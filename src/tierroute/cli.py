@@ -382,6 +382,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_route(args: argparse.Namespace) -> int:
     from tierroute.config import load_policy
+    from tierroute.gateway.settings import load_settings
 
     if args.messages:
         try:
@@ -395,8 +396,12 @@ def cmd_route(args: argparse.Namespace) -> int:
             )
         messages = [{"role": "user", "content": args.prompt}]
     start = time.perf_counter()
-    router, artifact = _resolve_router(args.router, batch=False)
-    policy = load_policy(args.tiers)
+    if args.tiers:  # a bare tiers file, as before the gateway existed
+        policy, router_spec = load_policy(args.tiers), args.router or "default"
+    else:  # the gateway's config, so this prints what `serve --config` would do
+        settings = load_settings(args.config)
+        policy, router_spec = settings.policy, args.router or settings.router
+    router, artifact = _resolve_router(router_spec, batch=False)
     if artifact is not None and artifact.threshold is not None:
         policy = policy.with_threshold(artifact.threshold)
     # Load the embedding model and tag prototypes now, so the time printed is that of
@@ -749,9 +754,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="a JSON list of chat messages (a whole conversation) instead",
     )
     p.add_argument(
-        "--router", default="default", help="random, rules, default, or a saved router folder"
+        "--config",
+        metavar="FILE",
+        help="gateway YAML whose tiers, policy and router to use "
+        "(default: the built-in one `serve` runs)",
     )
-    p.add_argument("--tiers", metavar="FILE", help="tier config (default: built-in tiers)")
+    p.add_argument(
+        "--router",
+        help="random, rules, default, or a saved router folder (default: the config's router)",
+    )
+    p.add_argument("--tiers", metavar="FILE", help="a tiers file instead of a gateway config")
     p.add_argument("--priority", choices=("batch", "interactive", "critical"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_route)

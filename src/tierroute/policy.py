@@ -130,8 +130,12 @@ class Policy:
             if floor_index is None:
                 reasons.append(f"floor {floor} ignored: no such tier")
             elif floor_index > index:
-                reasons.append(f"floor: at least {floor}")
                 index = floor_index
+                name = self.tiers[index].name
+                # a rule's conventional floor, told in the configured tiers' names
+                reasons.append(
+                    f"floor: at least {name}" if name == floor else f"floor {floor}: {name}"
+                )
         tags = ", ".join(f"{k}={v}" for k, v in explanation.tags.items())
         if tags:
             reasons.insert(0, tags)

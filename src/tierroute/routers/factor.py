@@ -183,7 +183,8 @@ class FactorRouter(BaseRouter):
         for role, model in (("small", self.small), ("large", self.large)):
             column = self._column(model)
             if column is not None:
-                reasons.append(f"P({role} {model} answers well) {probs[0, column]:.2f}")
+                # the router's reference models, not the configured tiers: say so by size only
+                reasons.append(f"P(a {role} model answers well) {probs[0, column]:.2f}")
         return Explanation(score=score, reasons=tuple(reasons))
 
     # ------------------------------------------------------------------ state
