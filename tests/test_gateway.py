@@ -57,12 +57,18 @@ class Server:
         return self.proc.wait(timeout=60)
 
 
-def start(config: Path | None, data_dir: Path, env: dict[str, str] | None = None) -> Server:
+def start(
+    config: Path | None,
+    data_dir: Path,
+    env: dict[str, str] | None = None,
+    extra: tuple[str, ...] = (),
+) -> Server:
     """`tierroute serve` on a free port (the embedded default when config is None)."""
     port = free_port()
     log = data_dir / "serve.log"
     data_dir.mkdir(parents=True, exist_ok=True)
     args = ["serve", "--port", str(port), "--data-dir", str(data_dir), "--log-level", "warning"]
+    args += extra
     if config is not None:
         args += ["--config", str(config)]
     proc = subprocess.Popen(
@@ -131,7 +137,8 @@ gateway:
   max_body_bytes: 20000
   retries: 1
   breaker_failures: 2
-  breaker_cooldown_s: 3
+  breaker_cooldown_s: 10  # long enough that a loaded machine still sees it open
+  forced_fallback: true  # the breaker test below names the large tier and expects fallback
   personalise: {{strength: 1.0, prior_n: 2, max_shift: 0.3}}
 """,
         )
@@ -443,7 +450,7 @@ def test_upstream_dies_mid_stream_then_fallback_and_breaker(
     assert raw.headers["x-tierroute-tier"] == "small"
     assert raw.headers["x-tierroute-fallback"] == ""
     # 4. after the cool-down one probe goes through (and fails again)
-    time.sleep(3.2)
+    time.sleep(10.2)
     raw = client(gateway).chat.completions.with_raw_response.create(
         model="large", messages=HELLO, max_tokens=4
     )

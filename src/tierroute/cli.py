@@ -445,8 +445,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tierroute.gateway.app import create_app
     from tierroute.gateway.build import build_parts
     from tierroute.gateway.settings import load_settings
+    from tierroute.logs import configure
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure(args.log_format, logging.INFO)
     settings = load_settings(args.config)
     data_dir = Path(args.data_dir) if args.data_dir else None
     # Find and check local models before the server starts, so a missing package or a
@@ -774,6 +775,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--data-dir", metavar="DIR", help="where the ledger lives")
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="json: one object per line with request_id, tier and event fields",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("report", help="savings and latency from the ledger")

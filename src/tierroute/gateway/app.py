@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -91,12 +91,14 @@ def _decision_headers(
     cost: float | None,
     request_id: str,
     cascade: str | None = None,
+    notes: Sequence[str] = (),
 ) -> dict[str, str]:
     d = routed.decision
+    reason = "; ".join([d.reason, *notes]) if notes else d.reason  # e.g. "large skipped: ..."
     headers = {
         "X-Tierroute-Tier": tier or d.tier.name,
         "X-Tierroute-Score": "" if d.score != d.score else f"{d.score:.4f}",
-        "X-Tierroute-Reason": _header_safe(d.reason),
+        "X-Tierroute-Reason": _header_safe(reason),
         "X-Tierroute-Fallback": ",".join(tried) if len(tried) > 1 else "",
         "X-Tierroute-Request-Id": request_id,
         "X-Tierroute-Cache": "hit" if routed.cache_hit else "miss",
@@ -206,7 +208,12 @@ def create_app(
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         e = engine()
-        return {"status": "ok", "tiers": {n: e.breakers[n].state for n in e.tier_names}}
+        problems = e.health()
+        return {
+            "status": "degraded" if problems else "ok",
+            "problems": problems,
+            "tiers": {n: e.breakers[n].state for n in e.tier_names},
+        }
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
@@ -397,7 +404,13 @@ def create_app(
             result.completion_tokens,
         )
         headers = _decision_headers(
-            routed, outcome.tier, outcome.tried, cost, outcome.request_id, outcome.cascade
+            routed,
+            outcome.tier,
+            outcome.tried,
+            cost,
+            outcome.request_id,
+            outcome.cascade,
+            outcome.notes,
         )
         return JSONResponse(body, headers=headers)
 
@@ -425,7 +438,13 @@ def create_app(
             call.request.max_tokens or settings.max_tokens_default,
         ) + e.spent_cost(outcome)
         headers = _decision_headers(
-            outcome.routed, tier_name, outcome.tried, max_cost, outcome.request_id, outcome.cascade
+            outcome.routed,
+            tier_name,
+            outcome.tried,
+            max_cost,
+            outcome.request_id,
+            outcome.cascade,
+            outcome.notes,
         )
         headers["X-Tierroute-Cost-Usd-Is"] = "upper-estimate"
         created = int(time.time())

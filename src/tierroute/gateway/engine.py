@@ -113,6 +113,7 @@ class Outcome:
     cascade: str | None = None
     spent: list[tuple[str, int, int]] = field(default_factory=list)
     escalated: bool = False  # the verifier sent it on (an escalation, not a fallback)
+    notes: list[str] = field(default_factory=list)  # tiers skipped or failed, for the reason
     replayed: bool = False  # a buffered answer was streamed: its tier's latency is booked
 
 
@@ -261,6 +262,8 @@ class Engine:
         chosen = tiers[index]
         order = [chosen, *tiers[index + 1 :], *tiers[:index][::-1]]
         chain = [t.name for t in order]
+        if forced is not None and not self.settings.forced_fallback:
+            chain = [forced]  # the client named its tier: that tier answers, or the request fails
         if notes:
             decision = Decision(
                 decision.score, chosen, "; ".join([decision.reason, *notes]), decision.tags
@@ -310,27 +313,63 @@ class Engine:
 
     def _failed(self, tier: str) -> None:
         breaker = self.breakers[tier]
+        before = breaker.state
         breaker.failure()
-        self.metrics.breaker_open.labels(tier).set(1 if breaker.state == "open" else 0)
+        after = breaker.state
+        self.metrics.breaker_open.labels(tier).set(1 if after == "open" else 0)
+        if after == "open" and before != "open":
+            log.warning(
+                "breaker of tier %s opened after %d failure(s); it skips the tier for %gs",
+                tier,
+                breaker.failures,
+                breaker.cooldown_s,
+                extra={"tier": tier, "event": "breaker_open"},
+            )
 
     def _succeeded(self, tier: str, ms: float) -> None:
-        self.breakers[tier].success()
+        breaker = self.breakers[tier]
+        if breaker.state != "closed":
+            log.info(
+                "breaker of tier %s closed: the tier answered again",
+                tier,
+                extra={"tier": tier, "event": "breaker_closed"},
+            )
+        breaker.success()
         self.latency[tier].add(ms)
         self.metrics.breaker_open.labels(tier).set(0)
 
-    async def _on_tier(self, tier: str, attempt: Callable[[str, float], Awaitable[T]]) -> T:
+    def health(self) -> list[str]:
+        """What is wrong now, for /healthz: an empty list when every tier is in service."""
+        return [
+            f"tier {name}: breaker {self.breakers[name].state}"
+            for name in self.tier_names
+            if self.breakers[name].state != "closed"
+        ]
+
+    async def _on_tier(
+        self, tier: str, attempt: Callable[[str, float], Awaitable[T]], request_id: str = ""
+    ) -> T:
         """`attempt(tier, timeout)` with the tier's retries. Raises the last retryable
         BackendError once they are spent (and counts the failure on the tier's breaker),
         a non-retryable one at once."""
         timeout = self.settings.spec(tier).timeout_s
         last: BackendError | None = None
-        async for _ in self._attempts(tier):
+        async for n in self._attempts(tier):
             try:
                 return await attempt(tier, timeout)
             except BackendError as exc:
                 if not exc.retryable:
                     raise
                 last = exc
+                if n < self.settings.retries:
+                    log.warning(
+                        "request %s: tier %s attempt %d failed (%s); retrying",
+                        request_id,
+                        tier,
+                        n + 1,
+                        exc,
+                        extra={"request_id": request_id, "tier": tier, "event": "retry"},
+                    )
         self._failed(tier)
         assert last is not None  # there is always at least one attempt
         raise last
@@ -345,16 +384,40 @@ class Engine:
         routed one unless given), with retries per tier; raises AllTiersFailed, or a
         non-retryable BackendError at once."""
         last: BackendError | None = None
+        rid = outcome.request_id
         for tier in outcome.routed.chain if chain is None else chain:
             if not self._available(tier):
+                outcome.notes.append(f"{tier} skipped: breaker open")
+                log.warning(
+                    "request %s: tier %s skipped, its breaker is open",
+                    rid,
+                    tier,
+                    extra={"request_id": rid, "tier": tier, "event": "skipped"},
+                )
                 continue
+            if outcome.tried:
+                log.warning(
+                    "request %s: falling back from %s to %s",
+                    rid,
+                    outcome.tried[-1],
+                    tier,
+                    extra={"request_id": rid, "tier": tier, "event": "fallback"},
+                )
             outcome.tried.append(tier)
             try:
-                value = await self._on_tier(tier, attempt)
+                value = await self._on_tier(tier, attempt, rid)
             except BackendError as exc:
                 if not exc.retryable:
                     raise
                 last = exc
+                outcome.notes.append(f"{tier} failed: {exc}")
+                log.warning(
+                    "request %s: tier %s failed: %s",
+                    rid,
+                    tier,
+                    exc,
+                    extra={"request_id": rid, "tier": tier, "event": "tier_failed"},
+                )
                 continue
             outcome.tier = tier
             return value

@@ -59,6 +59,7 @@ class GatewaySettings:
     cache_size: int = 10_000
     cache_ttl_s: float = 600.0
     max_tokens_default: int = 256
+    forced_fallback: bool = False  # may a request that names its tier fall back to another?
     api_key_hashes: frozenset[str] = field(default_factory=frozenset)
     controller: ControllerConfig | None = None
     shadow: ShadowConfig | None = None
@@ -118,6 +119,7 @@ class GatewayFields(StrictModel):
     cache_size: int = Field(10_000, ge=0, le=10_000_000)
     cache_ttl_s: float = Field(600.0, ge=0, le=30 * 86_400)
     max_tokens_default: int = Field(256, ge=1, le=1 << 20)
+    forced_fallback: bool = False
     api_keys_sha256: list[Sha256Hex] = Field(default_factory=list, max_length=100_000)
     # Checked against their own dataclasses below, so each names its own keys.
     controller: Section = None
@@ -180,6 +182,7 @@ def parse_settings(doc: Any, source: str, lines: Lines | None = None) -> Gateway
         cache_size=gw.cache_size,
         cache_ttl_s=gw.cache_ttl_s,
         max_tokens_default=gw.max_tokens_default,
+        forced_fallback=gw.forced_fallback,
         api_key_hashes=frozenset(hashes),
         controller=section("controller", ControllerConfig),
         shadow=section("shadow", ShadowConfig),
