@@ -7,16 +7,24 @@ a real chmod (as an unprivileged user when the tests run as root, since root ign
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+import yaml
 
-from tierroute.ledger import Ledger, LedgerError, LedgerRow
+from tests.test_gateway import free_port, start
+from tierroute.gateway.settings import GatewaySettings
+from tierroute.ledger import Ledger, LedgerError, LedgerRow, default_path
 
 
 def make_row(i: int, **kw: object) -> LedgerRow:
@@ -161,3 +169,162 @@ def test_a_read_only_folder_holding_a_valid_ledger_is_called_read_only(tmp_path:
     message = str(caught.value)
     assert "is read-only" in message and "writable" in message, message
     assert "not a usable" not in message and "move it aside" not in message
+
+
+# --- the gateway: real processes on loopback -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[str]:
+    """benchmarks/fast_upstream.py: an OpenAI-compatible server answering "ok" at once."""
+    port = free_port()
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fast_upstream.py"
+    proc = subprocess.Popen([sys.executable, str(script), str(port)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(url + "/healthz", timeout=1)
+                break
+            except httpx.HTTPError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError("the fast upstream did not start") from None
+                time.sleep(0.1)
+        yield url + "/v1"
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+def ascii_json(doc: object) -> dict[str, Any]:
+    """Request arguments for a JSON body in ASCII (a lone surrogate as its \\u escape: valid
+    JSON, which httpx's own UTF-8 encoding cannot send)."""
+    return {"content": json.dumps(doc), "headers": {"content-type": "application/json"}}
+
+
+def gateway_yaml(upstream: str, extra: str = "") -> str:
+    return f"""
+router: random
+tiers:
+  - {{name: small, kind: openai, base_url: "{upstream}", model: fast}}
+  - {{name: large, kind: openai, base_url: "{upstream}", model: fast}}
+gateway:
+  keep_prompts: true
+{extra}"""
+
+
+def test_gateway_keeps_every_row_despite_lone_surrogates(tmp_path: Path, upstream: str) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(gateway_yaml(upstream))
+    server = start(config, tmp_path / "data")
+    try:
+
+        async def burst() -> list[str]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+
+                async def one(i: int) -> str:
+                    text = f"Say {i}" + ("\ud800" if i % 10 == 0 else "")
+                    r = await http.post(
+                        "/v1/chat/completions",
+                        **ascii_json(
+                            {"model": "small", "messages": [{"role": "user", "content": text}]}
+                        ),
+                    )
+                    assert r.status_code == 200, r.text
+                    return str(r.json()["id"])
+
+                ids = list(await asyncio.gather(*(one(i) for i in range(100))))
+                rated = await asyncio.gather(
+                    *(
+                        http.post(
+                            "/v1/feedback",
+                            **ascii_json(
+                                {"request_id": rid, "rating": 0, "comment": f"bad {n}\udfff"}
+                            ),
+                        )
+                        for n, rid in enumerate(ids[:20])
+                    )
+                )
+                assert all(r.status_code == 200 for r in rated), [r.text for r in rated]
+                return ids
+
+        ids = asyncio.run(burst())
+        dashboard = httpx.get(server.url + "/v1/dashboard/data", timeout=60)
+        assert dashboard.status_code == 200, dashboard.text
+        health = httpx.get(server.url + "/healthz", timeout=10).json()
+        assert health["status"] == "ok" and health["ledger"]["rows_failed"] == 0, health
+    finally:
+        server.stop()  # SIGTERM: graceful (uvicorn then re-raises the signal: exit -15)
+    log = server.log.read_text()
+    assert "Application shutdown failed" not in log and "Traceback" not in log, log
+    with Ledger(default_path(server.data_dir)) as ledger:
+        rows = {rid: ledger.get(rid) for rid in ids}
+        assert all(rows.values()), f"{sum(not r for r in rows.values())} of 100 rows lost"
+        first = rows[ids[0]]
+        assert first is not None and first.prompt_text is not None
+        assert first.prompt_text.endswith("Say 0\\ud800")
+        assert [f.comment for f in ledger.feedback(ids[0])] == ["bad 0\\udfff"]
+
+
+def wait_for(check: Callable[[], bool], seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("mode", ["queue", "refuse"])
+def test_gateway_on_a_full_disk_spills_or_refuses_and_loses_no_answered_row(
+    tmp_path: Path, upstream: str, mode: str
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from tierroute.gateway.app import Parts, create_app
+    from tierroute.gateway.build import make_backend
+    from tierroute.gateway.settings import parse_settings
+    from tierroute.routers.random_router import RandomRouter
+
+    doc = yaml.safe_load(gateway_yaml(upstream, f"  on_ledger_failure: {mode}\n"))
+    settings = parse_settings(doc, "test config")
+    ledger = Ledger(tmp_path / "ledger.db", keep_prompts=True, retry_s=0.05)
+
+    def build(s: GatewaySettings) -> Parts:
+        backends = {spec.name: make_backend(spec) for spec in s.tiers}
+        return Parts(router=RandomRouter(), backends=backends, ledger=ledger)
+
+    def ask(client: TestClient, i: int) -> httpx.Response:
+        # A kept prompt larger than a page: its row needs a new page, which the full file lacks.
+        text = f"Say {i}" + " please" * 2000
+        body = {"model": "small", "messages": [{"role": "user", "content": text}]}
+        return client.post("/v1/chat/completions", json=body)
+
+    with TestClient(create_app(settings, build)) as client:
+        assert ask(client, 0).status_code == 200
+        ledger.flush()
+        fill_up(ledger)
+        # The disk's state shows when a row is written: this answer's row is the one that
+        # finds the disk full, so it is kept in memory.
+        assert ask(client, 1).status_code == 200
+        wait_for(lambda: not ledger.health().writable)
+        health = client.get("/healthz").json()
+        assert health["status"] == "degraded" and "full" in health["reason"], health
+        answers = [ask(client, i) for i in range(2, 12)]
+        if mode == "refuse":
+            assert {r.status_code for r in answers} == {503}
+            error = answers[0].json()["error"]
+            assert error["code"] == "ledger_unavailable" and "full" in error["message"]
+        else:
+            assert {r.status_code for r in answers} == {200}
+        answered = 2 + sum(r.status_code == 200 for r in answers)
+        ledger.flush(raise_failures=False)  # the writer has taken every row queued so far
+        metrics = client.get("/metrics").text
+        assert f"tierroute_ledger_rows_spilled {answered - 1:.1f}" in metrics, metrics
+        assert "tierroute_ledger_writable 0.0" in metrics
+        free_space(ledger)
+        wait_for(lambda: ledger.health().ok)
+        assert client.get("/healthz").json()["status"] == "ok"
+        assert ask(client, 99).status_code == 200
+        ledger.flush()
+        assert ledger.count() == answered + 1
+        assert "tierroute_ledger_rows_failed_total 0.0" in client.get("/metrics").text

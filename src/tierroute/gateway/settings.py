@@ -26,6 +26,8 @@ from tierroute.types import Tier
 from tierroute.yaml_files import read_yaml
 
 KINDS = ("local", "openai")
+# While the ledger cannot write: keep rows in memory and answer, or answer 503.
+LEDGER_FAILURE_MODES = ("queue", "refuse")
 S = TypeVar("S")
 
 
@@ -62,6 +64,8 @@ class GatewaySettings:
     shadow: ShadowConfig | None = None
     personalise: PersonaliseConfig | None = None
     cascade: CascadeConfig | None = None
+    on_ledger_failure: str = "queue"
+    ledger_spill_max_rows: int = 100_000
     source: str = "built-in gateway.yaml"
 
     def spec(self, name: str) -> TierSpec:
@@ -134,6 +138,12 @@ def parse_settings(doc: Any, source: str) -> GatewaySettings:
     shadow = _section(gw, "shadow", ShadowConfig, source)
     personalise = _section(gw, "personalise", PersonaliseConfig, source)
     cascade = _section(gw, "cascade", CascadeConfig, source)
+    on_ledger_failure = gw.get("on_ledger_failure", "queue")
+    if on_ledger_failure not in LEDGER_FAILURE_MODES:
+        raise ConfigError(
+            f"'gateway.on_ledger_failure' in {source} must be queue (keep rows in memory and "
+            "answer) or refuse (answer 503 while the ledger cannot write)"
+        )
     try:
         return GatewaySettings(
             tiers=specs,
@@ -152,6 +162,8 @@ def parse_settings(doc: Any, source: str) -> GatewaySettings:
             shadow=shadow,
             personalise=personalise,
             cascade=cascade,
+            on_ledger_failure=str(on_ledger_failure),
+            ledger_spill_max_rows=int(gw.get("ledger_spill_max_rows", 100_000)),
             source=source,
         )
     except (TypeError, ValueError):
