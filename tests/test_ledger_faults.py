@@ -71,7 +71,9 @@ def test_lone_surrogates_are_stored_escaped_and_keep_their_batch(ledger: Ledger)
     assert ledger.health().ok and ledger.health().rows_written == 50 + 3
 
 
-def test_a_row_sqlite_refuses_is_counted_and_its_batch_mates_kept(ledger: Ledger) -> None:
+def test_a_row_sqlite_refuses_is_counted_and_its_batch_mates_kept(
+    ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
     # 2**63 does not fit SQLite's INTEGER: only that row fails, once, and says why.
     for i in range(20):
         ledger.record(make_row(i, prompt_tokens=2**63 if i == 7 else 1))
@@ -82,6 +84,24 @@ def test_a_row_sqlite_refuses_is_counted_and_its_batch_mates_kept(ledger: Ledger
     assert health.rows_failed == 1 and health.writable
     assert health.problem is not None and "could not be stored" in health.problem
     ledger.flush()  # reported once
+    for batch in range(3):  # a burst of bad rows in several batches: one ERROR in the log
+        for i in range(5):
+            ledger.record(make_row(100 + 10 * batch + i, prompt_tokens=2**63))
+        ledger.flush(raise_failures=False)
+    assert ledger.health().rows_failed == 16
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+
+
+def test_on_ledger_failure_is_queue_or_refuse() -> None:
+    from tierroute.errors import ConfigError
+    from tierroute.gateway.settings import parse_settings
+
+    url = "http://127.0.0.1:9/v1"
+    assert parse_settings(yaml.safe_load(gateway_yaml(url)), "x").on_ledger_failure == "queue"
+    bad = yaml.safe_load(gateway_yaml(url, "  on_ledger_failure: drop\n"))
+    with pytest.raises(ConfigError, match=r"must be queue .* or refuse"):
+        parse_settings(bad, "x")
 
 
 # --- finding 2: a full disk ----------------------------------------------------------------
