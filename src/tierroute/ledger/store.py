@@ -719,7 +719,7 @@ class Ledger:
                 except Exception as e:
                     if _is_disk_error(e):
                         raise
-                    failed.clear()  # one bad row (duplicate id, a value SQLite refuses)
+                    # one bad row (duplicate id, a value SQLite refuses): find it
                     self._transaction(conn, chunk, failed)
             except sqlite3.OperationalError as e:
                 if not _is_disk_error(e):
@@ -738,6 +738,8 @@ class Ledger:
         """One transaction: `executemany` per statement when `failed` is None (a bad row
         raises), else row by row, with each bad row appended to `failed` and the rest kept."""
         for attempt in range(4):
+            if failed is not None:
+                failed.clear()  # a retried attempt finds them again
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 if failed is None:
