@@ -13,7 +13,7 @@ lost (answered without a row):
 3. Poisoned rows: one request in ten carries a lone surrogate in its kept prompt, and every
    answer gets feedback with a lone surrogate in its comment.
 4. Full disk, `on_ledger_failure: queue` then `refuse`: the data folder is a small tmpfs
-   filled by a ballast file, which is deleted after a while (space returns). Without the
+   (16 MB) filled by a ballast file, which is deleted after a while (space returns). Without the
    right to mount, the same is done to a Ledger in-process with SQLite's max_page_count.
 5. Killed upstream: the small tier's upstream is killed mid-load; its requests fall back.
 Goal (issue 11): 0 answered rows lost in every case but SIGKILL, at most one linger window
@@ -252,7 +252,9 @@ def try_mount(folder: Path, size: str) -> bool:
 
 def case_full_disk(ups: tuple[str, str], root: Path, mode: str, args: argparse.Namespace) -> None:
     data = root / f"tmpfs-{mode}"
-    if not try_mount(data, "4m"):
+    # Room for the WAL (up to ~4 MB before its checkpoint) once the ballast is gone: a
+    # smaller disk stays full, and queue mode then loses its spill at shutdown (counted).
+    if not try_mount(data, "16m"):
         full_disk_in_process(root, mode)
         return
     try:
@@ -277,7 +279,7 @@ def case_full_disk(ups: tuple[str, str], root: Path, mode: str, args: argparse.N
         finally:
             gw.stop()
         rows = rows_found(data, result.answered)
-        note = f"tmpfs 4 MB; health while full: {seen[0] if seen else '?'}; after: {after}"
+        note = f"tmpfs 16 MB; health while full: {seen[0] if seen else '?'}; after: {after}"
         report(f"full disk, {mode}", result, rows, note)
     finally:
         subprocess.run(["umount", str(data)], check=False)
