@@ -130,6 +130,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         parts = await asyncio.to_thread(build, settings)
         engine = Engine(settings, parts.router, parts.backends, parts.ledger, metrics)
+        engine.metrics.watch_ledger(parts.ledger.health)
         state["engine"] = engine
         try:
             yield
@@ -141,7 +142,8 @@ def create_app(
                 await engine.shadow.aclose()
             for backend in parts.backends.values():
                 await backend.aclose()
-            await parts.ledger.aclose()
+            # Rows it could not store are counted and logged by the ledger, not raised here.
+            await parts.ledger.aclose(raise_failures=False)
 
     app = FastAPI(title="tierroute", version="0.1.0", lifespan=lifespan)
 
@@ -205,15 +207,43 @@ def create_app(
     def headers_of(request: Request) -> dict[str, str]:
         return {k.lower(): v for k, v in request.headers.items()}
 
+    def ledger_writable() -> None:
+        """With `on_ledger_failure: refuse`, no answer while its row could not be written."""
+        if settings.on_ledger_failure != "refuse":
+            return
+        health = engine().ledger.health()
+        if not health.writable:
+            raise ApiError(
+                503,
+                f"The gateway cannot record requests right now, so it answers none: "
+                f"{health.problem}",
+                type="api_error",
+                code="ledger_unavailable",
+            )
+
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         e = engine()
         problems = e.health()
-        return {
+        ledger = e.ledger.health()
+        if ledger.problem is not None:
+            problems.append(f"ledger: {ledger.problem}")
+        elif not ledger.ok:
+            problems.append("ledger: degraded")
+        body: dict[str, Any] = {
             "status": "degraded" if problems else "ok",
             "problems": problems,
             "tiers": {n: e.breakers[n].state for n in e.tier_names},
+            "ledger": {
+                "writable": ledger.writable,
+                "rows_spilled": ledger.rows_spilled,
+                "rows_failed": ledger.rows_failed,
+                "rows_dropped": ledger.rows_dropped,
+            },
         }
+        if ledger.problem is not None:
+            body["reason"] = ledger.problem
+        return body
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
@@ -239,7 +269,8 @@ def create_app(
         except LedgerError as exc:
             raise ApiError(400, str(exc), param="since") from None
         e = engine()
-        await e.ledger.aflush()  # so the charts include the requests just answered
+        # so the charts include the requests just answered; write failures go to /healthz
+        await e.ledger.aflush(raise_failures=False)
         data = await asyncio.to_thread(dashboard_data, e.ledger, settings, start)
         return JSONResponse(data)
 
@@ -287,6 +318,7 @@ def create_app(
     async def feedback(request: Request) -> JSONResponse:
         """Rate an answer: {"request_id", "rating": 1 | 0 | a score in [0, 1], "comment"?}."""
         key_id = authorise(request)
+        ledger_writable()
         doc = parse_json(await read_body(request))
         request_id = doc.get("request_id")
         if not isinstance(request_id, str) or not request_id:
@@ -358,6 +390,7 @@ def create_app(
     async def chat(request: Request) -> Response:
         start = time.perf_counter()
         key_id = authorise(request)
+        ledger_writable()
         doc = parse_json(await read_body(request))
         e = engine()
         call = _tenant_or_key(

@@ -58,5 +58,9 @@ def build_parts(settings: GatewaySettings, data_dir: Path | None = None) -> Part
         if isinstance(backend, LlamaCppBackend):
             backend.load()
         backends[spec.name] = backend
-    ledger = Ledger(default_path(data_dir), keep_prompts=settings.keep_prompts)
+    ledger = Ledger(
+        default_path(data_dir),
+        keep_prompts=settings.keep_prompts,
+        spill_max_rows=settings.ledger_spill_max_rows,
+    )
     return Parts(router=router, backends=backends, ledger=ledger)

@@ -2,11 +2,48 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from tierroute.ledger import LedgerHealth
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class _LedgerCollector(Collector):
+    """The ledger writer's counts, read from `Ledger.health()` at each scrape."""
+
+    def __init__(self) -> None:
+        self.health: Callable[[], LedgerHealth] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.health is None:
+            return
+        h = self.health()
+        yield CounterMetricFamily(
+            "tierroute_ledger_rows_failed",
+            "Ledger rows that could not be stored (SQLite refused them, or lost at shutdown)",
+            value=h.rows_failed,
+        )
+        yield CounterMetricFamily(
+            "tierroute_ledger_rows_dropped",
+            "Ledger rows dropped because the in-memory spill was full while the disk failed",
+            value=h.rows_dropped,
+        )
+        yield GaugeMetricFamily(
+            "tierroute_ledger_rows_spilled",
+            "Ledger rows waiting in memory for the disk to take writes again",
+            value=h.rows_spilled,
+        )
+        yield GaugeMetricFamily(
+            "tierroute_ledger_writable", "1 while the ledger can write", value=int(h.writable)
+        )
 
 
 @dataclass
@@ -72,6 +109,12 @@ class Metrics:
         self.breaker_open = Gauge(
             "tierroute_circuit_open", "1 while a tier's breaker is open", ["tier"], registry=r
         )
+        self._ledger = _LedgerCollector()
+        r.register(self._ledger)
+
+    def watch_ledger(self, health: Callable[[], LedgerHealth]) -> None:
+        """Report the ledger writer's counts (`Ledger.health`) at every scrape."""
+        self._ledger.health = health
 
     def render(self) -> bytes:
         data: bytes = generate_latest(self.registry)

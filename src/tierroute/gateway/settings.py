@@ -65,6 +65,8 @@ class GatewaySettings:
     shadow: ShadowConfig | None = None
     personalise: PersonaliseConfig | None = None
     cascade: CascadeConfig | None = None
+    on_ledger_failure: str = "queue"
+    ledger_spill_max_rows: int = 100_000
     source: str = "built-in gateway.yaml"
 
     def spec(self, name: str) -> TierSpec:
@@ -120,6 +122,9 @@ class GatewayFields(StrictModel):
     cache_ttl_s: float = Field(600.0, ge=0, le=30 * 86_400)
     max_tokens_default: int = Field(256, ge=1, le=1 << 20)
     forced_fallback: bool = False
+    # While the ledger cannot write: queue keeps rows in memory and answers, refuse answers 503.
+    on_ledger_failure: Literal["queue", "refuse"] = "queue"
+    ledger_spill_max_rows: int = Field(100_000, ge=0, le=10_000_000)
     api_keys_sha256: list[Sha256Hex] = Field(default_factory=list, max_length=100_000)
     # Checked against their own dataclasses below, so each names its own keys.
     controller: Section = None
@@ -183,6 +188,8 @@ def parse_settings(doc: Any, source: str, lines: Lines | None = None) -> Gateway
         cache_ttl_s=gw.cache_ttl_s,
         max_tokens_default=gw.max_tokens_default,
         forced_fallback=gw.forced_fallback,
+        on_ledger_failure=gw.on_ledger_failure,
+        ledger_spill_max_rows=gw.ledger_spill_max_rows,
         api_key_hashes=frozenset(hashes),
         controller=section("controller", ControllerConfig),
         shadow=section("shadow", ShadowConfig),

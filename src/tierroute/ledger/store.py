@@ -2,9 +2,18 @@
 
 `Ledger.record(row)` only puts the row on a queue, so the gateway's event loop never waits
 on the disk. A dedicated writer thread drains the queue and inserts whatever has piled up in
-one transaction. `flush()` returns once everything queued before it is committed; `close()`
-flushes, stops the writer and is safe to call twice. Reads use their own connection, and WAL
-mode lets them run while the writer commits.
+one transaction, at the latest `linger_s` after the first row of a batch arrived (so a
+SIGKILL loses at most the rows queued in that window). `flush()` returns once everything
+queued before it is committed; `close()` flushes, stops the writer and is safe to call twice.
+Reads use their own connection, and WAL mode lets them run while the writer commits.
+
+No row is lost to another row's fault. Rows are made storable when queued: text that UTF-8
+cannot encode (a lone surrogate such as "\ud800", valid in JSON) is stored with those code
+points written as backslash escapes (the six characters `\ud800`). A batch that fails is
+retried row by row; a row that still fails is counted in `health()` and logged once per
+burst. When the disk refuses writes (full, read-only, I/O error) the rows stay in memory,
+up to `spill_max_rows` (the newest beyond that are dropped and counted), and are written as
+soon as the disk works again; `health()` says so meanwhile.
 
 The schema is the list `MIGRATIONS`: migration *n* (1-based) moves a database from
 `PRAGMA user_version` n-1 to n, in its own transaction. Opening a ledger applies the ones a
@@ -23,7 +32,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -321,6 +330,52 @@ def _row_params(row: LedgerRow, keep_prompt: bool) -> _Params:
     )
 
 
+def _storable_text(text: str) -> str:
+    """`text`, with what UTF-8 cannot encode (lone surrogates) written as backslash escapes."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _storable(params: _Params) -> _Params:
+    return tuple(_storable_text(p) if isinstance(p, str) else p for p in params)
+
+
+# SQLite's answers that mean "the disk cannot take writes now", not "this row is bad".
+_DISK_ERRORS: Final = frozenset(
+    {
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PERM,
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+    }
+)
+
+
+def _is_disk_error(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.OperationalError) and (
+        code is None or (code & 0xFF) in _DISK_ERRORS
+    )
+
+
+def _is_read_only(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and (code & 0xFF) in (
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PERM,
+    )
+
+
 def _decode_row(r: Sequence[Any]) -> LedgerRow:
     return LedgerRow(
         id=r[0],
@@ -387,12 +442,41 @@ _STOP: Final = object()
 _QueueItem = _Item | _Flush | object
 
 
+@dataclass(frozen=True)
+class LedgerHealth:
+    """What the writer could and could not do, for /healthz and /metrics.
+
+    `rows_failed` rows could not be stored at all (each was refused by SQLite on its own);
+    `rows_dropped` were dropped because the spill was full; `rows_spilled` wait in memory
+    for the disk. `problem` is None when all is well, else one sentence saying what is wrong.
+    """
+
+    writable: bool = True
+    rows_written: int = 0
+    rows_failed: int = 0
+    rows_dropped: int = 0
+    rows_spilled: int = 0
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+# A row lost (failed or dropped) keeps the ledger "degraded" this long after it happened.
+_RECENT_LOSS_S: Final = 600.0
+# Repeated failures of one kind are logged once per this many seconds (with a count).
+_LOG_EVERY_S: Final = 60.0
+
+
 class Ledger:
     """The request ledger at `path`: non-blocking writes from any thread or task, safe reads.
 
     `keep_prompts=False` (the default) drops `prompt_text` before a row is queued, so prompts
     reach the disk only when configured. `clock` stamps feedback. Use as a context manager, or
     call `close()` (or `await aclose()`) at shutdown; an exit hook closes a forgotten ledger.
+    While the disk refuses writes, up to `spill_max_rows` rows wait in memory and the writer
+    tries again every `retry_s` seconds.
     """
 
     def __init__(
@@ -402,18 +486,28 @@ class Ledger:
         keep_prompts: bool = False,
         batch_size: int = 500,
         linger_s: float = 0.02,
+        spill_max_rows: int = 100_000,
+        retry_s: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path)
         self.keep_prompts = keep_prompts
         self.batch_size = max(1, batch_size)
         self.linger_s = linger_s
+        self.spill_max_rows = max(1, spill_max_rows)
+        self.retry_s = retry_s
         self.clock = clock
         self._queue: queue.SimpleQueue[_QueueItem] = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards _closed against a racing record/close
         self._closed = False
-        self._failures: list[str] = []
-        self._failures_lock = threading.Lock()
+        # What went wrong, kept small: counts, the first unreported message, log throttling.
+        self._state_lock = threading.Lock()
+        self._health = LedgerHealth()
+        self._last_loss = -math.inf
+        self._unreported = 0
+        self._first_unreported = ""
+        self._last_logged: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
         self._reader: sqlite3.Connection | None = None
         self._reader_lock = threading.Lock()
         self._writer = self._open_writer()
@@ -449,6 +543,14 @@ class Ledger:
             migrate(conn, self.path)
         except sqlite3.DatabaseError as e:
             conn.close()
+            if _is_read_only(e):
+                # A valid ledger in a read-only place: the file is fine, the permissions not.
+                raise LedgerError(
+                    f"the ledger at {self.path} is read-only ({e}): SQLite needs to write the "
+                    f"file and create {self.path.name}-wal and {self.path.name}-shm beside it; "
+                    f"make {self.path.parent} and the file writable for this user "
+                    f"(e.g. chmod u+w), or set TIERROUTE_DATA_DIR to a writable folder"
+                ) from e
             raise LedgerError(
                 f"{self.path} is not a usable ledger database ({e}); "
                 "move it aside or point tierroute at another file"
@@ -462,7 +564,7 @@ class Ledger:
 
     def record(self, row: LedgerRow) -> None:
         """Queue one row; returns at once. Thread-safe; call it straight from the event loop."""
-        self._put(_Item(_INSERT_REQUEST, _row_params(row, self.keep_prompts)))
+        self._put(_INSERT_REQUEST, _row_params(row, self.keep_prompts))
 
     def add_feedback(
         self, request_id: str, rating: float, comment: str | None = None, rater: str = ""
@@ -472,19 +574,19 @@ class Ledger:
         if not math.isfinite(rating):
             raise LedgerError(f"the rating for {request_id!r} must be a finite number")
         params = (request_id, float(self.clock()), float(rating), comment, rater)
-        self._put(_Item(_INSERT_FEEDBACK, params))
+        self._put(_INSERT_FEEDBACK, params)
 
     def record_policy_change(
         self, ts: float, old_threshold: float, new_threshold: float, reason: str
     ) -> None:
         """Queue a threshold change made by the self-calibrating controller."""
-        self._put(_Item(_INSERT_CHANGE, (ts, float(old_threshold), float(new_threshold), reason)))
+        self._put(_INSERT_CHANGE, (ts, float(old_threshold), float(new_threshold), reason))
 
     def record_judgement(
         self, request_id: str, ts: float, tier: str, judge: str, verdict: float | None, raw: str
     ) -> None:
         """Queue a shadow judgement: was `tier`'s answer good enough, by `judge`'s verdict."""
-        self._put(_Item(_INSERT_JUDGEMENT, (request_id, ts, tier, judge, verdict, raw[:500])))
+        self._put(_INSERT_JUDGEMENT, (request_id, ts, tier, judge, verdict, raw[:500]))
 
     def judgements(self, since: float | None = None) -> list[tuple[str, str, float | None]]:
         """(request id, tier judged, verdict: 1 good enough, 0 not, None unreadable)."""
@@ -511,7 +613,8 @@ class Ledger:
         )
         return [(str(a), str(b), float(c)) for a, b, c in found]
 
-    def _put(self, item: _QueueItem) -> None:
+    def _put(self, sql: str, params: _Params) -> None:
+        item = _Item(sql, _storable(params))  # made storable here, not in the writer's batch
         with self._lock:
             if self._closed:
                 raise LedgerClosedError(
@@ -520,11 +623,25 @@ class Ledger:
                 )
             self._queue.put(item)
 
-    def flush(self, timeout: float | None = None) -> None:
-        """Block until every row queued before this call is committed.
+    def health(self) -> LedgerHealth:
+        """Whether the writer keeps up, and what it could not store (thread-safe, cheap)."""
+        with self._state_lock:
+            h = self._health
+            if h.problem is None and time.monotonic() - self._last_loss < _RECENT_LOSS_S:
+                lost = h.rows_failed + h.rows_dropped
+                return replace(
+                    h,
+                    problem=f"{lost} ledger row(s) could not be stored in the last "
+                    f"{_RECENT_LOSS_S:.0f}s; see the gateway's log",
+                )
+            return h
 
-        Raises `LedgerError` if rows failed to be written since the last flush, or if the
-        writer does not catch up within `timeout` seconds.
+    def flush(self, timeout: float | None = None, *, raise_failures: bool = True) -> None:
+        """Block until every row queued before this call is committed (or is spilled).
+
+        Raises `LedgerError` (unless `raise_failures` is false) if rows failed to be written
+        since the last report, if rows wait in memory for the disk, or if the writer does not
+        catch up within `timeout` seconds.
         """
         marker = _Flush()
         with self._lock:
@@ -533,17 +650,20 @@ class Ledger:
             else:
                 marker.done.set()
         if not marker.done.wait(timeout):
+            if not raise_failures:
+                return
             raise LedgerError(
                 f"the ledger writer did not catch up within {timeout}s; the disk at "
                 f"{self.path} may be slow or locked by another process, so retry flush()"
             )
-        self._raise_failures()
+        if raise_failures:
+            self._raise_failures()
 
-    async def aflush(self, timeout: float | None = None) -> None:
+    async def aflush(self, timeout: float | None = None, *, raise_failures: bool = True) -> None:
         """`flush()` in a worker thread, for async code."""
         import asyncio
 
-        await asyncio.to_thread(self.flush, timeout)
+        await asyncio.to_thread(self.flush, timeout, raise_failures=raise_failures)
 
     def close(self, *, raise_failures: bool = True) -> None:
         """Flush what is queued, stop the writer and close both connections. Idempotent."""
@@ -563,11 +683,11 @@ class Ledger:
         if raise_failures:
             self._raise_failures()
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, raise_failures: bool = True) -> None:
         """`close()` in a worker thread, for an ASGI lifespan shutdown."""
         import asyncio
 
-        await asyncio.to_thread(self.close)
+        await asyncio.to_thread(lambda: self.close(raise_failures=raise_failures))
 
     @property
     def closed(self) -> bool:
@@ -580,88 +700,207 @@ class Ledger:
         self.close()
 
     def _raise_failures(self) -> None:
-        with self._failures_lock:
-            failures, self._failures = self._failures, []
-        if failures:
-            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-            raise LedgerError(
-                f"{len(failures)} ledger writes to {self.path} failed: {failures[0]}{more}"
-            )
+        with self._state_lock:
+            count, first = self._unreported, self._first_unreported
+            self._unreported, self._first_unreported = 0, ""
+            spilled = self._health.rows_spilled
+            problem = self._health.problem
+        if count:
+            more = f" (and {count - 1} more)" if count > 1 else ""
+            raise LedgerError(f"{count} ledger writes to {self.path} failed: {first}{more}")
+        if spilled:
+            raise LedgerError(f"{spilled} rows wait in memory: {problem}")
 
     # -- the writer thread -------------------------------------------------------------------
 
-    def _run(self) -> None:
-        stop = False
-        while not stop:
-            items = [self._queue.get()]
-            # Linger briefly so that under load one transaction carries many rows: a
-            # commit per row cost a third of the gateway's CPU at 250 requests/s.
-            linger_until = time.monotonic() + self.linger_s
-            while len(items) < self.batch_size and items[-1] is not _STOP:
-                if isinstance(items[-1], _Flush):
-                    break
-                remaining = linger_until - time.monotonic()
-                try:
-                    items.append(
-                        self._queue.get(timeout=remaining)
-                        if remaining > 0
-                        else self._queue.get_nowait()
-                    )
-                except queue.Empty:
-                    break
-            writes: dict[str, list[_Params]] = {}
-            waiters: list[threading.Event] = []
-            for item in items:
-                if isinstance(item, _Item):
-                    writes.setdefault(item.sql, []).append(item.params)
-                elif isinstance(item, _Flush):
-                    waiters.append(item.done)
-                elif item is _STOP:
-                    stop = True
+    def _take(self, wait: float | None) -> tuple[list[_Item], list[threading.Event], bool]:
+        """The next batch: block up to `wait` (None: forever) for a first item, then linger
+        up to `linger_s` for more. Returns (rows, flush waiters, stop requested)."""
+        items: list[_QueueItem] = []
+        try:
+            items.append(self._queue.get(timeout=wait))
+        except queue.Empty:
+            return [], [], False
+        # Linger briefly so that under load one transaction carries many rows: a
+        # commit per row cost a third of the gateway's CPU at 250 requests/s.
+        linger_until = time.monotonic() + self.linger_s
+        while len(items) < self.batch_size and items[-1] is not _STOP:
+            if isinstance(items[-1], _Flush):
+                break
+            remaining = linger_until - time.monotonic()
             try:
-                self._write(writes)
+                items.append(
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
+            except queue.Empty:
+                break
+        rows = [i for i in items if isinstance(i, _Item)]
+        waiters = [i.done for i in items if isinstance(i, _Flush)]
+        return rows, waiters, any(i is _STOP for i in items)
+
+    def _run(self) -> None:
+        pending: list[_Item] = []  # rows the disk refused so far, oldest first
+        next_try = 0.0
+        stop = False
+        while True:
+            wait = None if not pending else max(0.0, next_try - time.monotonic())
+            rows, waiters, stop_now = self._take(wait)
+            stop = stop or stop_now
+            pending.extend(rows)
+            try:
+                if pending and (len(pending) == len(rows) or stop or time.monotonic() >= next_try):
+                    pending = self._write(pending)
+                    next_try = time.monotonic() + self.retry_s
+                if len(pending) > self.spill_max_rows:
+                    dropped = len(pending) - self.spill_max_rows
+                    del pending[self.spill_max_rows :]  # keep the oldest: answered first
+                    self._lost(
+                        "dropped",
+                        dropped,
+                        f"{dropped} rows dropped: the in-memory spill holds at most "
+                        f"{self.spill_max_rows} rows while the disk refuses writes",
+                    )
             except BaseException as e:  # the writer must outlive any surprise
                 log.exception("ledger writer failed on a batch")
-                self._fail(f"unexpected {type(e).__name__}: {e}")
+                self._lost("failed", len(pending), f"unexpected {type(e).__name__}: {e}")
+                pending = []
             finally:
+                with self._state_lock:
+                    self._health = replace(self._health, rows_spilled=len(pending))
                 for done in waiters:
                     done.set()
+            if stop:
+                if pending:
+                    self._lost(
+                        "failed",
+                        len(pending),
+                        f"{len(pending)} rows kept in memory were lost at shutdown: "
+                        f"{self._health.problem}",
+                    )
+                return
 
-    def _write(self, writes: dict[str, list[_Params]]) -> None:
-        if not writes:
-            return
+    def _write(self, rows: list[_Item]) -> list[_Item]:
+        """Insert `rows`, a transaction per `batch_size`, row by row where one is bad.
+        Returns the rows left unwritten because the disk refused them, oldest first."""
         conn = self._writer
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            failed: list[tuple[_Item, BaseException]] = []
+            try:
+                try:
+                    self._transaction(conn, chunk, None)
+                except Exception as e:
+                    if _is_disk_error(e):
+                        raise
+                    # one bad row (duplicate id, a value SQLite refuses): find it
+                    self._transaction(conn, chunk, failed)
+            except sqlite3.OperationalError as e:
+                if not _is_disk_error(e):
+                    raise
+                self._unwritable(e, len(rows) - start)
+                return rows[start:]
+            self._stored(len(chunk) - len(failed), failed)
+        return []
+
+    def _transaction(
+        self,
+        conn: sqlite3.Connection,
+        rows: list[_Item],
+        failed: list[tuple[_Item, BaseException]] | None,
+    ) -> None:
+        """One transaction: `executemany` per statement when `failed` is None (a bad row
+        raises), else row by row, with each bad row appended to `failed` and the rest kept."""
         for attempt in range(4):
+            if failed is not None:
+                failed.clear()  # a retried attempt finds them again
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                for sql, params_list in writes.items():
-                    conn.executemany(sql, params_list)
+                if failed is None:
+                    by_sql: dict[str, list[_Params]] = {}
+                    for item in rows:
+                        by_sql.setdefault(item.sql, []).append(item.params)
+                    for sql, params_list in by_sql.items():
+                        conn.executemany(sql, params_list)
+                else:
+                    for item in rows:
+                        try:
+                            conn.execute(item.sql, item.params)
+                        except sqlite3.OperationalError as e:
+                            if _is_disk_error(e):
+                                raise
+                            failed.append((item, e))
+                        except Exception as e:  # any value SQLite refuses: count it, keep the rest
+                            failed.append((item, e))
                 conn.execute("COMMIT")
                 return
-            except sqlite3.OperationalError:  # locked or busy beyond the timeout: retry
+            except BaseException as e:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                time.sleep(0.05 * 2**attempt)
-            except sqlite3.Error:  # e.g. a duplicate id: find the bad rows one by one
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                break
-        for sql, params_list in writes.items():
-            for params in params_list:
-                try:
-                    conn.execute(sql, params)
-                except sqlite3.IntegrityError as e:
-                    what = "request" if sql is _INSERT_REQUEST else "row for"
-                    self._fail(
-                        f"{what} {params[0]!r} was not saved ({e}); give every request a unique id"
-                    )
-                except sqlite3.Error as e:
-                    self._fail(f"{params[0]!r} was not saved ({e})")
+                busy = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF in (
+                    sqlite3.SQLITE_BUSY,
+                    sqlite3.SQLITE_LOCKED,
+                )
+                if not busy or attempt == 3:
+                    raise
+                time.sleep(0.05 * 2**attempt)  # locked beyond the busy timeout: retry
 
-    def _fail(self, message: str) -> None:
-        log.error("ledger %s: %s", self.path, message)
-        with self._failures_lock:
-            self._failures.append(message)
+    def _stored(self, written: int, failed: list[tuple[_Item, BaseException]]) -> None:
+        with self._state_lock:
+            h = self._health
+            recovered = not h.writable
+            self._health = replace(
+                h, writable=True, problem=None, rows_written=h.rows_written + written
+            )
+        if recovered:
+            log.warning("ledger %s: writable again; the rows kept in memory are written", self.path)
+        if failed:
+            item, e = failed[0]
+            if isinstance(e, sqlite3.IntegrityError) and item.sql is _INSERT_REQUEST:
+                first = (
+                    f"request {item.params[0]!r} was not saved ({e}); "
+                    "give every request a unique id"
+                )
+            else:
+                first = f"{item.params[0]!r} was not saved ({type(e).__name__}: {e})"
+            self._lost("failed", len(failed), first)
+
+    def _unwritable(self, e: BaseException, waiting: int) -> None:
+        problem = (
+            f"the ledger at {self.path} cannot write ({e}); rows wait in memory (at most "
+            f"{self.spill_max_rows}) and are written when the disk works again: free space "
+            "or make the folder writable"
+        )
+        with self._state_lock:
+            self._health = replace(self._health, writable=False, problem=problem)
+        self._log_burst("unwritable", f"{problem} ({waiting} rows waiting)")
+
+    def _lost(self, kind: str, n: int, message: str) -> None:
+        """Count `n` rows that will never be stored, and log it once per burst."""
+        with self._state_lock:
+            h = self._health
+            if kind == "dropped":
+                self._health = replace(h, rows_dropped=h.rows_dropped + n)
+            else:
+                self._health = replace(h, rows_failed=h.rows_failed + n)
+            self._last_loss = time.monotonic()
+            if not self._unreported:
+                self._first_unreported = message
+            self._unreported += n
+        self._log_burst(kind, f"{n} row(s) lost: {message}")
+
+    def _log_burst(self, kind: str, message: str) -> None:
+        """One ERROR per `_LOG_EVERY_S` per kind of trouble, saying how many were held back."""
+        now = time.monotonic()
+        with self._state_lock:
+            if now - self._last_logged.get(kind, -math.inf) < _LOG_EVERY_S:
+                self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+                return
+            self._last_logged[kind] = now
+            held = self._suppressed.pop(kind, 0)
+        more = f" ({held} similar messages held back in the last minute)" if held else ""
+        log.error("ledger %s: %s%s", self.path, message, more)
 
     # -- reading -----------------------------------------------------------------------------
 
