@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tierroute.backends.openai_http import DEFAULT_MAX_RESPONSE_BYTES
 from tierroute.cascade import CascadeConfig
 from tierroute.config import parse_policy, parse_tier
 from tierroute.controller import ControllerConfig
@@ -38,6 +39,7 @@ class TierSpec:
     api_key_env: str | None = None
     n_ctx: int = 2048
     n_threads: int | None = None
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # a remote tier's answer, at most
 
     @property
     def name(self) -> str:
@@ -83,6 +85,12 @@ def _tier_spec(raw: Any, i: int, source: str) -> TierSpec:
         raise ConfigError(f"tier '{raw.get('name')}' in {source}: kind must be local or openai")
     if kind == "openai" and not raw.get("base_url"):
         raise ConfigError(f"tier '{raw.get('name')}' in {source} is remote and needs a base_url")
+    max_bytes = raw.get("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1024:
+        raise ConfigError(
+            f"tier '{raw.get('name')}' in {source}: max_response_bytes must be a whole number "
+            f"of bytes, at least 1024 (default {DEFAULT_MAX_RESPONSE_BYTES})"
+        )
     try:
         return TierSpec(
             tier=parse_tier(raw, i, source),
@@ -92,6 +100,7 @@ def _tier_spec(raw: Any, i: int, source: str) -> TierSpec:
             api_key_env=str(raw["api_key_env"]) if raw.get("api_key_env") else None,
             n_ctx=int(raw.get("n_ctx", 2048)),
             n_threads=int(raw["n_threads"]) if raw.get("n_threads") is not None else None,
+            max_response_bytes=max_bytes,
         )
     except (TypeError, ValueError):
         raise ConfigError(f"tier '{raw.get('name')}' in {source} has a bad number") from None
