@@ -548,7 +548,7 @@ def asgi_app(status: int, body: bytes, content_type: bytes = b"application/json"
     return app
 
 
-def asgi_backend(app: Any) -> Any:
+def asgi_backend(app: Any, **kw: Any) -> Any:
     """A backend whose upstream is `app`, served on a free loopback port until the test ends."""
     import threading
 
@@ -562,7 +562,7 @@ def asgi_backend(app: Any) -> Any:
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.02)
     _RUNNING.append((server, thread))
-    return http_backend(f"http://127.0.0.1:{port}/v1")
+    return http_backend(f"http://127.0.0.1:{port}/v1", **kw)
 
 
 _RUNNING: list[Any] = []
@@ -619,3 +619,81 @@ def test_stream_cut_short_is_retryable() -> None:
     with pytest.raises(BackendError, match="closed its stream") as err:
         with_backend(backend, drain)
     assert err.value.retryable
+
+
+async def drain(b: Any) -> None:
+    async for _ in b.stream(HELLO, 5):
+        pass
+
+
+@needs_upstream
+def test_an_oversized_sse_line_is_a_retryable_tier_failure() -> None:
+    # aiohttp's own line reader raised LineTooLong here, which no caller caught (a 500).
+    body = b"data: " + b"x" * (1200 << 10) + b"\n\n"
+    backend = asgi_backend(asgi_app(200, body, b"text/event-stream"))
+    with pytest.raises(BackendError, match="too large to accept") as err:
+        with_backend(backend, drain)
+    assert err.value.retryable
+
+
+@needs_upstream
+def test_answers_over_max_response_bytes_are_refused_whole_or_streamed() -> None:
+    big = json.dumps(
+        {"choices": [{"message": {"content": "x" * 100_000}, "finish_reason": "stop"}]}
+    ).encode()
+    small = asgi_backend(asgi_app(200, big), max_response_bytes=64 << 10)
+    with pytest.raises(BackendError, match=r"too large to accept.*max_response_bytes is 65536"):
+        with_backend(small, lambda b: b.complete(HELLO, 5))
+    roomy = asgi_backend(asgi_app(200, big), max_response_bytes=1 << 20)
+    assert len(with_backend(roomy, lambda b: b.complete(HELLO, 5)).text) == 100_000
+    # many small events: each line is fine, the stream as a whole is not
+    events = sse(*[chunk("y" * 1000)] * 100, chunk(finish="stop")) + b"data: [DONE]\n\n"
+    streamed = asgi_backend(
+        asgi_app(200, events, b"text/event-stream"), max_response_bytes=64 << 10
+    )
+    with pytest.raises(BackendError, match="a stream of more than 65536 bytes") as err:
+        with_backend(streamed, drain)
+    assert err.value.retryable
+
+
+@needs_upstream
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000 + b"]" * 100_000,  # RecursionError in json
+        b'{"choices": [{"message": {"content": 7}}]}',
+        b'{"choices": [{"message": {"content": "hi"}}], "usage": {"prompt_tokens": Infinity}}',
+    ],
+    ids=["deep-nesting", "content-not-text", "infinite-usage"],
+)
+def test_a_malformed_answer_is_a_retryable_tier_failure(body: bytes) -> None:
+    with pytest.raises(BackendError, match="not an OpenAI chat completion") as err:
+        with_backend(asgi_backend(asgi_app(200, body)), lambda b: b.complete(HELLO, 5))
+    assert err.value.retryable
+
+
+@needs_upstream
+@pytest.mark.parametrize(
+    "event",
+    [
+        json.dumps({"choices": [1]}),
+        json.dumps({"choices": [{"delta": {"content": {"a": 1}}}]}),
+        "[" * 100_000 + "]" * 100_000,
+    ],
+    ids=["choice-not-object", "content-not-text", "deep-nesting"],
+)
+def test_a_malformed_stream_event_is_a_retryable_tier_failure(event: str) -> None:
+    body = sse(chunk("Hel"), event, chunk(finish="stop")) + b"data: [DONE]\n\n"
+    backend = asgi_backend(asgi_app(200, body, b"text/event-stream"))
+    with pytest.raises(BackendError, match="streamed an event") as err:
+        with_backend(backend, drain)
+    assert err.value.retryable
+
+
+@needs_upstream
+def test_usage_that_is_not_a_count_is_ignored() -> None:
+    usage = json.dumps({"choices": [], "usage": {"prompt_tokens": "7", "completion_tokens": 2}})
+    body = sse(chunk("Hi"), chunk(finish="stop"), usage) + b"data: [DONE]\n\n"
+    backend = asgi_backend(asgi_app(200, body, b"text/event-stream"))
+    deltas = [d for _, d in with_backend(backend, lambda b: collect(b.stream(HELLO, 5)))]
+    assert deltas[-1] == StreamDelta("", finish_reason="stop", completion_tokens=2)

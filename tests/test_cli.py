@@ -218,6 +218,78 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path, outcome_file: Path) -> 
         assert_one_line_error(run_cli(*args), fragment)
 
 
+def test_bad_files_numbers_and_folders_give_one_line_errors(
+    tmp_path: Path, outcome_file: Path
+) -> None:
+    binary = tmp_path / "binary.bin"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)  # a PNG-like file
+    not_a_list = tmp_path / "message.json"
+    not_a_list.write_text(json.dumps({"role": "user", "content": "hi"}))
+    numbers = tmp_path / "numbers.json"
+    numbers.write_text("[1, 2]")
+    data = ("eval", "--data", str(outcome_file), *TOY, "--router", "rules")
+    cases = [
+        (("eval", "--data", str(binary), *TOY), "line 1 of", "is not UTF-8 text"),
+        ((*data, "--folds", "0"), "argument --folds: 0 is out of range; use 2 or more"),
+        ((*data, "--folds", "1"), "argument --folds: 1 is out of range"),
+        ((*data, "--folds", "two"), "'two' is not a whole number"),
+        ((*data, "--json", str(tmp_path / "missing" / "x.json")), "missing' of", "not exist"),
+        ((*data, "--plot", str(tmp_path / "missing" / "x.png")), "does not exist"),
+        ((*data, "--price-small", "nan"), "--price-small: nan must be a finite number"),
+        ((*data, "--queries-per-day", "-5"), "use 0 or more"),
+        # the folder exists, but the path is a folder: the OSError itself, in one line
+        ((*data, "--scores-out", str(tmp_path)), "Is a directory"),
+        (("route", "--messages", str(not_a_list)), "must be a list of chat messages"),
+        (("route", "--messages", str(numbers)), "must be a list of chat messages"),
+        (("route", "--messages", str(binary)), "not UTF-8 text"),
+        (("config", "check", str(binary)), "is not UTF-8 text"),
+        (("report", "--data-dir", str(tmp_path), "--plot", "/no/such/dir/r.png"), "not exist"),
+        (("serve", "--port", "70000"), "use 0 to 65535"),
+    ]
+    for args, *fragments in cases:
+        assert_one_line_error(run_cli(*args), *fragments)
+
+
+def remote_config(path: Path, **extra: str) -> Path:
+    """A gateway config with two remote tiers (never called: start-up fails first)."""
+    lines = [
+        "tiers:",
+        '  - {name: small, kind: openai, base_url: "http://127.0.0.1:9/v1", model: a}',
+        '  - {name: large, kind: openai, base_url: "http://127.0.0.1:9/v1", model: b}',
+        *(f"{key}: {value}" for key, value in extra.items()),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_serve_start_up_failures_are_one_line(tmp_path: Path) -> None:
+    import socket
+
+    ok = remote_config(tmp_path / "ok.yaml", router="rules")
+    bad_router = remote_config(tmp_path / "bad.yaml", router=str(tmp_path / "no-router"))
+    garbled = tmp_path / "garbled"
+    garbled.mkdir()
+    (garbled / "ledger.db").write_bytes(b"not a database" * 500)
+    data = ("--data-dir", str(tmp_path / "data"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        proc = run_cli("serve", "--port", port, *data, "--config", str(ok))
+    assert_one_line_error(proc, f"cannot listen on 127.0.0.1:{port}", "another --port")
+    # these fail while building the router and the ledger (port 0: any free port)
+    proc = run_cli("serve", "--port", "0", *data, "--config", str(bad_router))
+    assert_one_line_error(proc, "neither a built-in router nor a saved router folder")
+    proc = run_cli("serve", "--port", "0", "--data-dir", str(garbled), "--config", str(ok))
+    assert_one_line_error(proc, "not a usable ledger database")
+    bad_limit = remote_config(tmp_path / "limit.yaml")
+    bad_limit.write_text(
+        bad_limit.read_text().replace("model: b}", "model: b, max_response_bytes: 10}")
+    )
+    proc = run_cli("serve", "--port", "0", *data, "--config", str(bad_limit))
+    assert_one_line_error(proc, "max_response_bytes' input should be greater than or equal to 1024")
+
+
 def test_artifact_of_another_version_is_refused(tmp_path: Path, outcome_file: Path) -> None:
     model = tmp_path / "r"
     run_cli(

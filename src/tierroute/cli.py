@@ -1,13 +1,17 @@
 """The `tierroute` command line: eval, train, calibrate, route.
 
 The only place that parses arguments, configures logging or prints. Every error a user
-can cause ends as one line on stderr and exit code 2, never a traceback.
+can cause ends as one line on stderr and exit code 2, never a traceback: bad numbers are
+refused by the argument types, and `main` turns tierroute's errors, files or folders that
+cannot be used (OSError) and files that are not text into that line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +21,41 @@ from typing import Any
 from tierroute.errors import DataError, InputError, TierrouteError
 
 PROG = "tierroute"
+
+
+def _whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argument type: a whole number in [minimum, maximum], else a usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            allowed = f"{minimum} to {maximum}" if maximum is not None else f"{minimum} or more"
+            raise argparse.ArgumentTypeError(f"{value} is out of range; use {allowed}")
+        return value
+
+    return parse
+
+
+def _amount(text: str) -> float:
+    """An argument type: a finite number of at least 0 (a price, a weight)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number of at least 0")
+    return value
+
+
+def _output_file(text: str) -> str:
+    """An argument type: a file to write, whose folder exists (checked before any work)."""
+    folder = Path(text).parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"folder '{folder}' of '{text}' does not exist")
+    return text
 
 
 def _encoder_factory(batch: bool) -> Callable[[], Any]:
@@ -450,24 +489,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure(args.log_format, logging.INFO)
     settings = load_settings(args.config)
     data_dir = Path(args.data_dir) if args.data_dir else None
-    # Find and check local models before the server starts, so a missing package or a
-    # bad file is one clear line here rather than a traceback from the server's start-up.
-    from tierroute.backends.models import resolve_model
+    # Claim the port, then build router, models and ledger, all before the server starts:
+    # a port in use, a missing model or an unusable ledger is one line from `main`, where
+    # inside the server's start-up it was a traceback and exit code 3.
+    sock = _bind(args.host, args.port)
+    try:
+        from tierroute.backends.models import resolve_model
 
-    for spec in settings.tiers:
-        if spec.kind == "local":
-            resolve_model(spec.tier.model)
-    app = create_app(settings, lambda s: build_parts(s, data_dir))
+        for spec in settings.tiers:  # quick checks first, before any model loads
+            if spec.kind == "local":
+                resolve_model(spec.tier.model)
+        parts = build_parts(settings, data_dir)
+    except BaseException:
+        sock.close()
+        raise
+    app = create_app(settings, lambda s: parts)
     tiers = ", ".join(f"{s.name}={s.kind}:{s.tier.model}" for s in settings.tiers)
     print(
         f"tierroute serve: {tiers}; router {settings.router}; http://{args.host}:{args.port}/v1",
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30
     )
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (uvicorn listens on it once the app is built)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as exc:
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise InputError(
+            f"cannot listen on {host}:{port}: {exc.strerror}; stop whatever uses the port "
+            "or pass another --port"
+        ) from None
+    return sock
 
 
 def _pricing(config: str | None) -> Any:
@@ -675,11 +741,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FIELD",
         help="grouped k-fold CV: no value of FIELD in both train and test",
     )
-    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--folds", type=_whole(2), default=5)
     p.add_argument("--seed", type=int, default=0)
     _add_target_args(p)
-    p.add_argument("--json", metavar="FILE", help="write every figure as JSON")
-    p.add_argument("--plot", metavar="FILE", help="write a PNG of the curves")
+    p.add_argument("--json", metavar="FILE", type=_output_file, help="write every figure as JSON")
+    p.add_argument("--plot", metavar="FILE", type=_output_file, help="write a PNG of the curves")
     p.add_argument(
         "--x",
         choices=("share", "cost"),
@@ -687,16 +753,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="plot against the large-call share or dollars (needs cost_usd)",
     )
     p.add_argument(
-        "--scores-out", metavar="FILE", help="write {id, score} per row (out-of-fold under CV)"
+        "--scores-out",
+        metavar="FILE",
+        type=_output_file,
+        help="write {id, score} per row (out-of-fold under CV)",
     )
     p.add_argument(
         "--exclude-trained",
         action="store_true",
         help="drop rows a saved router was trained on instead of refusing",
     )
-    p.add_argument("--queries-per-day", type=int, default=100_000)
-    p.add_argument("--price-small", type=float, help="USD per query on the small tier")
-    p.add_argument("--price-large", type=float, help="USD per query on the large tier")
+    p.add_argument("--queries-per-day", type=_whole(0), default=100_000)
+    p.add_argument("--price-small", type=_amount, help="USD per query on the small tier")
+    p.add_argument("--price-large", type=_amount, help="USD per query on the large tier")
     p.add_argument(
         "--tiers",
         metavar="FILE",
@@ -704,7 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--output-tokens",
-        type=int,
+        type=_whole(1),
         default=256,
         help="completion tokens per query assumed with --tiers prices",
     )
@@ -715,7 +784,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router", required=True, choices=("knn", "logreg", "mf", "irt", "bert"))
     p.add_argument(
         "--rule-prior",
-        type=float,
+        type=_amount,
         metavar="WEIGHT",
         help="score with the built-in rules, times WEIGHT, on top of the learned router "
         "(see routers/prior.py)",
@@ -772,7 +841,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the OpenAI-compatible gateway")
     p.add_argument("--config", metavar="FILE", help="gateway YAML (default: local tiers)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_whole(0, 65535), default=8000)
     p.add_argument("--data-dir", metavar="DIR", help="where the ledger lives")
     p.add_argument("--log-level", default="info")
     p.add_argument(
@@ -794,7 +863,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--by", choices=GROUPINGS, default="tier", help="group rows by this")
     p.add_argument("--format", choices=("text", "csv", "json"), default="text")
-    p.add_argument("--plot", metavar="FILE", help="write a PNG")
+    p.add_argument("--plot", metavar="FILE", type=_output_file, help="write a PNG")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("config", help="gateway configuration")
@@ -818,6 +887,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except TierrouteError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file or folder named on the command line, or the disk
+        where = f"'{exc.filename}': " if exc.filename else ""
+        print(
+            f"{PROG}: error: {where}{exc.strerror or exc}; check the path, that its folder "
+            "exists and that it can be read or written",
+            file=sys.stderr,
+        )
+        return 2
+    except UnicodeDecodeError as exc:
+        print(
+            f"{PROG}: error: a file given is not UTF-8 text ({exc.reason} at byte "
+            f"{exc.start}); pass the text file the option expects",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         return 130

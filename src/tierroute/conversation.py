@@ -10,6 +10,8 @@ is just its prompt, so offline outcome files and live traffic score identically.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from tierroute.errors import InputError
 from tierroute.types import Message, Messages
 
@@ -38,6 +40,10 @@ def routing_text(messages: Messages) -> str:
     """Flatten a conversation into the text routers score (see module docstring)."""
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
+    if not isinstance(messages, Sequence) or not all(isinstance(m, Mapping) for m in messages):
+        raise InputError(
+            'messages must be a list of chat messages like {"role": "user", "content": "..."}'
+        )
     if not messages:
         raise InputError("the request has no messages; send at least one user message")
     turns = [(str(m.get("role", "user")), message_text(m)) for m in messages]

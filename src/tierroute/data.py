@@ -164,8 +164,14 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     if not p.is_file():
         raise DataError(f"data file '{p}' not found; pass the path of a JSON Lines outcome file")
     rows: list[dict[str, Any]] = []
-    with p.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with p.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(
+                    f"line {number} of '{p}' is not UTF-8 text; pass a JSON Lines outcome file"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -174,6 +180,8 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
                 raise DataError(
                     f"line {number} of '{p}' is not valid JSON ({exc.msg}); fix or remove that line"
                 ) from None
+            except RecursionError:
+                raise DataError(f"line {number} of '{p}' is nested too deeply") from None
             if not isinstance(row, dict) or not isinstance(row.get("models"), dict):
                 raise DataError(
                     f"line {number} of '{p}' has no 'models' object; each row needs "

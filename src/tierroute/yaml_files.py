@@ -31,6 +31,8 @@ def read_yaml_lines(
             text = Path(path).read_text()
         except OSError as exc:
             raise ConfigError(f"cannot read {what} '{path}': {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{what} '{path}' is not UTF-8 text; pass a YAML file") from None
         source = str(path)
     try:
         return yaml.safe_load(text), source, key_lines(text)

@@ -3,7 +3,12 @@
 Errors map onto BackendError so the gateway can decide what to do next:
 
     connect error, timeout, broken stream, 5xx, 429   retryable=True  (retry or next tier)
+    an answer over max_response_bytes, an SSE line
+    over MAX_SSE_LINE_BYTES, a malformed answer       retryable=True  (next tier)
     any other 4xx                                     retryable=False (upstream's message)
+
+Answers are read in chunks and abandoned at the limit, so a runaway upstream costs at
+most max_response_bytes of memory per request, never the whole answer.
 
 aiohttp rather than httpx: on this 2-core machine httpx's connection pool cost ~3 ms of
 CPU per request at 64 concurrent requests (285 req/s against a fast local upstream, where
@@ -26,6 +31,27 @@ if TYPE_CHECKING:
     import aiohttp
 
 INSTALL_HINT = "Remote tiers need aiohttp; install it with: pip install 'tierroute[serve]'"
+# A whole answer (or a whole stream): far above any chat completion, far below what would
+# hurt the gateway's memory with a few hundred requests in flight.
+DEFAULT_MAX_RESPONSE_BYTES = 8 << 20
+# One SSE line: a streamed event holds a few tokens; aiohttp's own readline limit is lower
+# (and escapes as its LineTooLong), so lines are split here.
+MAX_SSE_LINE_BYTES = 1 << 20
+_READ_CHUNK = 64 << 10
+# What a malformed JSON answer can raise while it is read (RecursionError: absurd nesting).
+_MALFORMED = (
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    RecursionError,
+    OverflowError,  # int(Infinity): Python's json reads it
+)
+
+
+class _Oversize(Exception):
+    """An upstream answer went past a limit; the stream/complete call says which tier."""
 
 
 class OpenAIHTTPBackend:
@@ -37,6 +63,7 @@ class OpenAIHTTPBackend:
         api_key: str | None = None,
         timeout: float = 60.0,
         max_connections: int = 256,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
@@ -44,6 +71,7 @@ class OpenAIHTTPBackend:
         self.api_key = api_key
         self.timeout = timeout  # the default; each call passes its own
         self.max_connections = max_connections
+        self.max_response_bytes = max_response_bytes
         self._session: aiohttp.ClientSession | None = None
 
     def _http(self) -> aiohttp.ClientSession:
@@ -87,24 +115,29 @@ class OpenAIHTTPBackend:
             async with asyncio.timeout(timeout):
                 async with session.post(url, json=self._payload(request, False)) as resp:
                     status = resp.status
-                    text = await resp.text()
+                    text = await self._read_text(resp)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._transport_error(exc, timeout) from exc
+        except _Oversize as exc:
+            raise self._oversize_error(exc) from None
         if status >= 400:
             raise self._status_error(status, text)
         try:
             data = json.loads(text)
             choice = data["choices"][0]
             usage = data.get("usage") or {}
+            content = choice["message"].get("content") or ""
+            if not isinstance(content, str):
+                raise TypeError(f"message content is {type(content).__name__}")
             return ChatResult(
-                text=choice["message"].get("content") or "",
+                text=content,
                 finish_reason=choice.get("finish_reason") or "stop",
                 prompt_tokens=int(usage.get("prompt_tokens") or 0),
                 completion_tokens=int(usage.get("completion_tokens") or 0),
                 model=str(data.get("model") or self.model),
                 token_logprobs=_token_logprobs(choice),
             )
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        except _MALFORMED as exc:
             raise BackendError(
                 f"Tier {self.name!r} at {url} sent a reply that is not an OpenAI chat "
                 f"completion ({exc!r}); check that base_url ends in the API root (e.g. /v1).",
@@ -128,8 +161,8 @@ class OpenAIHTTPBackend:
             raise self._transport_error(exc, timeout) from exc
         try:
             if resp.status >= 400:
-                raise self._status_error(resp.status, await resp.text())
-            events = _sse_data(resp.content)
+                raise self._status_error(resp.status, await self._read_text(resp))
+            events = _sse_data(resp.content, self.max_response_bytes)
             while True:
                 # A deadline per read, not a timeout scope around the yields: a scope
                 # would cancel whichever task is consuming this generator.
@@ -142,13 +175,15 @@ class OpenAIHTTPBackend:
                     done = True
                     break
                 chunk = self._chunk(data)
-                if chunk.get("usage"):
+                if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
-                for choice in chunk.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content") or ""
+                for text, finished in self._choices(chunk):
                     if text:
                         yield StreamDelta(text=text)
-                    finish = choice.get("finish_reason") or finish
+                    finish = finished or finish
+        except _Oversize as exc:
+            resp.close()  # abandon the rest of the answer (and its connection)
+            raise self._oversize_error(exc) from None
         except TimeoutError as exc:
             raise self._transport_error(exc, timeout) from None
         except aiohttp.ClientError as exc:
@@ -164,14 +199,60 @@ class OpenAIHTTPBackend:
         yield StreamDelta(
             text="",
             finish_reason=finish or "stop",
-            prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=usage.get("completion_tokens"),
+            prompt_tokens=_count(usage.get("prompt_tokens")),
+            completion_tokens=_count(usage.get("completion_tokens")),
+        )
+
+    async def _read_text(self, resp: aiohttp.ClientResponse) -> str:
+        """The body, read in chunks and abandoned past max_response_bytes."""
+        limit = self.max_response_bytes
+        if resp.content_length is not None and resp.content_length > limit:
+            resp.close()
+            raise _Oversize(f"declared {resp.content_length} bytes")
+        body = bytearray()
+        async for piece in resp.content.iter_chunked(_READ_CHUNK):
+            body += piece
+            if len(body) > limit:
+                resp.close()
+                raise _Oversize(f"more than {limit} bytes")
+        try:
+            return body.decode(resp.charset or "utf-8", "replace")
+        except LookupError:  # a charset Python does not know
+            return body.decode("utf-8", "replace")
+
+    def _oversize_error(self, exc: _Oversize) -> BackendError:
+        return BackendError(
+            f"Tier {self.name!r} sent an answer too large to accept ({exc}; its "
+            f"max_response_bytes is {self.max_response_bytes}); send the request to another "
+            "tier, or raise the tier's max_response_bytes if such answers are expected.",
+            retryable=True,
+        )
+
+    def _choices(self, chunk: dict[str, Any]) -> list[tuple[str, str | None]]:
+        """(content, finish_reason) of each choice of a streamed chunk."""
+        try:
+            out = []
+            for choice in chunk.get("choices") or []:
+                text = (choice.get("delta") or {}).get("content") or ""
+                finish = choice.get("finish_reason") or None
+                if not isinstance(text, str):
+                    raise TypeError(f"content is {type(text).__name__}")
+                out.append((text, None if finish is None else str(finish)))
+            return out
+        except _MALFORMED as exc:
+            raise self._malformed_event(repr(chunk)) from exc
+
+    def _malformed_event(self, data: str) -> BackendError:
+        return BackendError(
+            f"Tier {self.name!r} streamed an event that is not an OpenAI chunk "
+            f"({data[:80]!r}); check that the endpoint speaks the OpenAI streaming format.",
+            retryable=True,
         )
 
     def _chunk(self, data: str) -> dict[str, Any]:
         try:
             chunk = json.loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise BackendError(
                 f"Tier {self.name!r} streamed an event that is not JSON ({data[:80]!r}); "
                 "check that the endpoint speaks the OpenAI streaming format.",
@@ -245,11 +326,34 @@ def _message(data: Any) -> str:
     return json.dumps(data)[:300]
 
 
-async def _sse_data(content: aiohttp.StreamReader) -> AsyncIterator[str]:
+def _count(value: Any) -> int | None:
+    """A token count from an upstream's usage, or None when it is not a whole number."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+async def _lines(content: aiohttp.StreamReader, max_total: int) -> AsyncIterator[bytes]:
+    """The lines of a body, split here rather than by aiohttp's readline, so that a line
+    over MAX_SSE_LINE_BYTES or a body over `max_total` raises _Oversize at the limit."""
+    pending = b""
+    total = 0
+    async for piece in content.iter_any():
+        total += len(piece)
+        if total > max_total:
+            raise _Oversize(f"a stream of more than {max_total} bytes")
+        *lines, pending = (pending + piece).split(b"\n")
+        if len(pending) > MAX_SSE_LINE_BYTES:
+            raise _Oversize(f"an event line of more than {MAX_SSE_LINE_BYTES} bytes")
+        for line in lines:
+            yield line
+    if pending:
+        yield pending
+
+
+async def _sse_data(content: aiohttp.StreamReader, max_total: int) -> AsyncIterator[str]:
     """The `data` of each server-sent event (multi-line data joined with newlines)."""
     buf: list[str] = []
-    async for raw in content:
-        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+    async for raw in _lines(content, max_total):
+        line = raw.decode("utf-8", "replace").rstrip("\r")
         if not line:
             if buf:
                 yield "\n".join(buf)

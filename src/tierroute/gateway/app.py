@@ -369,8 +369,9 @@ def create_app(
         prompt: str | None,
         exc: AllTiersFailed | BackendError,
         stream: bool,
-    ) -> ApiError:
-        """Record a request no tier could answer; return the error the client gets."""
+    ) -> JSONResponse:
+        """Record a request no tier could answer; return the error the client gets, with
+        the tier headers of the tier that failed."""
         status = 502 if isinstance(exc, AllTiersFailed) else (exc.status or 502)
         engine().record(
             outcome,
@@ -382,9 +383,18 @@ def create_app(
             stream=stream,
             prompt_text=prompt,
         )
-        return ApiError(
+        error = ApiError(
             status, f"No tier could answer: {exc}", type="api_error", code="upstream_error"
         )
+        headers = _decision_headers(
+            outcome.routed,
+            outcome.booked_tier,
+            outcome.tried,
+            engine().spent_cost(outcome),
+            outcome.request_id,
+            outcome.cascade,
+        )
+        return JSONResponse(error.body(), status_code=status, headers=headers)
 
     @app.post("/v1/chat/completions", openapi_extra=_CHAT_SCHEMA)
     async def chat(request: Request) -> Response:
@@ -411,7 +421,7 @@ def create_app(
             else:
                 result = await e.complete(outcome, call.request)
         except (AllTiersFailed, BackendError) as exc:
-            raise failed(outcome, call, key_id, start, prompt, exc, stream=False) from None
+            return failed(outcome, call, key_id, start, prompt, exc, stream=False)
         latency = (time.perf_counter() - start) * 1000
         tier = e.settings.spec(outcome.tier or routed.decision.tier.name).tier
         # Usage in the body is the returned answer's; the cost covers every call made.
@@ -462,7 +472,7 @@ def create_app(
             else:
                 first, rest = await e.open_stream(outcome, call.request)
         except (AllTiersFailed, BackendError) as exc:
-            raise failed(outcome, call, key_id, start, prompt, exc, stream=True) from None
+            return failed(outcome, call, key_id, start, prompt, exc, stream=True)
         ttft = (time.perf_counter() - start) * 1000
         tier_name = outcome.tier or outcome.routed.decision.tier.name
         tier = e.settings.spec(tier_name).tier
@@ -551,6 +561,13 @@ def create_app(
                 status, error = 499, "client closed the stream"
                 raise
             finally:
+                if usage.finish_reason is None:
+                    # Broken or abandoned: book the prompt and the part that went out.
+                    usage = StreamDelta(
+                        text="",
+                        prompt_tokens=estimate_tokens(outcome.routed.text),
+                        completion_tokens=estimate_tokens("".join(pieces)) if pieces else 0,
+                    )
                 if not outcome.replayed:  # a replayed answer's tier was booked when it answered
                     e.stream_finished(
                         tier_name, (time.perf_counter() - tier_start) * 1000, ok=status != 502

@@ -29,7 +29,12 @@ def make_backend(spec: TierSpec, max_tokens_default: int = 256) -> Backend:
                 )
         assert spec.base_url is not None
         return OpenAIHTTPBackend(
-            spec.name, spec.base_url, spec.tier.model, api_key=key, timeout=spec.timeout_s
+            spec.name,
+            spec.base_url,
+            spec.tier.model,
+            api_key=key,
+            timeout=spec.timeout_s,
+            max_response_bytes=spec.max_response_bytes,
         )
     from tierroute.backends.llamacpp import LlamaCppBackend
     from tierroute.backends.models import resolve_model

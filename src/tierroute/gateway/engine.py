@@ -116,6 +116,14 @@ class Outcome:
     notes: list[str] = field(default_factory=list)  # tiers skipped or failed, for the reason
     replayed: bool = False  # a buffered answer was streamed: its tier's latency is booked
 
+    @property
+    def booked_tier(self) -> str:
+        """The tier the request is booked to: the one that answered; when none did, the
+        last one tried (the one whose failure the row reports); else the routed one."""
+        if self.tier is not None:
+            return self.tier
+        return self.tried[-1] if self.tried else self.routed.decision.tier.name
+
 
 class Engine:
     def __init__(
@@ -592,7 +600,7 @@ class Engine:
         stream: bool = False,
         prompt_text: str | None = None,
     ) -> None:
-        tier_name = outcome.tier or outcome.routed.decision.tier.name
+        tier_name = outcome.booked_tier
         tier = self.settings.spec(tier_name).tier
         cost = tier.cost(prompt_tokens, completion_tokens)
         score = outcome.routed.decision.score

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field, model_validator
 
+from tierroute.backends.openai_http import DEFAULT_MAX_RESPONSE_BYTES
 from tierroute.cascade import CascadeConfig
 from tierroute.config import PolicyFields, TierFields, build_policy
 from tierroute.controller import ControllerConfig
@@ -40,6 +41,7 @@ class TierSpec:
     api_key_env: str | None = None
     n_ctx: int = 2048
     n_threads: int | None = None
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # a remote tier's answer, at most
 
     @property
     def name(self) -> str:
@@ -89,6 +91,8 @@ class GatewayTier(TierFields):
     api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)
     n_ctx: int = Field(2048, ge=128, le=1 << 20)
     n_threads: int | None = Field(None, ge=1, le=256)
+    # An answer larger than this is a tier failure (and falls back), never a memory spike.
+    max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, ge=1024, le=1 << 31)
 
     @model_validator(mode="after")
     def _remote_needs_url(self) -> GatewayTier:
@@ -105,6 +109,7 @@ class GatewayTier(TierFields):
             api_key_env=self.api_key_env,
             n_ctx=self.n_ctx,
             n_threads=self.n_threads,
+            max_response_bytes=self.max_response_bytes,
         )
 
 
