@@ -435,10 +435,9 @@ def cmd_route(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    import uvicorn
-
     from tierroute.gateway.app import create_app
     from tierroute.gateway.build import build_parts
+    from tierroute.gateway.server import run
     from tierroute.gateway.settings import load_settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -458,9 +457,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30
-    )
+    run(app, args.host, args.port, args.log_level, settings.client_timeout_s)
     return 0
 
 

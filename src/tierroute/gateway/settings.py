@@ -57,6 +57,8 @@ class GatewaySettings:
     cache_size: int = 10_000
     cache_ttl_s: float = 600.0
     max_tokens_default: int = 256
+    # A client gets this long to send its request headers, and again its body (slow-loris).
+    client_timeout_s: float = 10.0
     api_key_hashes: frozenset[str] = field(default_factory=frozenset)
     controller: ControllerConfig | None = None
     shadow: ShadowConfig | None = None
@@ -147,6 +149,7 @@ def parse_settings(doc: Any, source: str) -> GatewaySettings:
             cache_size=int(gw.get("cache_size", 10_000)),
             cache_ttl_s=float(gw.get("cache_ttl_s", 600.0)),
             max_tokens_default=int(gw.get("max_tokens_default", 256)),
+            client_timeout_s=float(gw.get("client_timeout_s", 10.0)),
             api_key_hashes=frozenset(hashes),
             controller=controller,
             shadow=shadow,
