@@ -151,6 +151,16 @@ def test_bad_values_are_400_and_keep_the_connection(gateway: Server) -> None:
             if param:
                 assert error["param"] in (param, "latency_budget_ms", "max_cost_usd"), error
             assert not response.will_close, body[:80]
+        # a wrong key and a wrong media type are refused on the same connection too
+        body = json.dumps({"messages": HELLO})
+        for status, headers in (
+            (401, {"authorization": "Bearer sk-wrong", "content-type": "application/json"}),
+            (415, {"authorization": f"Bearer {KEY_A}", "content-type": "text/plain"}),
+        ):
+            conn.request("POST", "/v1/chat/completions", body, headers)
+            response = conn.getresponse()
+            assert response.status == status and json.loads(response.read())["error"]
+            assert not response.will_close, status
         # the connection still answers
         conn.request(
             "POST",

@@ -261,11 +261,13 @@ def create_app(
             raise ApiError(499, "The client closed the connection.") from None
         return body
 
-    async def read_json(request: Request) -> dict[str, Any]:
-        """The body of a JSON endpoint. Only application/json is accepted, so that a
-        browser cannot post here in a "simple" cross-origin request (text/plain, forms).
-        The body is read first, so that the refusal keeps the connection usable."""
+    async def read_json(request: Request) -> tuple[str | None, dict[str, Any]]:
+        """The caller's key id and the body of a JSON endpoint. Only application/json is
+        accepted, so that a browser cannot post here in a "simple" cross-origin request
+        (text/plain, forms). The body is read before any refusal (401, 415, 400), so that
+        the connection stays usable for the client's next request."""
         body = await read_body(request)
+        key_id = authorise(request)
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media != "application/json":
             raise ApiError(
@@ -273,7 +275,7 @@ def create_app(
                 "The request body must be sent as 'Content-Type: application/json'.",
                 code="unsupported_media_type",
             )
-        return parse_json(body)
+        return key_id, parse_json(body)
 
     def headers_of(request: Request) -> dict[str, str]:
         return {k.lower(): v for k, v in request.headers.items()}
@@ -326,8 +328,7 @@ def create_app(
         responses={200: {"model": RouteDecision}, **_errors(*_BODY_ERRORS)},
     )
     async def route(request: Request) -> JSONResponse:
-        key_id = authorise(request)
-        doc = await read_json(request)
+        key_id, doc = await read_json(request)
         call = parse_chat(
             doc, ["auto", *engine().tier_names], headers_of(request), settings.max_tokens_default
         )
@@ -364,8 +365,7 @@ def create_app(
     )
     async def feedback(request: Request) -> JSONResponse:
         """Rate an answer: {"request_id", "rating": 1 | 0 | a score in [0, 1], "comment"?}."""
-        key_id = authorise(request)
-        doc = await read_json(request)
+        key_id, doc = await read_json(request)
         request_id = doc.get("request_id")
         if not isinstance(request_id, str) or not request_id:
             raise ApiError(
@@ -446,8 +446,7 @@ def create_app(
     )
     async def chat(request: Request) -> Response:
         start = time.perf_counter()
-        key_id = authorise(request)
-        doc = await read_json(request)
+        key_id, doc = await read_json(request)
         e = engine()
         call = _tenant_or_key(
             parse_chat(
