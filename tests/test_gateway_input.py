@@ -100,6 +100,23 @@ def test_a_tenant_belongs_to_its_key(gateway: Server) -> None:
     assert b["tier"] == "large" and re.search(r"tenant \w+/alice \+0\.30", str(b["reason"])), b
 
 
+def test_a_tenant_name_with_control_characters_is_safe_in_headers(gateway: Server) -> None:
+    """A personalised tenant's name reaches the X-Tierroute-Reason header: control
+    characters in it made h11 refuse the response (no answer at all)."""
+    user = "eve\x00\r\nX-Injected: 1\x7f"
+    for i in range(3):
+        reply = post(
+            gateway,
+            {"model": "small", "user": user, "messages": [{"role": "user", "content": f"E{i}"}]},
+        )
+        assert reply.status_code == 200, reply.text
+        assert post(gateway, {"request_id": reply.json()["id"], "rating": 0}, "/v1/feedback")
+    ask = [{"role": "user", "content": "Analyze the causes of the French revolution."}]
+    routed = post(gateway, {"messages": ask, "user": user}, "/v1/route")
+    assert routed.status_code == 200 and "x-injected" not in routed.headers
+    assert "eve" in routed.headers["x-tierroute-reason"]
+
+
 def test_bad_values_are_400_and_keep_the_connection(gateway: Server) -> None:
     """Finding 4: each was a 500 (closing the connection); now a 400 naming the field, on
     one keep-alive connection throughout."""

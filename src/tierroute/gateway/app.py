@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -105,8 +106,14 @@ class Parts:
     ledger: Ledger
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def _header_safe(text: str, limit: int = 400) -> str:
-    return text.encode("latin-1", "replace").decode("latin-1")[:limit].replace("\n", " ")
+    """Text for a header value: latin-1, no control characters (a reason can hold a
+    client's tenant name, and h11 refuses such a header after the answer was paid)."""
+    latin = text.encode("latin-1", "replace").decode("latin-1")[:limit]
+    return _CONTROL.sub(" ", latin)
 
 
 def _decision_headers(
