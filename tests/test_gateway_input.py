@@ -291,6 +291,10 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(gateway: Server) -> N
             "--seed=11",
             "--workers=2",
             "--max-time=75",
+            # Not the coverage phase: in schemathesis 4.32 on CPython 3.11 it now and then
+            # crashes inside Hypothesis ("AST constructor recursion depth mismatch"), a
+            # fault of the tool that would make this test flaky.
+            "--phases=examples,fuzzing",
             "--no-color",
             "--checks=not_a_server_error,status_code_conformance,"
             "content_type_conformance,response_schema_conformance",
@@ -299,6 +303,7 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(gateway: Server) -> N
         capture_output=True,
         text=True,
         timeout=150,
+        cwd=gateway.data_dir,  # where schemathesis keeps its example database
     )
     (gateway.data_dir / "schemathesis.txt").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]

@@ -317,13 +317,13 @@ class RequestMetadata(BaseModel):
     tenant: str | None = None
 
 
-# At least one user message with content that is not blank.
+# At least one user message with content (blank content is refused too, unsaid here).
 _USER_TURN: dict[str, Any] = {
     "type": "object",
     "required": ["role", "content"],
     "properties": {
         "role": {"const": "user"},
-        "content": {"type": "string", "pattern": "\\S"},
+        "content": {"type": "string", "minLength": 1},
     },
 }
 
