@@ -5,6 +5,10 @@ and sends its request headers a byte at a time (slow-loris): such sockets stay o
 ever. Here every request's headers must be complete within `client_timeout_s` of the
 connection opening (or of the previous response); the app bounds the body the same way
 (`read_body`), and h11 bounds the size of the headers.
+
+h11 rather than uvicorn's default httptools: it bounds the headers and has the client's
+state to time out on; it costs about 0.17 ms more CPU per request (0.41 against 0.24 ms
+for a bare app on this machine).
 """
 
 from __future__ import annotations
@@ -62,5 +66,6 @@ def run(app: Any, host: str, port: int, log_level: str, client_timeout_s: float)
         log_level=log_level,
         http=Protocol,
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        timeout_keep_alive=5,  # an idle keep-alive connection (uvicorn's default, stated)
         timeout_graceful_shutdown=30,
     )
