@@ -23,6 +23,19 @@ REPLY = {
     "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
 }
 BODY = json.dumps(REPLY).encode()
+# The same reply as server-sent chunks, for `"stream": true`.
+_CHUNK = {"id": "chatcmpl-upstream", "object": "chat.completion.chunk", "model": "fast"}
+STREAM = (
+    b"".join(
+        b"data: " + json.dumps({**_CHUNK, **part}).encode() + b"\n\n"
+        for part in (
+            {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "ok"}}]},
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+            {"choices": [], "usage": REPLY["usage"]},
+        )
+    )
+    + b"data: [DONE]\n\n"
+)
 
 
 async def app(scope, receive, send):  # type: ignore[no-untyped-def]
@@ -34,17 +47,22 @@ async def app(scope, receive, send):  # type: ignore[no-untyped-def]
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-    more = True
+    more, request = True, b""
     while more:
         message = await receive()
+        request += message.get("body", b"")
         more = message.get("more_body", False)
-    body = BODY if scope["path"].endswith("/chat/completions") else b'{"status":"ok"}'
+    body, kind = b'{"status":"ok"}', b"application/json"
+    if scope["path"].endswith("/chat/completions"):
+        body = BODY
+        if b'"stream"' in request and json.loads(request).get("stream"):
+            body, kind = STREAM, b"text/event-stream"
     await send(
         {
             "type": "http.response.start",
             "status": 200,
             "headers": [
-                (b"content-type", b"application/json"),
+                (b"content-type", kind),
                 (b"x-created", str(int(time.time())).encode()),
             ],
         }

@@ -234,7 +234,9 @@ gateway:
 {extra}"""
 
 
-def test_gateway_keeps_every_row_despite_lone_surrogates(tmp_path: Path, upstream: str) -> None:
+def test_lone_surrogates_are_refused_and_every_answered_row_kept(
+    tmp_path: Path, upstream: str
+) -> None:
     config = tmp_path / "gateway.yaml"
     config.write_text(gateway_yaml(upstream))
     server = start(config, tmp_path / "data")
@@ -243,7 +245,7 @@ def test_gateway_keeps_every_row_despite_lone_surrogates(tmp_path: Path, upstrea
         async def burst() -> list[str]:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
 
-                async def one(i: int) -> str:
+                async def one(i: int) -> str | None:
                     text = f"Say {i}" + ("\ud800" if i % 10 == 0 else "")
                     r = await http.post(
                         "/v1/chat/completions",
@@ -251,22 +253,31 @@ def test_gateway_keeps_every_row_despite_lone_surrogates(tmp_path: Path, upstrea
                             {"model": "small", "messages": [{"role": "user", "content": text}]}
                         ),
                     )
+                    if i % 10 == 0:  # refused before any answer: nothing to book
+                        assert r.status_code == 400, r.text
+                        assert r.json()["error"]["param"] == "messages[0].content"
+                        return None
                     assert r.status_code == 200, r.text
                     return str(r.json()["id"])
 
-                ids = list(await asyncio.gather(*(one(i) for i in range(100))))
+                answered = await asyncio.gather(*(one(i) for i in range(100)))
+                ids = [rid for rid in answered if rid is not None]
                 rated = await asyncio.gather(
                     *(
                         http.post(
                             "/v1/feedback",
                             **ascii_json(
-                                {"request_id": rid, "rating": 0, "comment": f"bad {n}\udfff"}
+                                {
+                                    "request_id": rid,
+                                    "rating": 0,
+                                    "comment": f"bad {n}" + ("\udfff" if n % 2 else ""),
+                                }
                             ),
                         )
                         for n, rid in enumerate(ids[:20])
                     )
                 )
-                assert all(r.status_code == 200 for r in rated), [r.text for r in rated]
+                assert [r.status_code for r in rated] == [400 if n % 2 else 200 for n in range(20)]
                 return ids
 
         ids = asyncio.run(burst())
@@ -280,11 +291,9 @@ def test_gateway_keeps_every_row_despite_lone_surrogates(tmp_path: Path, upstrea
     assert "Application shutdown failed" not in log and "Traceback" not in log, log
     with Ledger(default_path(server.data_dir)) as ledger:
         rows = {rid: ledger.get(rid) for rid in ids}
-        assert all(rows.values()), f"{sum(not r for r in rows.values())} of 100 rows lost"
-        first = rows[ids[0]]
-        assert first is not None and first.prompt_text is not None
-        assert first.prompt_text.endswith("Say 0\\ud800")
-        assert [f.comment for f in ledger.feedback(ids[0])] == ["bad 0\\udfff"]
+        assert len(ids) == 90 and all(rows.values()), f"{sum(not r for r in rows.values())} lost"
+        assert [f.comment for f in ledger.feedback(ids[0])] == ["bad 0"]
+        assert ledger.feedback(ids[1]) == []  # its poisoned comment was refused with 400
 
 
 def wait_for(check: Callable[[], bool], seconds: float = 10) -> None:

@@ -479,10 +479,9 @@ def cmd_route(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    import uvicorn
-
     from tierroute.gateway.app import create_app
     from tierroute.gateway.build import build_parts
+    from tierroute.gateway.server import run
     from tierroute.gateway.settings import load_settings
     from tierroute.logs import configure
 
@@ -510,10 +509,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30
-    )
-    uvicorn.Server(config).run(sockets=[sock])
+    run(app, sock, args.log_level, settings.client_timeout_s)
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -22,8 +23,17 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from tierroute.backends.base import Backend, BackendError, StreamDelta
 from tierroute.conversation import estimate_tokens
@@ -33,6 +43,12 @@ from tierroute.gateway.metrics import Metrics
 from tierroute.gateway.schema import (
     ApiError,
     ChatCall,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ErrorBody,
+    FeedbackRecorded,
+    FeedbackRequest,
+    RouteDecision,
     chunk_body,
     completion_body,
     parse_chat,
@@ -45,29 +61,39 @@ from tierroute.routers.base import BaseRouter
 
 log = logging.getLogger(__name__)
 
-_CHAT_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["messages"],
-                    "properties": {
-                        "model": {"type": "string", "description": "'auto' or a tier name"},
-                        "messages": {"type": "array", "items": {"type": "object"}},
-                        "stream": {"type": "boolean"},
-                        "max_tokens": {"type": "integer"},
-                        "temperature": {"type": "number"},
-                        "metadata": {
-                            "type": "object",
-                            "description": "priority, latency_budget_ms, max_cost_usd",
-                        },
-                    },
-                }
-            }
+_ERRORS = {
+    400: "A bad request (OpenAI error object; `param` names the field)",
+    401: "No or a wrong API key, when keys are configured",
+    408: "The client sent its body too slowly",
+    413: "The body is larger than `max_body_bytes`",
+    415: "The body is not `application/json`",
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": ErrorBody, "description": _ERRORS.get(s, "")} for s in statuses}
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+# One server-sent event (a schema for an event stream describes each event, before 3.2).
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "a chat.completion.chunk or an error object as JSON, or [DONE]",
         },
-    }
+        "event": {"type": "string"},
+    },
+}
+_BODY_ERRORS = (400, 401, 408, 413, 415)
+_UPSTREAM: dict[int | str, dict[str, Any]] = {
+    502: {"model": ErrorBody, "description": "No tier could answer"}
 }
 
 
@@ -80,8 +106,14 @@ class Parts:
     ledger: Ledger
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def _header_safe(text: str, limit: int = 400) -> str:
-    return text.encode("latin-1", "replace").decode("latin-1")[:limit].replace("\n", " ")
+    """Text for a header value: latin-1, no control characters (a reason can hold a
+    client's tenant name, and h11 refuses such a header after the answer was paid)."""
+    latin = text.encode("latin-1", "replace").decode("latin-1")[:limit]
+    return _CONTROL.sub(" ", latin)
 
 
 def _decision_headers(
@@ -111,10 +143,15 @@ def _decision_headers(
 
 
 def _tenant_or_key(call: ChatCall, key_id: str | None) -> ChatCall:
-    """A request without a `user` belongs to its API key, for personalisation."""
-    if call.hints.tenant is not None or key_id is None:
+    """The tenant that personalisation learns for. With API keys, tenants belong to keys:
+    `user` "alice" of key id K is tenant "K/alice", so no other key can rate answers as
+    K's alice and move her routing; a request without a `user` is its key's own tenant.
+    Without keys every caller is trusted and `user` is the tenant as sent."""
+    if key_id is None:
         return call
-    return replace(call, hints=replace(call.hints, tenant=key_id))
+    user = call.hints.tenant
+    tenant = key_id if user is None else f"{key_id}/{user}"
+    return replace(call, hints=replace(call.hints, tenant=tenant))
 
 
 def create_app(
@@ -147,6 +184,23 @@ def create_app(
 
     app = FastAPI(title="tierroute", version="0.1.0", lifespan=lifespan)
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema plus the request bodies, which the handlers parse themselves
+        (to give OpenAI-style errors) and so do not declare as parameters."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (ChatCompletionRequest, FeedbackRequest):
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+            chat = components["ChatCompletionRequest"]["properties"]
+            chat["model"]["enum"] = ["auto", *(s.name for s in settings.tiers)]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     def engine() -> Engine:
         return state["engine"]
 
@@ -157,9 +211,10 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(
+        return JSONResponse(  # the headers carry Allow on a 405
             ApiError(exc.status_code, str(exc.detail), type=kind).body(),
             status_code=exc.status_code,
+            headers=exc.headers,
         )
 
     @app.exception_handler(Exception)
@@ -198,11 +253,40 @@ def create_app(
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise too_big
         body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_big
+        try:
+            # A client that trickles its body holds a connection: it gets client_timeout_s.
+            async with asyncio.timeout(settings.client_timeout_s):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limit:
+                        raise too_big
+        except TimeoutError:
+            raise ApiError(
+                408,
+                f"The request body did not arrive within {settings.client_timeout_s:g} s.",
+                code="request_timeout",
+            ) from None
+        except ClientDisconnect:
+            # The client hung up mid-body: nobody to answer, nothing worth a traceback.
+            log.info("client disconnected while sending its request to %s", request.url.path)
+            raise ApiError(499, "The client closed the connection.") from None
         return body
+
+    async def read_json(request: Request) -> tuple[str | None, dict[str, Any]]:
+        """The caller's key id and the body of a JSON endpoint. Only application/json is
+        accepted, so that a browser cannot post here in a "simple" cross-origin request
+        (text/plain, forms). The body is read before any refusal (401, 415, 400), so that
+        the connection stays usable for the client's next request."""
+        body = await read_body(request)
+        key_id = authorise(request)
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":
+            raise ApiError(
+                415,
+                "The request body must be sent as 'Content-Type: application/json'.",
+                code="unsupported_media_type",
+            )
+        return key_id, parse_json(body)
 
     def headers_of(request: Request) -> dict[str, str]:
         return {k.lower(): v for k, v in request.headers.items()}
@@ -245,18 +329,18 @@ def create_app(
             body["reason"] = ledger.problem
         return body
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics_endpoint() -> Response:
         return Response(engine().metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/dashboard")
+    @app.get("/dashboard", response_class=HTMLResponse)
     async def dashboard() -> Response:
         from importlib import resources
 
         page = resources.files("tierroute.resources").joinpath("dashboard.html").read_text()
         return Response(page, media_type="text/html; charset=utf-8")
 
-    @app.get("/v1/dashboard/data")
+    @app.get("/v1/dashboard/data", responses=_errors(400, 401))
     async def dashboard_json(request: Request, since: str = "24h") -> JSONResponse:
         # The page itself holds no data; its numbers are the whole gateway's, for key holders.
         authorise(request)
@@ -274,7 +358,7 @@ def create_app(
         data = await asyncio.to_thread(dashboard_data, e.ledger, settings, start)
         return JSONResponse(data)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_errors(401))
     async def models(request: Request) -> dict[str, Any]:
         authorise(request)
         created = int(time.time())
@@ -285,10 +369,13 @@ def create_app(
         ]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/route", openapi_extra=_CHAT_SCHEMA)
+    @app.post(
+        "/v1/route",
+        openapi_extra=_json_body(ChatCompletionRequest),
+        responses={200: {"model": RouteDecision}, **_errors(*_BODY_ERRORS)},
+    )
     async def route(request: Request) -> JSONResponse:
-        key_id = authorise(request)
-        doc = parse_json(await read_body(request))
+        key_id, doc = await read_json(request)
         call = parse_chat(
             doc, ["auto", *engine().tier_names], headers_of(request), settings.max_tokens_default
         )
@@ -314,12 +401,19 @@ def create_app(
         except InputError as exc:
             raise ApiError(400, str(exc), param="messages") from None
 
-    @app.post("/v1/feedback")
+    @app.post(
+        "/v1/feedback",
+        openapi_extra=_json_body(FeedbackRequest),
+        responses={
+            200: {"model": FeedbackRecorded},
+            **_errors(*_BODY_ERRORS),
+            404: {"model": ErrorBody, "description": "No such request (or another key's)"},
+        },
+    )
     async def feedback(request: Request) -> JSONResponse:
         """Rate an answer: {"request_id", "rating": 1 | 0 | a score in [0, 1], "comment"?}."""
-        key_id = authorise(request)
+        key_id, doc = await read_json(request)
         ledger_writable()
-        doc = parse_json(await read_body(request))
         request_id = doc.get("request_id")
         if not isinstance(request_id, str) or not request_id:
             raise ApiError(
@@ -396,12 +490,23 @@ def create_app(
         )
         return JSONResponse(error.body(), status_code=status, headers=headers)
 
-    @app.post("/v1/chat/completions", openapi_extra=_CHAT_SCHEMA)
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra=_json_body(ChatCompletionRequest),
+        responses={
+            200: {
+                "model": ChatCompletion,
+                "description": "The answer; with `stream: true`, server-sent chunks",
+                "content": {"text/event-stream": {"schema": _SSE_EVENT}},
+            },
+            **_errors(*_BODY_ERRORS),
+            **_UPSTREAM,
+        },
+    )
     async def chat(request: Request) -> Response:
         start = time.perf_counter()
-        key_id = authorise(request)
+        key_id, doc = await read_json(request)
         ledger_writable()
-        doc = parse_json(await read_body(request))
         e = engine()
         call = _tenant_or_key(
             parse_chat(

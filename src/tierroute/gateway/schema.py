@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from tierroute.backends.base import ChatRequest
 from tierroute.gateway.engine import Hints
@@ -28,6 +31,13 @@ _KNOWN = {
     "user",
     "n",
 }
+# Bounds on what a request may carry, checked before any value is used: deeper documents,
+# integers outside 64 bits and lone UTF-16 surrogates (valid JSON escapes that no encoder
+# accepts) are refused with 400 naming the field, never passed on to fail later.
+MAX_DEPTH = 64
+MAX_INT = 2**63 - 1
+MAX_TOKENS = 1_000_000
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ApiError(Exception):
@@ -69,14 +79,48 @@ class ChatCall:
     hints: Hints
 
 
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_json(body: bytes) -> dict[str, Any]:
     try:
-        doc = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        doc = json.loads(body, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ApiError(400, f"The request body is nested deeper than {MAX_DEPTH} levels.") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, NaN, ints > 4300 digits
         raise ApiError(400, f"The request body is not valid JSON ({exc}).") from None
     if not isinstance(doc, dict):
         raise ApiError(400, "The request body must be a JSON object.")
+    check_values(doc)
     return doc
+
+
+def check_values(doc: dict[str, Any]) -> None:
+    """Refuse (400, naming the field) nesting deeper than MAX_DEPTH, integers outside 64
+    bits and strings holding lone surrogates, anywhere in the document (keys included)."""
+    stack: list[tuple[str, Any, int]] = [("", doc, 1)]
+    while stack:
+        where, value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ApiError(400, f"'{where}' is nested deeper than {MAX_DEPTH} levels.", param=where)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                path = f"{where}.{key}" if where else str(key)
+                if _SURROGATE.search(key):
+                    raise ApiError(400, _surrogate(where or "body"), param=where or None)
+                stack.append((path, item, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item, depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise ApiError(400, _surrogate(where), param=where)
+        elif isinstance(value, int) and not -MAX_INT - 1 <= value <= MAX_INT:
+            raise ApiError(400, f"'{where}' must be an integer within 64 bits.", param=where)
+
+
+def _surrogate(where: str) -> str:
+    return f"'{where}' holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text."
 
 
 def _number(doc: dict[str, Any], key: str, lo: float, hi: float) -> float | None:
@@ -105,7 +149,8 @@ def _messages(doc: dict[str, Any]) -> list[dict[str, Any]]:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise ApiError(400, f"'{where}' must be an object.", param=where)
-        if m.get("role") not in ROLES:
+        role = m.get("role")
+        if not isinstance(role, str) or role not in ROLES:
             raise ApiError(
                 400, f"'{where}.role' must be one of {sorted(ROLES)}.", param=f"{where}.role"
             )
@@ -131,17 +176,29 @@ def hints_from(metadata: Any, headers: dict[str, str], user: Any = None) -> Hint
     cap = headers.get("x-tierroute-max-cost-usd") or meta.get("max_cost_usd")
     if priority is not None and priority not in PRIORITIES:
         raise ApiError(400, f"priority must be one of {', '.join(PRIORITIES)}.", param="priority")
-    try:
-        budget_ms = float(budget) if budget is not None else None
-        cap_usd = float(cap) if cap is not None else None
-    except (TypeError, ValueError):
-        raise ApiError(400, "latency budget and cost cap must be numbers.") from None
+    budget_ms = _hint(budget, "latency_budget_ms")
+    cap_usd = _hint(cap, "max_cost_usd")
     tenant = meta.get("tenant") or user
     if tenant is not None and not isinstance(tenant, str):
         raise ApiError(400, "'user' and metadata.tenant must be strings.", param="user")
     return Hints(
         priority=priority, latency_budget_ms=budget_ms, max_cost_usd=cap_usd, tenant=tenant
     )
+
+
+def _hint(value: Any, name: str) -> float | None:
+    """A numeric hint from a header (a string) or metadata: finite and >= 0."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ValueError
+        number = float(value)
+    except (ValueError, OverflowError):
+        number = math.nan
+    if not math.isfinite(number) or number < 0:
+        raise ApiError(400, f"'{name}' must be a finite number >= 0.", param=name)
+    return number
 
 
 def parse_chat(
@@ -163,9 +220,11 @@ def parse_chat(
         raise ApiError(400, "'stream' must be a boolean.", param="stream")
     raw_max = doc.get("max_completion_tokens", doc.get("max_tokens"))
     if raw_max is not None and (
-        isinstance(raw_max, bool) or not isinstance(raw_max, int) or raw_max < 1
+        isinstance(raw_max, bool) or not isinstance(raw_max, int) or not 1 <= raw_max <= MAX_TOKENS
     ):
-        raise ApiError(400, "'max_tokens' must be a positive integer.", param="max_tokens")
+        raise ApiError(
+            400, f"'max_tokens' must be an integer from 1 to {MAX_TOKENS}.", param="max_tokens"
+        )
     stop = doc.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -228,3 +287,128 @@ def chunk_body(
 def sse(data: dict[str, Any] | str) -> bytes:
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
     return f"data: {payload}\n\n".encode()
+
+
+# ------------------------------------------------------------------ the OpenAPI description
+# Pydantic models that describe the wire format for /openapi.json (and so for schema-driven
+# clients and fuzzers). Requests are still validated by the functions above, which give
+# OpenAI-style errors; these models only document what they accept and return.
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "tool", "developer", "function"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class RequestMetadata(BaseModel):
+    priority: Literal["batch", "interactive", "critical"] | None = None
+    latency_budget_ms: float | None = Field(default=None, ge=0)
+    max_cost_usd: float | None = Field(default=None, ge=0)
+    tenant: str | None = None
+
+
+# At least one user message with content (blank content is refused too, unsaid here).
+_USER_TURN: dict[str, Any] = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {
+        "role": {"const": "user"},
+        "content": {"type": "string", "minLength": 1},
+    },
+}
+
+
+class ChatCompletionRequest(BaseModel):
+    """An OpenAI chat completion request; at least one user message must have content.
+    Parameters not listed are passed through to remote tiers."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(default="auto", description="'auto' or a tier name")
+    messages: list[Message] = Field(min_length=1, json_schema_extra={"contains": _USER_TURN})
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    stop: str | list[str] | None = None
+    user: str | None = Field(
+        default=None,
+        description="The tenant, for personalisation; with API keys, scoped to the key",
+    )
+    metadata: RequestMetadata | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class RouteDecision(BaseModel):
+    tier: str
+    model: str
+    score: float | None
+    reason: str
+    tags: dict[str, Any]
+    fallback_chain: list[str]
+    cache_hit: bool
+    routing_ms: float
+
+
+class FeedbackRequest(BaseModel):
+    request_id: str = Field(min_length=1, description="The id of a completion (chatcmpl-...)")
+    rating: float = Field(ge=0, le=1, description="1 thumbs up, 0 thumbs down, or a score")
+    comment: str | None = None
+
+
+class FeedbackRecorded(BaseModel):
+    object: Literal["feedback"]
+    request_id: str
+    rating: float
+    status: Literal["recorded"]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error object."""
+
+    error: ErrorDetail

@@ -62,6 +62,8 @@ class GatewaySettings:
     cache_ttl_s: float = 600.0
     max_tokens_default: int = 256
     forced_fallback: bool = False  # may a request that names its tier fall back to another?
+    # A client gets this long to send its request headers, and again its body (slow-loris).
+    client_timeout_s: float = 10.0
     api_key_hashes: frozenset[str] = field(default_factory=frozenset)
     controller: ControllerConfig | None = None
     shadow: ShadowConfig | None = None
@@ -127,6 +129,7 @@ class GatewayFields(StrictModel):
     cache_ttl_s: float = Field(600.0, ge=0, le=30 * 86_400)
     max_tokens_default: int = Field(256, ge=1, le=1 << 20)
     forced_fallback: bool = False
+    client_timeout_s: float = Field(10.0, gt=0, le=3600)
     # While the ledger cannot write: queue keeps rows in memory and answers, refuse answers 503.
     on_ledger_failure: Literal["queue", "refuse"] = "queue"
     ledger_spill_max_rows: int = Field(100_000, ge=0, le=10_000_000)
@@ -193,6 +196,7 @@ def parse_settings(doc: Any, source: str, lines: Lines | None = None) -> Gateway
         cache_ttl_s=gw.cache_ttl_s,
         max_tokens_default=gw.max_tokens_default,
         forced_fallback=gw.forced_fallback,
+        client_timeout_s=gw.client_timeout_s,
         on_ledger_failure=gw.on_ledger_failure,
         ledger_spill_max_rows=gw.ledger_spill_max_rows,
         api_key_hashes=frozenset(hashes),
