@@ -20,6 +20,7 @@ from tierroute.config import parse_policy, parse_tier
 from tierroute.controller import ControllerConfig
 from tierroute.errors import ConfigError
 from tierroute.gateway.shadow import ShadowConfig
+from tierroute.learning import LearningConfig
 from tierroute.personalise import PersonaliseConfig
 from tierroute.policy import Policy
 from tierroute.types import Tier
@@ -62,6 +63,7 @@ class GatewaySettings:
     shadow: ShadowConfig | None = None
     personalise: PersonaliseConfig | None = None
     cascade: CascadeConfig | None = None
+    learning: LearningConfig | None = None
     source: str = "built-in gateway.yaml"
 
     def spec(self, name: str) -> TierSpec:
@@ -134,6 +136,7 @@ def parse_settings(doc: Any, source: str) -> GatewaySettings:
     shadow = _section(gw, "shadow", ShadowConfig, source)
     personalise = _section(gw, "personalise", PersonaliseConfig, source)
     cascade = _section(gw, "cascade", CascadeConfig, source)
+    learning = _section(gw, "learning", LearningConfig, source)
     try:
         return GatewaySettings(
             tiers=specs,
@@ -152,6 +155,7 @@ def parse_settings(doc: Any, source: str) -> GatewaySettings:
             shadow=shadow,
             personalise=personalise,
             cascade=cascade,
+            learning=learning if learning is not None and learning.enabled else None,
             source=source,
         )
     except (TypeError, ValueError):
