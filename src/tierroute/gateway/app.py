@@ -3,6 +3,7 @@
     POST /v1/chat/completions   model "auto" routes; a tier name forces that tier
     GET  /v1/models             the tiers and "auto"
     POST /v1/route              the decision alone, nothing generated
+    POST /v1/router/rollback    undo the continuous learner's last promotion (gateway.learning)
     GET  /healthz, /metrics     liveness; Prometheus metrics
     GET  /openapi.json, /docs   the schema
 

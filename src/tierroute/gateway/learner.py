@@ -157,7 +157,8 @@ class Learner:
         self.engine.metrics.learning_runs.labels(run.outcome).inc()
         if run.outcome not in ("skipped", "failed"):
             self.engine.ledger.record_policy_change(self.clock(), old, new, f"router: {run.reason}")
-        log.info("learning: %s: %s", run.outcome, run.reason)
+        level = logging.DEBUG if run.outcome == "skipped" else logging.INFO
+        log.log(level, "learning: %s: %s", run.outcome, run.reason)
         return run
 
     def run_once(self) -> LearningRun:
