@@ -205,7 +205,7 @@ class Learner:
                 entry,
             )
         before = list(self.engine.settings.policy.thresholds or [])
-        after, share = self._thresholds_for(new, current)
+        after, share = self._thresholds_for(new, current, float(data.ts.max()))
         name = f"r{self._next_number():04d}"
         trained_on = {
             "source": "ledger",
@@ -241,11 +241,14 @@ class Learner:
             new_entry,
         )
 
-    def _thresholds_for(self, new: BaseRouter, current: BaseRouter) -> tuple[list[float], float]:
+    def _thresholds_for(
+        self, new: BaseRouter, current: BaseRouter, newest: float
+    ) -> tuple[list[float], float]:
         """The policy's thresholds for `new` that send the largest tier the share of recent
         traffic that `current` sends it now, and that share."""
         policy = self.engine.settings.policy
-        rows = [r for r in self.engine.ledger.rows() if r.prompt_text]
+        # the week of traffic up to the newest label: recent, and a bounded read
+        rows = [r for r in self.engine.ledger.rows(since=newest - 7 * 86400) if r.prompt_text]
         texts = [r.prompt_text or "" for r in rows[-self.config.share_sample :]]
         share = float(np.mean(current.score_texts(texts) >= policy.entry))
         entry = threshold_for_share(list(new.score_texts(texts)), share)
