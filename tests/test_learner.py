@@ -100,6 +100,16 @@ def test_promotes_a_better_router_refuses_a_worse_one_and_rolls_back(
         assert line in text
 
 
+def test_rollback_of_a_stopped_gateway(engine: Engine, tmp_path: Path) -> None:
+    learner = Learner(engine, LearningConfig(), tmp_path / "learned", "rules")
+    assert learner.run_once().outcome == "promoted"
+    first = run_cli("rollback", "--data-dir", str(tmp_path), check=True)
+    assert "rolled back r0001" in first.stdout
+    assert json.loads((tmp_path / "learned" / "active.json").read_text()) == {"stack": []}
+    second = run_cli("rollback", "--data-dir", str(tmp_path))
+    assert second.returncode == 2 and "nothing to roll back" in second.stderr
+
+
 def test_judged_small_answers_of_large_tier_requests_are_labels(tmp_path: Path) -> None:
     from tierroute.ledger import LedgerRow
 
