@@ -136,7 +136,21 @@ class Learner:
     def restore(self) -> None:
         """Serve the last promoted router again (after a restart)."""
         if self.stack:
+            from tierroute.artifact import read_meta
+
             top = self.stack[-1]
+            base = (read_meta(self.folder / top.name).get("params") or {}).get("base")
+            if base != self.base_spec:
+                log.warning(
+                    "learning: %s corrects router %s, not the configured %s: serving the "
+                    "configured one (move %s aside to start afresh)",
+                    top.name,
+                    base,
+                    self.base_spec,
+                    self.folder,
+                )
+                self.engine.metrics.router_version.set(0)
+                return
             self._swap(self._load(top.name), top.after)
             log.info("learning: serving %s again (promoted before the restart)", top.name)
         self.engine.metrics.router_version.set(len(self.stack))
