@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tierroute.errors import InputError
 from tierroute.gateway.engine import Engine
@@ -32,7 +33,7 @@ ARENA = SHARED / "arenahard_v01_vs_gpt4_0314.jsonl"
 def engine(tmp_path: Path, encoder) -> Iterator[Engine]:  # type: ignore[no-untyped-def]
     """An engine over the rules router (blind to cooking vs tax) and a labelled ledger."""
     fill_ledger(tmp_path)
-    settings = parse_settings(__import__("yaml").safe_load(CONFIG), "test")
+    settings = parse_settings(yaml.safe_load(CONFIG), "test")
     ledger = Ledger(default_path(tmp_path), keep_prompts=True)
     router = make_router("rules", lambda: encoder)
     engine = Engine(settings, router, {}, ledger)
@@ -110,6 +111,17 @@ def test_rollback_of_a_stopped_gateway(engine: Engine, tmp_path: Path) -> None:
     assert second.returncode == 2 and "nothing to roll back" in second.stderr
 
 
+def test_learning_needs_kept_prompts() -> None:
+    from tierroute.errors import ConfigError
+
+    doc = yaml.safe_load(CONFIG)
+    doc["gateway"] = {"learning": {"interval_s": 60}}
+    with pytest.raises(ConfigError, match="keep_prompts: true"):
+        parse_settings(doc, "gw.yaml")
+    doc["gateway"]["keep_prompts"] = True
+    assert parse_settings(doc, "gw.yaml").learning == LearningConfig(interval_s=60)
+
+
 def test_judged_small_answers_of_large_tier_requests_are_labels(tmp_path: Path) -> None:
     from tierroute.ledger import LedgerRow
 
@@ -138,6 +150,7 @@ tiers:
   - {name: large, kind: local, model: smollm2-135m, n_threads: 1}
 router: rules
 gateway:
+  keep_prompts: true
   learning: {interval_s: 0.3, min_new_labels: 20}
 """,
     )

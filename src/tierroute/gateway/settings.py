@@ -137,6 +137,10 @@ def parse_settings(doc: Any, source: str) -> GatewaySettings:
     personalise = _section(gw, "personalise", PersonaliseConfig, source)
     cascade = _section(gw, "cascade", CascadeConfig, source)
     learning = _section(gw, "learning", LearningConfig, source)
+    if learning is not None and learning.enabled and not gw.get("keep_prompts"):
+        raise ConfigError(
+            f"'gateway.learning' in {source} learns from prompts: set 'keep_prompts: true'"
+        )
     try:
         return GatewaySettings(
             tiers=specs,
