@@ -134,6 +134,12 @@ def load_router(path: str | Path, encoder_factory: Callable[[], Encoder] = TextE
         from tierroute.routers.finetuned import FineTunedRouter
 
         router = FineTunedRouter(**params)
+    elif kind == "residual":
+        from tierroute.routers.residual import ResidualRouter
+
+        base, _ = open_router(str(params.pop("base")), encoder_factory)
+        encoder = getattr(base, "encoder", None) or encoder_factory()
+        router = ResidualRouter(base, str(meta["params"]["base"]), encoder, **params)
     else:
         raise ArtifactError(f"router '{folder}' is of kind '{kind}', which cannot be loaded")
     embed_model = meta.get("embed_model")

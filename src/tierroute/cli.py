@@ -365,6 +365,65 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- replay
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from tierroute.gateway.settings import apply_calibration, load_settings
+    from tierroute.learning import LearningConfig
+    from tierroute.replay import replay, skip_prefixed
+
+    o = skip_prefixed(_load_data(args), args.skip or ())
+    settings = load_settings(args.config)
+    router_spec = args.router or settings.router
+    settings = replace(settings, router=router_spec)
+    router, artifact = _resolve_router(router_spec, batch=True)
+    if artifact is not None and artifact.threshold is not None:
+        apply_calibration(settings, artifact.threshold)
+    # The config's learning section if it has one, run at every checkpoint here.
+    learning = replace(settings.learning or LearningConfig(), min_new_labels=0)
+    print(f"replaying {len(o):,} rows of {' + '.join(args.data)} through the engine")
+
+    def show(point: Any) -> None:
+        run = f"  [{point.run.outcome}: {point.run.reason}]" if point.run else "  [cold start]"
+        print(f"labels {point.labels:5d}  APGR {point.apgr:.3f}  CPT(50%) {point.cpt50:.3f}{run}")
+
+    result = replay(
+        o,
+        settings,
+        router,
+        router_spec,
+        learning,
+        seed=args.seed,
+        limit=args.limit,
+        eval_size=args.eval_size,
+        reveal=args.reveal,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        progress=show,
+    )
+    best = max(result.points[1:], key=lambda p: p.labels, default=result.points[0])
+    print(
+        f"on the {result.eval_rows} never-sent rows: random {result.random_apgr:.3f}, cold "
+        f"{result.points[0].apgr:.3f}, after {best.labels} labels {best.apgr:.3f}, oracle "
+        f"{result.oracle_apgr:.3f} ({result.traffic_rows} rows of traffic)"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from tierroute.gateway.learner import rollback_stopped
+    from tierroute.ledger import default_path
+
+    folder = default_path(Path(args.data_dir) if args.data_dir else None).parent / "learned"
+    print(rollback_stopped(folder))
+    return 0
+
+
 # ---------------------------------------------------------------- calibrate
 
 
@@ -800,6 +859,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--since", help="with --from-ledger: only requests since, e.g. 7d")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "replay",
+        help="replay an outcome file as traffic through the engine and print the "
+        "continuous learner's learning curve",
+    )
+    _add_data_args(p)
+    p.add_argument("--router", help="the cold router (default: the config's)")
+    p.add_argument("--config", metavar="FILE", help="gateway YAML (tiers, policy, learning)")
+    p.add_argument("--json", metavar="FILE", help="write the curve as JSON")
+    p.add_argument("--limit", type=int, help="use this many rows (after the seeded shuffle)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--eval-size",
+        type=int,
+        help="rows held back as the never-sent evaluation set (default min(500, a third))",
+    )
+    p.add_argument(
+        "--reveal", type=float, default=1.0, help="share of requests whose outcome is revealed"
+    )
+    p.add_argument(
+        "--skip",
+        action="append",
+        metavar="FIELD=PREFIX",
+        help="leave out rows whose field starts with PREFIX, e.g. meta.src=ori_mmlu",
+    )
+    p.add_argument("--data-dir", metavar="DIR", help="keep the replay's ledger here")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser(
+        "rollback",
+        help="undo the continuous learner's last promotion of a stopped gateway "
+        "(a running one: POST /v1/router/rollback)",
+    )
+    p.add_argument("--data-dir", metavar="DIR", help="the gateway's data folder")
+    p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("calibrate", help="fit a saved router's threshold to a target")
     _add_data_args(p)

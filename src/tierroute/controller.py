@@ -73,6 +73,12 @@ class ThresholdController:
         self._times: deque[float] = deque(maxlen=config.window)
         self._seen = 0
 
+    def reset(self, threshold: float) -> None:
+        """Start over at `threshold`: a new router's scores live on a scale of their own."""
+        self.threshold = threshold
+        self._scores.clear()
+        self._times.clear()
+
     def target_share(self) -> float:
         c = self.config
         if c.target_large_share is not None:

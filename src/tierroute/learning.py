@@ -3,8 +3,11 @@
 A request answered by a smaller tier is labelled by what was said about that answer: its
 shadow verdicts (1 good enough, 0 not) and its users' ratings (in [0, 1]) are averaged,
 and the label is 1 (the small tier was not enough) when the average is below 0.5.
-Requests the largest tier answered say nothing about whether a smaller one would have
-done, so they are not used. Prompts must have been kept (`keep_prompts: true`).
+A request the largest tier answered says nothing about whether a smaller one would have
+done, unless a smaller tier's answer to it was judged too (a shadow verdict naming that
+tier, as `tierroute replay` records): then those verdicts alone label it, since its
+users' ratings are about the large answer. Prompts must have been kept
+(`keep_prompts: true`).
 
 A new router trained on the older 80% of the labelled requests is promoted only if it
 beats the current router on the newest 20% (ROC AUC of scores against labels).
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from tierroute.errors import InputError
+from tierroute.errors import ConfigError, InputError
 from tierroute.ledger import Ledger
 from tierroute.routers.base import BaseRouter
 
@@ -35,20 +38,24 @@ def ledger_labels(ledger: Ledger, largest_tier: str, since: float | None = None)
     signals: dict[str, list[float]] = defaultdict(list)
     for request_id, _, rating in ledger.feedback_since(since):
         signals[request_id].append(rating)
-    for request_id, _, verdict in ledger.judgements(since):
+    judged: dict[str, list[float]] = defaultdict(list)  # verdicts on a smaller tier's answer
+    for request_id, tier, verdict in ledger.judgements(since):
         if verdict is not None:
             signals[request_id].append(verdict)
+            if tier != largest_tier:
+                judged[request_id].append(verdict)
     ids, prompts, labels, ts = [], [], [], []
     missing_prompt = 0
     for row in ledger.rows(since=since):
-        if row.tier == largest_tier or row.id not in signals or row.status != 200:
+        about_small = judged if row.tier == largest_tier else signals
+        if row.id not in about_small or row.status != 200:
             continue
         if not row.prompt_text:
             missing_prompt += 1
             continue
         ids.append(row.id)
         prompts.append(row.prompt_text)
-        labels.append(int(np.mean(signals[row.id]) < 0.5))
+        labels.append(int(np.mean(about_small[row.id]) < 0.5))
         ts.append(row.ts)
     if missing_prompt and not ids:
         raise InputError(
@@ -92,3 +99,28 @@ def require_rows(data: LedgerLabels, minimum: int = 20) -> None:
             f"only {len(data.ids)} labelled requests in the ledger (at least {minimum} needed); "
             "collect more feedback or raise the shadow sampling rate"
         )
+
+
+@dataclass(frozen=True)
+class LearningConfig:
+    """`gateway.learning`: the gateway's continuous learner (tierroute.gateway.learner)."""
+
+    enabled: bool = True
+    interval_s: float = 3600.0
+    min_new_labels: int = 50
+    held_out: float = 0.2
+    # The held-out AUC a candidate must gain over the serving router to be promoted.
+    min_gain: float = 0.0
+    l2: float = 10.0  # the correction's L2 penalty: large, so few labels move it little
+    # Only requests this recent teach (None: the whole ledger).
+    since_days: float | None = None
+    # Recent prompts on which the largest tier's share is kept across a promotion.
+    share_sample: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0 or self.min_new_labels < 0 or self.share_sample < 1:
+            raise ConfigError("learning: interval_s > 0, min_new_labels >= 0, share_sample >= 1")
+        if not 0.05 <= self.held_out <= 0.5:
+            raise ConfigError("learning.held_out must be within [0.05, 0.5]")
+        if self.l2 <= 0:
+            raise ConfigError("learning.l2 must be positive")

@@ -3,6 +3,7 @@
     POST /v1/chat/completions   model "auto" routes; a tier name forces that tier
     GET  /v1/models             the tiers and "auto"
     POST /v1/route              the decision alone, nothing generated
+    POST /v1/router/rollback    undo the continuous learner's last promotion (gateway.learning)
     GET  /healthz, /metrics     liveness; Prometheus metrics
     GET  /openapi.json, /docs   the schema
 
@@ -39,6 +40,7 @@ from tierroute.backends.base import Backend, BackendError, StreamDelta
 from tierroute.conversation import estimate_tokens
 from tierroute.errors import InputError
 from tierroute.gateway.engine import AllTiersFailed, Engine, Outcome, Routed, new_request_id
+from tierroute.gateway.learner import Learner
 from tierroute.gateway.metrics import Metrics
 from tierroute.gateway.schema import (
     ApiError,
@@ -162,6 +164,7 @@ def create_app(
     """The gateway app. `build` makes router, backends and ledger at start-up (in a thread,
     since local models take a while to load); they are closed again at shutdown."""
     state: dict[str, Engine] = {}
+    learners: dict[str, Learner] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -169,11 +172,21 @@ def create_app(
         engine = Engine(settings, parts.router, parts.backends, parts.ledger, metrics)
         engine.metrics.watch_ledger(parts.ledger.health)
         state["engine"] = engine
+        if settings.learning is not None:
+            folder = parts.ledger.path.parent / "learned"
+            learner = Learner(
+                engine, settings.learning, folder, settings.router, asyncio.get_running_loop()
+            )
+            await asyncio.to_thread(learner.restore)
+            learner.start()
+            learners["learner"] = learner
         try:
             yield
         finally:
             # Graceful shutdown (SIGTERM): in-flight requests have finished; every
             # queued ledger row is committed before the process exits.
+            if "learner" in learners:
+                await asyncio.to_thread(learners["learner"].stop)
             engine.close()
             if engine.shadow is not None:
                 await engine.shadow.aclose()
@@ -400,6 +413,32 @@ def create_app(
             return await engine().route(call.request.messages, call.hints, max_tokens, forced)
         except InputError as exc:
             raise ApiError(400, str(exc), param="messages") from None
+
+    @app.post("/v1/router/rollback", responses=_errors(401, 404, 409))
+    async def rollback(request: Request) -> JSONResponse:
+        """Serve the router before the continuous learner's last promotion again."""
+        authorise(request)
+        learner = learners.get("learner")
+        if learner is None:
+            raise ApiError(
+                404,
+                "Continuous learning is off ('gateway.learning' in the config): "
+                "there is no promotion to roll back.",
+                type="not_found_error",
+                code="learning_disabled",
+            )
+        try:
+            run = await asyncio.to_thread(learner.rollback)
+        except InputError as exc:
+            raise ApiError(409, f"{exc}.", code="nothing_to_roll_back") from None
+        return JSONResponse(
+            {
+                "object": "router.rollback",
+                "status": run.outcome,
+                "detail": run.reason,
+                "router": run.router,
+            }
+        )
 
     @app.post(
         "/v1/feedback",

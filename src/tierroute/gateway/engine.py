@@ -207,8 +207,10 @@ class Engine:
             return cached, True
         self.metrics.cache_misses.inc()
         loop = asyncio.get_running_loop()
-        explanation = await loop.run_in_executor(self._routing, self.router.explain_text, text)
-        self.cache.put(key, explanation)
+        router = self.router
+        explanation = await loop.run_in_executor(self._routing, router.explain_text, text)
+        if router is self.router:  # not one swapped out meanwhile
+            self.cache.put(key, explanation)
         self.metrics.cache_hit_rate.set(self.cache.hit_rate)
         return explanation, False
 
@@ -305,6 +307,19 @@ class Engine:
         self.ledger.record_policy_change(change.ts, change.old, change.new, change.reason)
         self.metrics.threshold.set(change.new)
         log.info("policy: %s", change.reason)
+
+    def swap_router(self, router: BaseRouter, thresholds: list[float] | None = None) -> None:
+        """Serve `router` from the next request on (a promotion or a rollback of the
+        continuous learner), with the policy's `thresholds` for its score scale. Call it
+        on the event loop: the decision cache and the controller live there."""
+        self.router = router
+        if thresholds is not None:
+            policy = self.settings.policy
+            policy.thresholds = list(thresholds)
+            self.metrics.threshold.set(policy.entry)
+            if self.controller is not None:
+                self.controller.reset(policy.entry)
+        self.cache.clear()  # its explanations are the old router's
 
     # ------------------------------------------------------------------ answering
 

@@ -106,6 +106,26 @@ class Metrics:
             ["tier", "stat"],
             registry=r,
         )
+        self.learning_runs = Counter(
+            "tierroute_learning_runs",
+            "Continuous learning runs by outcome (promoted, refused, skipped, failed, rolled_back)",
+            ["outcome"],
+            registry=r,
+        )
+        self.learning_labels = Gauge(
+            "tierroute_learning_labels", "Labelled requests the last learning run saw", registry=r
+        )
+        self.learning_auc = Gauge(
+            "tierroute_learning_heldout_auc",
+            "Held-out ROC AUC of the last run's candidate and of the router it challenged",
+            ["router"],
+            registry=r,
+        )
+        self.router_version = Gauge(
+            "tierroute_router_version",
+            "Promotions in effect: 0 is the configured router, n its n-th learned successor",
+            registry=r,
+        )
         self.breaker_open = Gauge(
             "tierroute_circuit_open", "1 while a tier's breaker is open", ["tier"], registry=r
         )

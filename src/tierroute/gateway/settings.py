@@ -23,6 +23,7 @@ from tierroute.config import PolicyFields, TierFields, build_policy
 from tierroute.controller import ControllerConfig
 from tierroute.errors import ConfigError
 from tierroute.gateway.shadow import ShadowConfig
+from tierroute.learning import LearningConfig
 from tierroute.personalise import PersonaliseConfig
 from tierroute.policy import Policy
 from tierroute.strict import Lines, StrictModel, build_section, check
@@ -71,6 +72,7 @@ class GatewaySettings:
     cascade: CascadeConfig | None = None
     on_ledger_failure: str = "queue"
     ledger_spill_max_rows: int = 100_000
+    learning: LearningConfig | None = None
     source: str = "built-in gateway.yaml"
 
     def spec(self, name: str) -> TierSpec:
@@ -139,6 +141,7 @@ class GatewayFields(StrictModel):
     shadow: Section = None
     personalise: Section = None
     cascade: Section = None
+    learning: Section = None
 
 
 class GatewayFile(StrictModel):
@@ -183,6 +186,13 @@ def parse_settings(doc: Any, source: str, lines: Lines | None = None) -> Gateway
             return None
         return build_section(kind, raw, source, lines, ("gateway", name))
 
+    learning = section("learning", LearningConfig)
+    if learning is not None and learning.enabled and not gw.keep_prompts:
+        line = (lines or {}).get(("gateway", "learning"))
+        raise ConfigError(
+            f"{source}{f', line {line}' if line else ''}: 'gateway.learning' learns from "
+            "prompts: set 'gateway.keep_prompts: true'"
+        )
     return GatewaySettings(
         tiers=specs,
         policy=policy,
@@ -204,6 +214,7 @@ def parse_settings(doc: Any, source: str, lines: Lines | None = None) -> Gateway
         shadow=section("shadow", ShadowConfig),
         personalise=section("personalise", PersonaliseConfig),
         cascade=section("cascade", CascadeConfig),
+        learning=learning if learning is not None and learning.enabled else None,
         source=source,
     )
 
