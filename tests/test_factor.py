@@ -137,3 +137,33 @@ def test_default_router_ships_and_scores(encoder) -> None:  # type: ignore[no-un
     easy = router.score("Thanks, that helps!")
     hard = router.score("Prove that every planar graph is 5-colourable.")
     assert 0.0 <= easy < hard <= 1.0
+
+
+def test_per_file_abilities_and_difficulty_score_survive_a_save(
+    tmp_path: Path,
+    encoder,  # type: ignore[no-untyped-def]
+) -> None:
+    from tierroute.data import file_model_scores
+
+    a = load_outcomes(three_model_file(tmp_path / "a.jsonl"), "weak", "strong")
+    # A second file on a [-1, 1] verdict scale: mapped to [0, 1], its own columns.
+    b_rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    for row in b_rows:
+        row["models"] = {"judge-x": {"score": 2 * row["models"]["mid"]["score"] - 1}}
+        row["id"] = "b-" + row["id"]
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in b_rows))
+    b = load_outcomes(tmp_path / "b.jsonl", "judge-x", "judge-x")
+    table = file_model_scores([("A", a), ("B", b)])
+    assert table.models == ["A:mid", "A:strong", "A:weak", "B:judge-x"]
+    assert np.isnan(table.scores[: len(a), 3]).all() and np.isnan(table.scores[len(a) :, :3]).all()
+    assert set(np.unique(table.scores[len(a) :, 3])) == {0.0, 1.0}
+
+    router = FactorRouter(encoder, rank=0, score_by="difficulty", features="structure")
+    router.fit_scores(a.prompts + b.prompts, table)
+    easy, hard = router.score_texts(["What's the capital of Italy?", "Prove that e is irrational."])
+    assert 0.0 <= easy < hard <= 1.0
+    save_router(router, tmp_path / "r", {"data": ["a", "b"]}, a.ids + b.ids)
+    loaded = load_router(tmp_path / "r", lambda: encoder).router
+    np.testing.assert_allclose(loaded.score_texts(["Prove it."]), router.score_texts(["Prove it."]))
+    with pytest.raises(RouterError, match="score_by"):
+        FactorRouter(encoder, score_by="vibes")

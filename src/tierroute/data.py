@@ -139,6 +139,26 @@ def concat_outcomes(parts: Sequence[Outcomes]) -> Outcomes:
     )
 
 
+def file_model_scores(parts: Sequence[tuple[str, Outcomes]]) -> ModelScores:
+    """Every model's scores in several files, one column per (file tag, model): "tag:model".
+
+    A model's ability is then learned per file, so files of different difficulty, answer
+    formats and scoring scales do not pull one model's ability apart, and only what is
+    hard within each file teaches the shared difficulty. Scores in [-1, 1] (pairwise
+    verdicts, as Arena-Hard's) are mapped to [0, 1]; rows are stacked in order."""
+    tables = [(tag, o.model_scores()) for tag, o in parts]
+    names = [f"{tag}:{m}" for tag, t in tables for m in t.models]
+    out = np.full((sum(len(t.scores) for _, t in tables), len(names)), np.nan)
+    row, col = 0, 0
+    for _, t in tables:
+        block = t.scores
+        if np.nanmin(block) < 0:
+            block = (block + 1.0) / 2.0
+        out[row : row + len(block), col : col + block.shape[1]] = block
+        row, col = row + len(block), col + block.shape[1]
+    return ModelScores(models=names, scores=out)
+
+
 def field_value(row: dict[str, Any], name: str) -> Any:
     value: Any = row
     for part in name.split("."):

@@ -11,7 +11,10 @@ item-response-theory model (an ability per model, a difficulty per prompt) and r
 is matrix factorisation in the spirit of RouteLLM's best router.
 
 The routing score for a pair is P(large right) * (1 - P(small right)): the chance the
-large model does better, treating the two as independent given the prompt. Modelling
+large model does better, treating the two as independent given the prompt. With
+`score_by="difficulty"` the score is the prompt's difficulty alone, sigmoid(-w . z): the
+chance a model of average ability fails. That needs no pair from the training files, so
+it is the score to use on tiers and traffic the training files never saw. Modelling
 each model's correctness separately uses far more of the data than the pair's label
 (which is positive on only ~18% of MMLU rows), and any two trained models can be paired
 after training, including pairs never seen together.
@@ -28,7 +31,7 @@ import numpy.typing as npt
 from tierroute.data import ModelScores, Outcomes, canonical_model
 from tierroute.encoder import Encoder
 from tierroute.errors import RouterError
-from tierroute.features import prompt_features
+from tierroute.features import FEATURE_SETS, prompt_features
 from tierroute.routers.base import BaseRouter, Scores, sigmoid
 from tierroute.types import Explanation
 
@@ -51,9 +54,15 @@ class FactorRouter(BaseRouter):
         large: str | None = None,
         max_iter: int = 300,
         seed: int = 0,
+        score_by: str = "pair",
+        features: str = "text",
     ) -> None:
         if rank < 0:
             raise RouterError(f"factor router rank must be 0 or more, not {rank}")
+        if score_by not in ("pair", "difficulty"):
+            raise RouterError(f"score_by must be 'pair' or 'difficulty', not '{score_by}'")
+        if features not in FEATURE_SETS:
+            raise RouterError(f"features must be one of {FEATURE_SETS}, not '{features}'")
         self.encoder = encoder
         self.rank = rank
         self.l2 = l2
@@ -61,6 +70,8 @@ class FactorRouter(BaseRouter):
         self.large = large
         self.max_iter = max_iter
         self.seed = seed
+        self.score_by = score_by
+        self.features = features
         self.models_: list[str] | None = None
         self.mean_: Matrix | None = None
         self.scale_: Matrix | None = None
@@ -82,20 +93,29 @@ class FactorRouter(BaseRouter):
         self.small, self.large = PAIR_SMALL, None
         return self.fit_scores(texts, ModelScores([PAIR_SMALL], (1.0 - y)[:, None]))
 
-    def fit_scores(self, texts: Sequence[str], table: ModelScores) -> FactorRouter:
+    def fit_scores(
+        self,
+        texts: Sequence[str],
+        table: ModelScores,
+        row_weights: npt.ArrayLike | None = None,
+    ) -> FactorRouter:
+        """Fit on every model's scores; `row_weights` (mean 1) weight rows' observations,
+        e.g. so that each of several files counts the same."""
         from scipy.optimize import minimize
 
         scores = np.clip(table.scores, 0.0, 1.0)  # scores are quality in [0, 1]
         observed = ~np.isnan(scores)
         if len(texts) != len(scores) or not observed.any():
             raise RouterError("the factor router needs scores for the texts it is trained on")
-        x = prompt_features(self.encoder, texts)
+        x = prompt_features(self.encoder, texts, features=self.features)
         self.mean_ = x.mean(axis=0)
         std = x.std(axis=0)
         self.scale_ = np.where(std > 1e-9, std, 1.0)
         z = (x - self.mean_) / self.scale_
         target = np.where(observed, scores, 0.0)
-        n_obs = float(observed.sum())
+        weight = np.ones(len(scores)) if row_weights is None else np.asarray(row_weights, float)
+        observed_weight = np.where(observed, weight[:, None], 0.0)
+        n_obs = float(observed_weight.sum())
         dim, n_models, rank = z.shape[1], scores.shape[1], self.rank
         rate = np.clip(np.nanmean(scores, axis=0), 1e-3, 1 - 1e-3)
         rng = np.random.default_rng(self.seed)
@@ -123,12 +143,12 @@ class FactorRouter(BaseRouter):
             p = sigmoid(hidden @ vectors.T + ability + (z @ difficulty)[:, None])
             eps = 1e-12
             nll = -(target * np.log(p + eps) + (1 - target) * np.log(1 - p + eps))
-            grad = np.where(observed, p - target, 0.0) / n_obs
+            grad = observed_weight * (p - target) / n_obs
             penalty = self.l2 * (np.sum(proj**2) + np.sum(vectors**2) + np.sum(difficulty**2))
             g_proj = z.T @ (grad @ vectors) + 2 * self.l2 * proj
             g_vectors = grad.T @ hidden + 2 * self.l2 * vectors
             g_difficulty = z.T @ grad.sum(axis=1) + 2 * self.l2 * difficulty
-            value = float(np.where(observed, nll, 0.0).sum() / n_obs + penalty)
+            value = float((observed_weight * nll).sum() / n_obs + penalty)
             return value, np.concatenate(
                 [g_proj.ravel(), g_vectors.ravel(), grad.sum(axis=0), g_difficulty]
             )
@@ -142,13 +162,18 @@ class FactorRouter(BaseRouter):
 
     # ------------------------------------------------------------------ scoring
 
-    def model_probabilities(self, texts: Sequence[str]) -> Matrix:
-        """P(each trained model answers well), one column per model in `models_`."""
+    def _standardised(self, texts: Sequence[str]) -> Matrix:
         self._check_fitted("proj_")
         assert self.mean_ is not None and self.scale_ is not None
+        x = prompt_features(self.encoder, texts, features=self.features)
+        z: Matrix = (x - self.mean_) / self.scale_
+        return z
+
+    def model_probabilities(self, texts: Sequence[str]) -> Matrix:
+        """P(each trained model answers well), one column per model in `models_`."""
+        z = self._standardised(texts)
         assert self.proj_ is not None and self.vectors_ is not None
         assert self.ability_ is not None and self.difficulty_ is not None
-        z = (prompt_features(self.encoder, texts) - self.mean_) / self.scale_
         logits = (
             (z @ self.proj_) @ self.vectors_.T + self.ability_ + (z @ self.difficulty_)[:, None]
         )
@@ -173,10 +198,21 @@ class FactorRouter(BaseRouter):
         out: Scores = p_large * (1.0 - p_small)
         return out
 
+    def difficulty_scores(self, texts: Sequence[str]) -> Scores:
+        """P(a model of ability 0 fails): the prompt's difficulty, for no pair in particular."""
+        z = self._standardised(texts)
+        assert self.difficulty_ is not None
+        return sigmoid(-(z @ self.difficulty_))
+
     def score_texts(self, texts: Sequence[str]) -> Scores:
+        if self.score_by == "difficulty":
+            return self.difficulty_scores(texts)
         return self.pair_scores(self.model_probabilities(texts))
 
     def explain_text(self, text: str) -> Explanation:
+        if self.score_by == "difficulty":
+            score = float(self.difficulty_scores([text])[0])
+            return Explanation(score=score, reasons=(f"difficulty {score:.2f}",))
         probs = self.model_probabilities([text])
         score = float(self.pair_scores(probs)[0])
         reasons = []
@@ -197,6 +233,8 @@ class FactorRouter(BaseRouter):
             "large": self.large,
             "max_iter": self.max_iter,
             "seed": self.seed,
+            "score_by": self.score_by,
+            "features": self.features,
         }
 
     def get_state(self) -> dict[str, npt.NDArray[Any]]:
