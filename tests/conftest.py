@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -113,3 +116,37 @@ def encoder():  # type: ignore[no-untyped-def]
     from tierroute.encoder import TextEncoder
 
     return TextEncoder(Embedder())
+
+
+@contextlib.contextmanager
+def fast_upstream() -> Iterator[str]:
+    """benchmarks/fast_upstream.py on a free port (an OpenAI-compatible server answering
+    "ok" at once), ready to answer; yields its base URL (…/v1)."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = ROOT / "benchmarks" / "fast_upstream.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(url + "/healthz", timeout=1)
+                break
+            except httpx.HTTPError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError("the fast upstream did not start") from None
+                time.sleep(0.1)
+        yield url + "/v1"
+    finally:
+        proc.kill()
+        proc.wait(30)

@@ -8,8 +8,6 @@ a port where nothing listens."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from .conftest import fast_upstream
 from .test_gateway import Server, free_port, start, write_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,40 +25,23 @@ HARD = [{"role": "user", "content": "Prove that there are infinitely many primes
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("failover")
-    port = free_port()
-    upstream = subprocess.Popen(
-        [sys.executable, str(ROOT / "benchmarks" / "fast_upstream.py"), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     dead = free_port()  # nothing listens here: every call to `large` fails to connect
-    config = write_yaml(
-        root / "gw.yaml",
-        f"""
+    with fast_upstream() as base:
+        config = write_yaml(
+            root / "gw.yaml",
+            f"""
 tiers:
-  - {{name: small, kind: openai, base_url: "http://127.0.0.1:{port}/v1", model: fast}}
+  - {{name: small, kind: openai, base_url: "{base}", model: fast}}
   - {{name: large, kind: openai, base_url: "http://127.0.0.1:{dead}/v1", model: big,
      timeout_s: 5}}
 router: rules
 policy: {{thresholds: [0.3]}}
 gateway: {{retries: 1, breaker_failures: 2, breaker_cooldown_s: 600}}
 """,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        )
         server = start(config, root / "data", extra=("--log-format", "json"))
         yield server
         server.stop()
-    finally:
-        upstream.kill()
 
 
 def chat(gateway: Server, model: str) -> httpx.Response:

@@ -21,7 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_gateway import Server, free_port, start, write_yaml
+from tests.conftest import fast_upstream
+from tests.test_gateway import Server, start, write_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_A, KEY_B = "sk-key-a", "sk-key-b"
@@ -32,14 +33,7 @@ HELLO = [{"role": "user", "content": "Hi there! What is the capital of France?"}
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("gw-input")
-    port = free_port()
-    upstream = subprocess.Popen(
-        [sys.executable, str(ROOT / "benchmarks/fast_upstream.py"), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        base = f"http://127.0.0.1:{port}/v1"
+    with fast_upstream() as base:
         config = write_yaml(
             root / "gateway.yaml",
             f"""
@@ -61,9 +55,6 @@ gateway:
             yield server
         finally:
             server.stop()
-    finally:
-        upstream.kill()
-        upstream.wait(timeout=30)
 
 
 def post(

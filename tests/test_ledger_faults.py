@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,7 +21,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.test_gateway import free_port, start
+from tests.conftest import fast_upstream
+from tests.test_gateway import start
 from tierroute.gateway.settings import GatewaySettings
 from tierroute.ledger import Ledger, LedgerError, LedgerRow, default_path
 
@@ -197,24 +197,8 @@ def test_a_read_only_folder_holding_a_valid_ledger_is_called_read_only(tmp_path:
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[str]:
     """benchmarks/fast_upstream.py: an OpenAI-compatible server answering "ok" at once."""
-    port = free_port()
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fast_upstream.py"
-    proc = subprocess.Popen([sys.executable, str(script), str(port)])
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(url + "/healthz", timeout=1)
-                break
-            except httpx.HTTPError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("the fast upstream did not start") from None
-                time.sleep(0.1)
-        yield url + "/v1"
-    finally:
-        proc.kill()
-        proc.wait(30)
+    with fast_upstream() as url:
+        yield url
 
 
 def ascii_json(doc: object) -> dict[str, Any]:
