@@ -24,7 +24,7 @@ from pydantic import Field
 
 from tierroute.errors import ConfigError
 from tierroute.policy import Policy
-from tierroute.strict import Lines, StrictModel, check
+from tierroute.strict import Lines, StrictModel, check, where
 from tierroute.types import Tier
 from tierroute.yaml_files import read_yaml_lines
 
@@ -69,8 +69,7 @@ def build_policy(
     try:
         return Policy(tiers=tiers, thresholds=fields.thresholds, abstain_band=fields.abstain_band)
     except ConfigError as exc:
-        line = (lines or {}).get(("policy",))
-        raise ConfigError(f"{source}{f', line {line}' if line else ''}: {exc}") from None
+        raise ConfigError(f"{where(source, lines, ('policy',))}: {exc}") from None
 
 
 def parse_policy(doc: Any, source: str, lines: Lines | None = None) -> Policy:

@@ -65,11 +65,13 @@ def dotted(path: Sequence[str | int]) -> str:
     return out
 
 
-def _line(path: Path_, lines: Lines) -> int | None:
+def where(source: str, lines: Lines | None, path: Path_) -> str:
+    """`source, line N` for the key at `path` (or its nearest enclosing key), else `source`."""
+    found = lines or {}
     for n in range(len(path), 0, -1):
-        if path[:n] in lines:
-            return lines[path[:n]]
-    return None
+        if path[:n] in found:
+            return f"{source}, line {found[path[:n]]}"
+    return source
 
 
 def _fields_at(model: type[BaseModel], path: Sequence[str | int]) -> list[str]:
@@ -125,10 +127,9 @@ def check(
     except ValidationError as exc:
         errors = exc.errors()
         first = errors[0]
-        line = _line(prefix + tuple(first["loc"]), lines or {})
-        where = f"{source}, line {line}" if line else source
+        at = where(source, lines, prefix + tuple(first["loc"]))
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-        raise ConfigError(f"{where}: {_describe(first, model, prefix)}{more}") from None
+        raise ConfigError(f"{at}: {_describe(first, model, prefix)}{more}") from None
 
 
 @functools.cache
@@ -154,6 +155,4 @@ def build_section(kind: type[D], data: Any, source: str, lines: Lines | None, pr
     try:
         return kind(**dict(checked))
     except ConfigError as exc:
-        line = _line(prefix, lines or {})
-        where = f"{source}, line {line}" if line else source
-        raise ConfigError(f"{where}: '{dotted(prefix)}': {exc}") from None
+        raise ConfigError(f"{where(source, lines, prefix)}: '{dotted(prefix)}': {exc}") from None

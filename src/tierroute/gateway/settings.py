@@ -26,7 +26,7 @@ from tierroute.gateway.shadow import ShadowConfig
 from tierroute.learning import LearningConfig
 from tierroute.personalise import PersonaliseConfig
 from tierroute.policy import Policy
-from tierroute.strict import Lines, StrictModel, build_section, check
+from tierroute.strict import Lines, StrictModel, build_section, check, where
 from tierroute.types import Tier
 from tierroute.yaml_files import read_yaml_lines
 
@@ -158,11 +158,10 @@ def _check_router(spec: str, source: str, lines: Lines | None) -> None:
 
     if spec == "default" or spec in BUILTIN or Path(spec).is_dir():
         return
-    line = (lines or {}).get(("router",))
     close = difflib.get_close_matches(spec, ["default", *BUILTIN], n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     raise ConfigError(
-        f"{source}{f', line {line}' if line else ''}: router '{spec}' is neither a built-in "
+        f"{where(source, lines, ('router',))}: router '{spec}' is neither a built-in "
         f"router nor a saved router folder; {hint}use default, {', '.join(BUILTIN)} or a folder"
     )
 
@@ -188,9 +187,8 @@ def parse_settings(doc: Any, source: str, lines: Lines | None = None) -> Gateway
 
     learning = section("learning", LearningConfig)
     if learning is not None and learning.enabled and not gw.keep_prompts:
-        line = (lines or {}).get(("gateway", "learning"))
         raise ConfigError(
-            f"{source}{f', line {line}' if line else ''}: 'gateway.learning' learns from "
+            f"{where(source, lines, ('gateway', 'learning'))}: 'gateway.learning' learns from "
             "prompts: set 'gateway.keep_prompts: true'"
         )
     return GatewaySettings(
