@@ -144,6 +144,20 @@ def _decision_headers(
     return headers
 
 
+def _outcome_headers(outcome: Outcome, tier: str, cost: float | None) -> dict[str, str]:
+    """The decision headers of an answered (or failed) request, with what happened on the
+    way (tiers tried, skipped or failed, the cascade's note)."""
+    return _decision_headers(
+        outcome.routed,
+        tier,
+        outcome.tried,
+        cost,
+        outcome.request_id,
+        outcome.cascade,
+        outcome.notes,
+    )
+
+
 def _tenant_or_key(call: ChatCall, key_id: str | None) -> ChatCall:
     """The tenant that personalisation learns for. With API keys, tenants belong to keys:
     `user` "alice" of key id K is tenant "K/alice", so no other key can rate answers as
@@ -522,6 +536,7 @@ def create_app(
         error = ApiError(
             status, f"No tier could answer: {exc}", type="api_error", code="upstream_error"
         )
+        # The error body already names every tier's failure; the reason stays the decision's.
         headers = _decision_headers(
             outcome.routed,
             outcome.booked_tier,
@@ -570,7 +585,7 @@ def create_app(
         except (AllTiersFailed, BackendError) as exc:
             return failed(outcome, call, key_id, start, prompt, exc, stream=False)
         latency = (time.perf_counter() - start) * 1000
-        tier = e.settings.spec(outcome.tier or routed.decision.tier.name).tier
+        tier = e.settings.spec(outcome.booked_tier).tier
         # Usage in the body is the returned answer's; the cost covers every call made.
         cost = tier.cost(result.prompt_tokens, result.completion_tokens) + e.spent_cost(outcome)
         e.record(
@@ -593,15 +608,7 @@ def create_app(
             result.prompt_tokens,
             result.completion_tokens,
         )
-        headers = _decision_headers(
-            routed,
-            outcome.tier,
-            outcome.tried,
-            cost,
-            outcome.request_id,
-            outcome.cascade,
-            outcome.notes,
-        )
+        headers = _outcome_headers(outcome, tier.name, cost)
         return JSONResponse(body, headers=headers)
 
     async def _stream(
@@ -621,21 +628,13 @@ def create_app(
         except (AllTiersFailed, BackendError) as exc:
             return failed(outcome, call, key_id, start, prompt, exc, stream=True)
         ttft = (time.perf_counter() - start) * 1000
-        tier_name = outcome.tier or outcome.routed.decision.tier.name
+        tier_name = outcome.booked_tier
         tier = e.settings.spec(tier_name).tier
         max_cost = tier.cost(
             estimate_tokens(outcome.routed.text),
             call.request.max_tokens or settings.max_tokens_default,
         ) + e.spent_cost(outcome)
-        headers = _decision_headers(
-            outcome.routed,
-            tier_name,
-            outcome.tried,
-            max_cost,
-            outcome.request_id,
-            outcome.cascade,
-            outcome.notes,
-        )
+        headers = _outcome_headers(outcome, tier_name, max_cost)
         headers["X-Tierroute-Cost-Usd-Is"] = "upper-estimate"
         created = int(time.time())
 
