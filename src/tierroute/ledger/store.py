@@ -1,11 +1,14 @@
-"""The request ledger: one SQLite row per request, written by one thread, never from the loop.
+"""The request ledger: one row per request, written by one thread, never from the loop.
+
+The rows live in SQLite (a file, the default) or PostgreSQL (a `postgresql://` URL, shared
+by several gateway replicas); tierroute.ledger.backend is the seam between them.
 
 `Ledger.record(row)` only puts the row on a queue, so the gateway's event loop never waits
 on the disk. A dedicated writer thread drains the queue and inserts whatever has piled up in
 one transaction, at the latest `linger_s` after the first row of a batch arrived (so a
 SIGKILL loses at most the rows queued in that window). `flush()` returns once everything
 queued before it is committed; `close()` flushes, stops the writer and is safe to call twice.
-Reads use their own connection, and WAL mode lets them run while the writer commits.
+Reads use their own connection (SQLite's WAL mode lets them run while the writer commits).
 
 No row is lost to another row's fault. Rows are made storable when queued: text that UTF-8
 cannot encode (a lone surrogate such as "\ud800", valid in JSON) is stored with those code
@@ -13,21 +16,21 @@ points written as backslash escapes (the six characters `\ud800`). A batch that 
 retried row by row; a row that still fails is counted in `health()` and logged once per
 burst. When the disk refuses writes (full, read-only, I/O error) the rows stay in memory,
 up to `spill_max_rows` (the newest beyond that are dropped and counted), and are written as
-soon as the disk works again; `health()` says so meanwhile.
+soon as the disk works again; `health()` says so meanwhile. PostgreSQL unreachable (at
+start or mid-run) is the same case: rows wait in memory and the writer reconnects.
 
-The schema is the list `MIGRATIONS`: migration *n* (1-based) moves a database from
-`PRAGMA user_version` n-1 to n, in its own transaction. Opening a ledger applies the ones a
-file lacks, so old databases upgrade themselves. Never edit a released migration; append one.
+The schema is numbered migrations per backend (ledger.sqlite, ledger.postgresql), applied
+when a ledger opens, so old databases upgrade themselves.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import math
 import queue
-import sqlite3
 import threading
 import time
 import weakref
@@ -37,6 +40,10 @@ from pathlib import Path
 from typing import Any, Final
 
 from tierroute.errors import LedgerClosedError, LedgerError
+from tierroute.ledger.backend import Backend, Connection, open_backend
+from tierroute.ledger.sqlite import MIGRATIONS, SCHEMA_VERSION, migrate, schema_version
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate", "schema_version"]  # re-exported
 
 log = logging.getLogger(__name__)
 
@@ -101,147 +108,6 @@ class Feedback:
     ts: float
     rating: float
     comment: str | None = None
-
-
-# --- schema ---------------------------------------------------------------------------------
-
-
-def _m001_requests(conn: sqlite3.Connection) -> None:
-    conn.execute(
-        """
-        CREATE TABLE requests (
-            id TEXT PRIMARY KEY,
-            ts REAL NOT NULL,
-            api_key_id TEXT,
-            tier TEXT NOT NULL,
-            score REAL,
-            hints TEXT NOT NULL DEFAULT '{}',
-            model TEXT NOT NULL,
-            prompt_tokens INTEGER NOT NULL DEFAULT 0,
-            completion_tokens INTEGER NOT NULL DEFAULT 0,
-            cost_usd REAL NOT NULL DEFAULT 0,
-            latency_ms REAL NOT NULL DEFAULT 0,
-            ttft_ms REAL,
-            fallback_chain TEXT NOT NULL DEFAULT '[]',
-            status INTEGER NOT NULL,
-            error TEXT,
-            cache_hit INTEGER NOT NULL DEFAULT 0,
-            stream INTEGER NOT NULL DEFAULT 0,
-            prompt_text TEXT
-        )
-        """
-    )
-
-
-def _m002_request_indexes(conn: sqlite3.Connection) -> None:
-    conn.execute("CREATE INDEX requests_ts ON requests (ts)")
-    conn.execute("CREATE INDEX requests_key_ts ON requests (api_key_id, ts)")
-
-
-def _m003_feedback(conn: sqlite3.Connection) -> None:
-    conn.execute(
-        """
-        CREATE TABLE feedback (
-            id INTEGER PRIMARY KEY,
-            request_id TEXT NOT NULL,
-            ts REAL NOT NULL,
-            rating REAL NOT NULL,
-            comment TEXT
-        )
-        """
-    )
-    conn.execute("CREATE INDEX feedback_request ON feedback (request_id)")
-
-
-def _m004_policy_changes(conn: sqlite3.Connection) -> None:
-    conn.execute(
-        """
-        CREATE TABLE policy_changes (
-            id INTEGER PRIMARY KEY,
-            ts REAL NOT NULL,
-            old_threshold REAL NOT NULL,
-            new_threshold REAL NOT NULL,
-            reason TEXT NOT NULL
-        )
-        """
-    )
-
-
-def _m005_shadow_judgements(conn: sqlite3.Connection) -> None:
-    conn.execute(
-        """
-        CREATE TABLE shadow_judgements (
-            id INTEGER PRIMARY KEY,
-            request_id TEXT NOT NULL,
-            ts REAL NOT NULL,
-            tier TEXT NOT NULL,
-            judge TEXT NOT NULL,
-            verdict REAL,
-            raw TEXT NOT NULL
-        )
-        """
-    )
-    conn.execute("CREATE INDEX shadow_request ON shadow_judgements (request_id)")
-
-
-def _m006_request_context(conn: sqlite3.Connection) -> None:
-    """Each row keeps why it was routed and the prices then; one rating per request and rater
-    (older duplicate ratings collapse to the latest)."""
-    for column in (
-        "reason TEXT",
-        "tags TEXT NOT NULL DEFAULT '{}'",
-        "forced INTEGER NOT NULL DEFAULT 0",
-        "tenant TEXT",
-        "price_in_per_m REAL",
-        "price_out_per_m REAL",
-        "largest_price_in_per_m REAL",
-        "largest_price_out_per_m REAL",
-    ):
-        conn.execute(f"ALTER TABLE requests ADD COLUMN {column}")
-    conn.execute("CREATE INDEX requests_tenant_ts ON requests (tenant, ts)")
-    conn.execute("ALTER TABLE feedback ADD COLUMN rater TEXT NOT NULL DEFAULT ''")
-    conn.execute(
-        "DELETE FROM feedback WHERE id NOT IN "
-        "(SELECT max(id) FROM feedback GROUP BY request_id, rater)"
-    )
-    conn.execute("CREATE UNIQUE INDEX feedback_request_rater ON feedback (request_id, rater)")
-
-
-Migration = Callable[[sqlite3.Connection], None]
-
-MIGRATIONS: Final[tuple[Migration, ...]] = (
-    _m001_requests,
-    _m002_request_indexes,
-    _m003_feedback,
-    _m004_policy_changes,
-    _m005_shadow_judgements,
-    _m006_request_context,
-)
-SCHEMA_VERSION: Final = len(MIGRATIONS)
-
-
-def schema_version(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("PRAGMA user_version").fetchone()[0])
-
-
-def migrate(conn: sqlite3.Connection, path: Path | str = "the ledger") -> int:
-    """Bring `conn` (in autocommit mode) up to `SCHEMA_VERSION`; return the version it had."""
-    conn.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait, then see it done
-    try:
-        start = schema_version(conn)
-        if start > SCHEMA_VERSION:
-            raise LedgerError(
-                f"{path} has ledger schema {start} but this tierroute knows only up to "
-                f"{SCHEMA_VERSION}; upgrade tierroute or point it at another ledger file"
-            )
-        for version in range(start + 1, SCHEMA_VERSION + 1):
-            MIGRATIONS[version - 1](conn)
-            conn.execute(f"PRAGMA user_version = {version:d}")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return start
 
 
 _COLUMNS: Final = (
@@ -330,52 +196,6 @@ def _row_params(row: LedgerRow, keep_prompt: bool) -> _Params:
     )
 
 
-def _storable_text(text: str) -> str:
-    """`text`, with what UTF-8 cannot encode (lone surrogates) written as backslash escapes."""
-    if text.isascii():
-        return text
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
-
-
-def _storable(params: _Params) -> _Params:
-    return tuple(_storable_text(p) if isinstance(p, str) else p for p in params)
-
-
-# SQLite's answers that mean "the disk cannot take writes now", not "this row is bad".
-_DISK_ERRORS: Final = frozenset(
-    {
-        sqlite3.SQLITE_FULL,
-        sqlite3.SQLITE_READONLY,
-        sqlite3.SQLITE_IOERR,
-        sqlite3.SQLITE_CANTOPEN,
-        sqlite3.SQLITE_PERM,
-        sqlite3.SQLITE_BUSY,
-        sqlite3.SQLITE_LOCKED,
-        sqlite3.SQLITE_NOMEM,
-    }
-)
-
-
-def _is_disk_error(exc: BaseException) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(exc, sqlite3.OperationalError) and (
-        code is None or (code & 0xFF) in _DISK_ERRORS
-    )
-
-
-def _is_read_only(exc: BaseException) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code is not None and (code & 0xFF) in (
-        sqlite3.SQLITE_READONLY,
-        sqlite3.SQLITE_CANTOPEN,
-        sqlite3.SQLITE_PERM,
-    )
-
-
 def _decode_row(r: Sequence[Any]) -> LedgerRow:
     return LedgerRow(
         id=r[0],
@@ -405,12 +225,6 @@ def _decode_row(r: Sequence[Any]) -> LedgerRow:
         largest_price_in_per_m=r[24],
         largest_price_out_per_m=r[25],
     )
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout = 30000")
-    return conn
 
 
 def default_path(data_dir: Path | None = None) -> Path:
@@ -470,13 +284,15 @@ _LOG_EVERY_S: Final = 60.0
 
 
 class Ledger:
-    """The request ledger at `path`: non-blocking writes from any thread or task, safe reads.
+    """The request ledger at `path` (a SQLite file, `sqlite:PATH` or a `postgresql://` URL):
+    non-blocking writes from any thread or task, safe reads.
 
     `keep_prompts=False` (the default) drops `prompt_text` before a row is queued, so prompts
     reach the disk only when configured. `clock` stamps feedback. Use as a context manager, or
     call `close()` (or `await aclose()`) at shutdown; an exit hook closes a forgotten ledger.
     While the disk refuses writes, up to `spill_max_rows` rows wait in memory and the writer
-    tries again every `retry_s` seconds.
+    tries again every `retry_s` seconds. A SQLite file that cannot be opened raises
+    `LedgerError`; a PostgreSQL server that cannot be reached is waited for like a full disk.
     """
 
     def __init__(
@@ -490,7 +306,9 @@ class Ledger:
         retry_s: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.path = Path(path)
+        self._backend: Backend = open_backend(path)
+        self.path: Path | None = self._backend.path  # None on PostgreSQL
+        self.location = self._backend.location
         self.keep_prompts = keep_prompts
         self.batch_size = max(1, batch_size)
         self.linger_s = linger_s
@@ -508,11 +326,17 @@ class Ledger:
         self._first_unreported = ""
         self._last_logged: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
-        self._reader: sqlite3.Connection | None = None
+        self._reader: Connection | None = None
         self._reader_lock = threading.Lock()
-        self._writer = self._open_writer()
+        self._writer: Connection | None = None
+        try:
+            self._writer = self._backend.open_writer()
+        except Exception as e:
+            if not self._backend.reconnect or not self._backend.unavailable(e):
+                raise
+            self._unwritable(e, 0)  # the server is down: rows wait until it answers
         self._thread = threading.Thread(
-            target=self._run, name=f"tierroute-ledger-{self.path.name}", daemon=True
+            target=self._run, name=f"tierroute-ledger-{self._backend.kind}", daemon=True
         )
         self._thread.start()
         ref = weakref.ref(self)
@@ -524,41 +348,6 @@ class Ledger:
 
         self._atexit = close_at_exit
         atexit.register(close_at_exit)
-
-    def _open_writer(self) -> sqlite3.Connection:
-        hint = "check that the folder is writable, or set TIERROUTE_DATA_DIR to another one"
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = _connect(self.path)
-        except (OSError, sqlite3.Error) as e:
-            raise LedgerError(f"cannot open the ledger at {self.path} ({e}); {hint}") from e
-        try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise LedgerError(
-                    f"the ledger at {self.path} cannot use WAL mode (got {mode!r}); "
-                    "put it on a local disk, not a network share or in memory"
-                )
-            conn.execute("PRAGMA synchronous = NORMAL")  # durable across app crashes in WAL
-            migrate(conn, self.path)
-        except sqlite3.DatabaseError as e:
-            conn.close()
-            if _is_read_only(e):
-                # A valid ledger in a read-only place: the file is fine, the permissions not.
-                raise LedgerError(
-                    f"the ledger at {self.path} is read-only ({e}): SQLite needs to write the "
-                    f"file and create {self.path.name}-wal and {self.path.name}-shm beside it; "
-                    f"make {self.path.parent} and the file writable for this user "
-                    f"(e.g. chmod u+w), or set TIERROUTE_DATA_DIR to a writable folder"
-                ) from e
-            raise LedgerError(
-                f"{self.path} is not a usable ledger database ({e}); "
-                "move it aside or point tierroute at another file"
-            ) from e
-        except BaseException:
-            conn.close()
-            raise
-        return conn
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -614,11 +403,13 @@ class Ledger:
         return [(str(a), str(b), float(c)) for a, b, c in found]
 
     def _put(self, sql: str, params: _Params) -> None:
-        item = _Item(sql, _storable(params))  # made storable here, not in the writer's batch
+        # made storable here, not in the writer's batch
+        storable = self._backend.storable
+        item = _Item(sql, tuple(storable(p) if isinstance(p, str) else p for p in params))
         with self._lock:
             if self._closed:
                 raise LedgerClosedError(
-                    f"the ledger at {self.path} is closed; record rows before close() "
+                    f"the ledger at {self.location} is closed; record rows before close() "
                     "or open a new Ledger"
                 )
             self._queue.put(item)
@@ -654,7 +445,7 @@ class Ledger:
                 return
             raise LedgerError(
                 f"the ledger writer did not catch up within {timeout}s; the disk at "
-                f"{self.path} may be slow or locked by another process, so retry flush()"
+                f"{self.location} may be slow or locked by another process, so retry flush()"
             )
         if raise_failures:
             self._raise_failures()
@@ -675,7 +466,8 @@ class Ledger:
         self._thread.join()
         if not already:
             atexit.unregister(self._atexit)
-            self._writer.close()
+            if self._writer is not None:
+                self._drop(self._writer)
             with self._reader_lock:
                 if self._reader is not None:
                     self._reader.close()
@@ -707,7 +499,7 @@ class Ledger:
             problem = self._health.problem
         if count:
             more = f" (and {count - 1} more)" if count > 1 else ""
-            raise LedgerError(f"{count} ledger writes to {self.path} failed: {first}{more}")
+            raise LedgerError(f"{count} ledger writes to {self.location} failed: {first}{more}")
         if spilled:
             raise LedgerError(f"{spilled} rows wait in memory: {problem}")
 
@@ -745,10 +537,17 @@ class Ledger:
         next_try = 0.0
         stop = False
         while True:
-            wait = None if not pending else max(0.0, next_try - time.monotonic())
+            if pending:
+                wait: float | None = max(0.0, next_try - time.monotonic())
+            elif self._writer is None:  # the server is down and no row waits: poll it
+                wait = self.retry_s
+            else:
+                wait = None
             rows, waiters, stop_now = self._take(wait)
             stop = stop or stop_now
             pending.extend(rows)
+            if not pending and not stop and self._writer is None:
+                self._reconnect()
             try:
                 if pending and (len(pending) == len(rows) or stop or time.monotonic() >= next_try):
                     pending = self._write(pending)
@@ -783,40 +582,67 @@ class Ledger:
 
     def _write(self, rows: list[_Item]) -> list[_Item]:
         """Insert `rows`, a transaction per `batch_size`, row by row where one is bad.
-        Returns the rows left unwritten because the disk refused them, oldest first."""
-        conn = self._writer
+        Returns the rows left unwritten because the database refused them, oldest first."""
+        unavailable = self._backend.unavailable
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
             failed: list[tuple[_Item, BaseException]] = []
             try:
+                if self._writer is None:  # PostgreSQL was down: connect (and migrate) first
+                    self._writer = self._backend.open_writer()
+                conn = self._writer
                 try:
                     self._transaction(conn, chunk, None)
                 except Exception as e:
-                    if _is_disk_error(e):
+                    if unavailable(e):
                         raise
-                    # one bad row (duplicate id, a value SQLite refuses): find it
+                    # one bad row (duplicate id, a value the database refuses): find it
                     self._transaction(conn, chunk, failed)
-            except sqlite3.OperationalError as e:
-                if not _is_disk_error(e):
+            except Exception as e:
+                if not unavailable(e):
                     raise
+                if self._backend.reconnect and self._writer is not None:
+                    self._drop(self._writer)
+                    self._writer = None
                 self._unwritable(e, len(rows) - start)
                 return rows[start:]
             self._stored(len(chunk) - len(failed), failed)
         return []
 
+    def _reconnect(self) -> None:
+        """Open the writer's connection again, so /healthz recovers without a row to write."""
+        try:
+            self._writer = self._backend.open_writer()
+        except Exception as e:
+            if not self._backend.unavailable(e):
+                raise
+            self._unwritable(e, 0)
+            return
+        self._stored(0, [])
+
+    @staticmethod
+    def _drop(conn: Connection) -> None:
+        # a connection that lost its server may fail to close: it is gone anyway
+        with contextlib.suppress(Exception):
+            conn.close()
+
     def _transaction(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         rows: list[_Item],
         failed: list[tuple[_Item, BaseException]] | None,
     ) -> None:
         """One transaction: `executemany` per statement when `failed` is None (a bad row
-        raises), else row by row, with each bad row appended to `failed` and the rest kept."""
+        raises), else row by row, each in a savepoint, with each bad row appended to
+        `failed` and the rest kept."""
+        backend = self._backend
         for attempt in range(4):
             if failed is not None:
                 failed.clear()  # a retried attempt finds them again
+            begun = False
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(backend.begin)
+                begun = True
                 if failed is None:
                     by_sql: dict[str, list[_Params]] = {}
                     for item in rows:
@@ -825,24 +651,26 @@ class Ledger:
                         conn.executemany(sql, params_list)
                 else:
                     for item in rows:
+                        # a failed statement spoils a PostgreSQL transaction: undo just it
+                        conn.execute("SAVEPOINT row")
                         try:
                             conn.execute(item.sql, item.params)
-                        except sqlite3.OperationalError as e:
-                            if _is_disk_error(e):
+                        except Exception as e:  # any value the database refuses: count it
+                            if backend.unavailable(e):
                                 raise
+                            conn.execute("ROLLBACK TO SAVEPOINT row")
                             failed.append((item, e))
-                        except Exception as e:  # any value SQLite refuses: count it, keep the rest
-                            failed.append((item, e))
+                        conn.execute("RELEASE SAVEPOINT row")
                 conn.execute("COMMIT")
                 return
             except BaseException as e:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                busy = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF in (
-                    sqlite3.SQLITE_BUSY,
-                    sqlite3.SQLITE_LOCKED,
-                )
-                if not busy or attempt == 3:
+                if begun:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except Exception:
+                        if not backend.unavailable(e):
+                            raise
+                if not backend.busy(e) or attempt == 3:
                     raise
                 time.sleep(0.05 * 2**attempt)  # locked beyond the busy timeout: retry
 
@@ -854,10 +682,11 @@ class Ledger:
                 h, writable=True, problem=None, rows_written=h.rows_written + written
             )
         if recovered:
-            log.warning("ledger %s: writable again; the rows kept in memory are written", self.path)
+            log.warning("ledger %s: writable again; rows kept in memory are written", self.location)
         if failed:
             item, e = failed[0]
-            if isinstance(e, sqlite3.IntegrityError) and item.sql is _INSERT_REQUEST:
+            integrity = any(t.__name__ == "IntegrityError" for t in type(e).__mro__)
+            if integrity and item.sql is _INSERT_REQUEST:
                 first = (
                     f"request {item.params[0]!r} was not saved ({e}); "
                     "give every request a unique id"
@@ -868,9 +697,13 @@ class Ledger:
 
     def _unwritable(self, e: BaseException, waiting: int) -> None:
         problem = (
-            f"the ledger at {self.path} cannot write ({e}); rows wait in memory (at most "
-            f"{self.spill_max_rows}) and are written when the disk works again: free space "
-            "or make the folder writable"
+            f"the ledger at {self.location} cannot write ({e}); rows wait in memory (at most "
+            f"{self.spill_max_rows}) and are written when it works again: "
+            + (
+                "check that the PostgreSQL server is up and reachable"
+                if self._backend.kind == "postgresql"
+                else "free space or make the folder writable"
+            )
         )
         with self._state_lock:
             self._health = replace(self._health, writable=False, problem=problem)
@@ -900,7 +733,7 @@ class Ledger:
             self._last_logged[kind] = now
             held = self._suppressed.pop(kind, 0)
         more = f" ({held} similar messages held back in the last minute)" if held else ""
-        log.error("ledger %s: %s%s", self.path, message, more)
+        log.error("ledger %s: %s%s", self.location, message, more)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -908,19 +741,30 @@ class Ledger:
         with self._reader_lock:
             if self._closed:
                 raise LedgerClosedError(
-                    f"the ledger at {self.path} is closed; open a new Ledger to read it"
+                    f"the ledger at {self.location} is closed; open a new Ledger to read it"
                 )
-            if self._reader is None:
-                self._reader = _connect(self.path)
-                self._reader.execute("PRAGMA query_only = ON")
-            return self._reader.execute(sql, params).fetchall()
+            try:
+                if self._reader is None:
+                    self._reader = self._backend.open_reader()
+                return self._reader.execute(sql, params).fetchall()
+            except Exception as e:
+                if not (self._backend.reconnect and self._backend.unavailable(e)):
+                    raise
+                if self._reader is not None:
+                    self._drop(self._reader)
+                    self._reader = None
+                raise LedgerError(
+                    f"cannot read the ledger at {self.location} ({e}); check that the "
+                    "PostgreSQL server is up and reachable"
+                ) from e
 
     def rows(self, since: float | None = None) -> list[LedgerRow]:
         """Committed rows with `ts >= since` (all when None), oldest first."""
+        order = f"ts, {self._backend.order}"
         if since is None:
-            found = self._read(f"{_SELECT_REQUEST} ORDER BY ts, rowid")
+            found = self._read(f"{_SELECT_REQUEST} ORDER BY {order}")
         else:
-            found = self._read(f"{_SELECT_REQUEST} WHERE ts >= ? ORDER BY ts, rowid", (since,))
+            found = self._read(f"{_SELECT_REQUEST} WHERE ts >= ? ORDER BY {order}", (since,))
         return [_decode_row(r) for r in found]
 
     def count(self, since: float | None = None) -> int:
