@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -106,6 +107,16 @@ class Parts:
     router: BaseRouter
     backends: Mapping[str, Backend]
     ledger: Ledger
+    learned_dir: Path | None = None  # where the learner keeps its routers: by the ledger file
+
+    def learned_folder(self) -> Path:
+        if self.learned_dir is not None:
+            return self.learned_dir
+        if self.ledger.path is not None:
+            return self.ledger.path.parent / "learned"
+        from tierroute.paths import data_dir
+
+        return data_dir() / "learned"  # the ledger is on PostgreSQL
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
@@ -187,7 +198,7 @@ def create_app(
         engine.metrics.watch_ledger(parts.ledger.health)
         state["engine"] = engine
         if settings.learning is not None:
-            folder = parts.ledger.path.parent / "learned"
+            folder = parts.learned_folder()
             learner = Learner(
                 engine, settings.learning, folder, settings.router, asyncio.get_running_loop()
             )

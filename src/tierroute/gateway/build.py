@@ -11,6 +11,7 @@ from tierroute.errors import ConfigError
 from tierroute.gateway.app import Parts
 from tierroute.gateway.settings import GatewaySettings, TierSpec, apply_calibration
 from tierroute.ledger import Ledger, default_path
+from tierroute.ledger.location import ledger_target
 
 log = logging.getLogger("tierroute.gateway")
 
@@ -64,8 +65,9 @@ def build_parts(settings: GatewaySettings, data_dir: Path | None = None) -> Part
             backend.load()
         backends[spec.name] = backend
     ledger = Ledger(
-        default_path(data_dir),
+        ledger_target(settings.ledger, data_dir),
         keep_prompts=settings.keep_prompts,
         spill_max_rows=settings.ledger_spill_max_rows,
     )
-    return Parts(router=router, backends=backends, ledger=ledger)
+    learned = default_path(data_dir).parent / "learned"
+    return Parts(router=router, backends=backends, ledger=ledger, learned_dir=learned)

@@ -666,6 +666,8 @@ class Engine:
         m.tokens.labels(tier_name, "prompt").inc(prompt_tokens)
         m.tokens.labels(tier_name, "completion").inc(completion_tokens)
         m.cost.labels(tier_name).inc(cost)
+        if api_key_id is not None:
+            m.key_spend.labels(api_key_id).inc(cost + spent_cost)
         for spent_tier, p, c in outcome.spent:
             m.tokens.labels(spent_tier, "prompt").inc(p)
             m.tokens.labels(spent_tier, "completion").inc(c)

@@ -28,17 +28,17 @@ class _LedgerCollector(Collector):
         h = self.health()
         yield CounterMetricFamily(
             "tierroute_ledger_rows_failed",
-            "Ledger rows that could not be stored (SQLite refused them, or lost at shutdown)",
+            "Ledger rows that could not be stored (the database refused them, or lost at shutdown)",
             value=h.rows_failed,
         )
         yield CounterMetricFamily(
             "tierroute_ledger_rows_dropped",
-            "Ledger rows dropped because the in-memory spill was full while the disk failed",
+            "Ledger rows dropped because the in-memory spill was full while the database failed",
             value=h.rows_dropped,
         )
         yield GaugeMetricFamily(
             "tierroute_ledger_rows_spilled",
-            "Ledger rows waiting in memory for the disk to take writes again",
+            "Ledger rows waiting in memory for the database to take writes again",
             value=h.rows_spilled,
         )
         yield GaugeMetricFamily(
@@ -73,6 +73,10 @@ class Metrics:
             "tierroute_tokens", "Tokens by tier and kind", ["tier", "kind"], registry=r
         )
         self.cost = Counter("tierroute_cost_usd", "Cost in USD by tier", ["tier"], registry=r)
+        # by key id (public: 12 hex of the key's sha256), config and virtual keys alike
+        self.key_spend = Counter(
+            "tierroute_key_spend_usd", "Spend in USD by API key id", ["key"], registry=r
+        )
         self.fallbacks = Counter(
             "tierroute_fallbacks",
             "Requests moved off a failing tier",

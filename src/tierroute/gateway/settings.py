@@ -24,6 +24,7 @@ from tierroute.controller import ControllerConfig
 from tierroute.errors import ConfigError
 from tierroute.gateway.shadow import ShadowConfig
 from tierroute.learning import LearningConfig
+from tierroute.ledger.location import LEDGER_PATTERN, MAX_LENGTH
 from tierroute.personalise import PersonaliseConfig
 from tierroute.policy import Policy
 from tierroute.strict import Lines, StrictModel, build_section, check, where
@@ -73,6 +74,7 @@ class GatewaySettings:
     on_ledger_failure: str = "queue"
     ledger_spill_max_rows: int = 100_000
     learning: LearningConfig | None = None
+    ledger: str | None = None  # a postgresql:// URL or sqlite:PATH; see ledger.location
     source: str = "built-in gateway.yaml"
 
     def spec(self, name: str) -> TierSpec:
@@ -148,6 +150,7 @@ class GatewayFile(StrictModel):
     tiers: list[GatewayTier] = Field(min_length=2, max_length=16)
     policy: PolicyFields | None = None
     router: str = Field("default", min_length=1, max_length=4096)
+    ledger: str | None = Field(None, pattern=LEDGER_PATTERN, max_length=MAX_LENGTH)
     gateway: GatewayFields | None = None
 
 
@@ -213,6 +216,7 @@ def parse_settings(doc: Any, source: str, lines: Lines | None = None) -> Gateway
         personalise=section("personalise", PersonaliseConfig),
         cascade=section("cascade", CascadeConfig),
         learning=learning if learning is not None and learning.enabled else None,
+        ledger=checked.ledger,
         source=source,
     )
 
