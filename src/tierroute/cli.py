@@ -285,16 +285,14 @@ def cmd_train_from_ledger(args: argparse.Namespace) -> int:
     import hashlib
 
     from tierroute.artifact import open_router, save_router
+    from tierroute.cli_ledger import open_ledger, target_of
     from tierroute.gateway.settings import load_settings
     from tierroute.learning import compare, ledger_labels, require_rows, split_by_time
-    from tierroute.ledger import Ledger, default_path, parse_since
+    from tierroute.ledger import parse_since
     from tierroute.routers import make_router
 
     settings = load_settings(args.config)
-    path = default_path(Path(args.data_dir) if args.data_dir else None)
-    if not path.is_file():
-        raise InputError(f"no ledger at '{path}'; run `tierroute serve` first or pass --data-dir")
-    with Ledger(path) as ledger:
+    with open_ledger(target_of(args)) as ledger:
         data = ledger_labels(
             ledger, settings.tiers[-1].name, parse_since(args.since) if args.since else None
         )
@@ -306,7 +304,7 @@ def cmd_train_from_ledger(args: argparse.Namespace) -> int:
     current, _ = open_router(args.current or settings.router, factory)
     new_auc, current_auc = compare(new, current, data, test)
     print(
-        f"{len(data.ids)} labelled requests from {path}: trained {args.router} on the "
+        f"{len(data.ids)} labelled requests from {ledger.location}: trained {args.router} on the "
         f"older {len(train)}, compared on the newest {len(test)}"
     )
     print(
@@ -317,7 +315,7 @@ def cmd_train_from_ledger(args: argparse.Namespace) -> int:
         print("not promoted: the new router does not beat the current one")
         return 0
     trained_on = {
-        "data": str(path),
+        "data": ledger.location,
         "data_hash": hashlib.sha256("\n".join(data.ids).encode()).hexdigest(),
         "source": "ledger",
         "rows": len(train),
@@ -639,22 +637,18 @@ def _quality_lines(
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from tierroute.cli_ledger import open_ledger, target_of
     from tierroute.ledger import (
-        Ledger,
         build_report,
-        default_path,
         format_report,
         parse_since,
         report_csv,
         report_json,
     )
 
-    path = default_path(Path(args.data_dir) if args.data_dir else None)
-    if not path.is_file():
-        raise InputError(f"no ledger at '{path}'; run `tierroute serve` first or pass --data-dir")
     since = parse_since(args.since) if args.since else None
     largest_cost = _pricing(args.config)
-    with Ledger(path) as ledger:
+    with open_ledger(target_of(args)) as ledger:
         rows = ledger.rows(since=since)
         judged = ledger.judgements(since)
         rated = ledger.feedback_since(since)
@@ -853,6 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
         "promote only if better than the current router on held-out requests",
     )
     p.add_argument("--data-dir", metavar="DIR", help="with --from-ledger: the ledger's folder")
+    p.add_argument("--ledger", metavar="URL", help="with --from-ledger: the ledger's database")
     p.add_argument("--config", metavar="FILE", help="with --from-ledger: the gateway config")
     p.add_argument(
         "--current", help="with --from-ledger: the router to beat (default: the config's)"
@@ -945,6 +940,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="savings and latency from the ledger")
     p.add_argument("--data-dir", metavar="DIR")
+    p.add_argument("--ledger", metavar="URL", help="postgresql://... or sqlite:PATH")
     p.add_argument("--since", help="e.g. 1h, 30m, 2d or an ISO date")
     p.add_argument(
         "--config",
@@ -967,6 +963,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the file only: do not load local models or call remote tiers",
     )
     c.set_defaults(func=cmd_config_check)
+
+    from tierroute.cli_ledger import add_commands
+
+    add_commands(sub)
     return parser
 
 

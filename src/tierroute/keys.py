@@ -9,7 +9,20 @@ public id is the first 12 hex digits of that hash, the same id config keys
 from __future__ import annotations
 
 import hashlib
+import math
+import re
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tierroute.errors import InputError, LedgerError
+
+if TYPE_CHECKING:
+    from tierroute.ledger import Ledger
 
 KEY_ID_LENGTH = 12
 
@@ -33,3 +46,189 @@ def hash_secret(secret: str) -> str:
 def key_id(digest: str) -> str:
     """The public id of a key: the first 12 hex digits of its sha256."""
     return digest[:KEY_ID_LENGTH]
+
+
+SECRET_PREFIX = "sk-tr-"
+# How long a looked-up key (or its absence) is trusted: a revocation reaches every replica
+# within this. Bounded, so a flood of made-up keys cannot grow the cache without end.
+CACHE_TTL_S = 5.0
+CACHE_MAX_ENTRIES = 10_000
+_NAME = re.compile(r"^[\w.@:/+-][\w .@:/+-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """A stored key as `tierroute keys list` shows it (the secret is not stored)."""
+
+    policy: KeyPolicy
+    created: float
+    revoked: float | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked is None
+
+
+def _limit(value: float | None, what: str, *, integer: bool = False) -> Any:
+    if value is None:
+        return None
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10**9:
+            raise InputError(f"{what} must be a whole number from 1 to 1e9 (got {value!r})")
+        return value
+    if not isinstance(value, int | float) or not math.isfinite(value) or not 0 <= value <= 1e9:
+        raise InputError(f"{what} must be a number of USD from 0 to 1e9 (got {value!r})")
+    return float(value)
+
+
+class KeyStore:
+    """Virtual keys in the ledger database's `api_keys` table (either backend)."""
+
+    _COLUMNS = (
+        "key_id, name, tenant, budget_usd_day, budget_usd_month, requests_per_minute, "
+        "tokens_per_minute, created, revoked"
+    )
+
+    def __init__(self, ledger: Ledger, clock: Callable[[], float] = time.time) -> None:
+        self.ledger = ledger
+        self.clock = clock
+
+    def create(
+        self,
+        name: str,
+        *,
+        tenant: str | None = None,
+        budget_usd_day: float | None = None,
+        budget_usd_month: float | None = None,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
+    ) -> tuple[str, KeyRecord]:
+        """Store a new key; returns its secret (shown once, never stored) and its record."""
+        for value, what in ((name, "the key's name"), (tenant, "the tenant")):
+            if value is not None and not _NAME.match(value):
+                raise InputError(
+                    f"{what} must be 1 to 128 letters, digits, spaces or . @ : / + - _ "
+                    f"(got {value!r})"
+                )
+        policy_fields = dict(
+            name=name,
+            tenant=tenant,
+            budget_usd_day=_limit(budget_usd_day, "the daily budget"),
+            budget_usd_month=_limit(budget_usd_month, "the monthly budget"),
+            requests_per_minute=_limit(requests_per_minute, "requests per minute", integer=True),
+            tokens_per_minute=_limit(tokens_per_minute, "tokens per minute", integer=True),
+        )
+        if any(k.policy.name == name and k.active for k in self.list()):
+            raise InputError(f"an active key is already named {name!r}; pick another name")
+        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+        digest = hash_secret(secret)
+        created = float(self.clock())
+        policy = KeyPolicy(key_id=key_id(digest), **policy_fields)
+        self.ledger.write_now(
+            f"INSERT INTO api_keys (key_hash, {self._COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (digest, *self._policy_params(policy), created, None),
+        )
+        return secret, KeyRecord(policy, created, None)
+
+    @staticmethod
+    def _policy_params(p: KeyPolicy) -> tuple[Any, ...]:
+        return (
+            p.key_id,
+            p.name,
+            p.tenant,
+            p.budget_usd_day,
+            p.budget_usd_month,
+            p.requests_per_minute,
+            p.tokens_per_minute,
+        )
+
+    @staticmethod
+    def _record(r: Any) -> KeyRecord:
+        return KeyRecord(KeyPolicy(*r[:7]), float(r[7]), None if r[8] is None else float(r[8]))
+
+    def list(self) -> list[KeyRecord]:
+        """Every key, revoked ones too, oldest first."""
+        found = self.ledger.query(f"SELECT {self._COLUMNS} FROM api_keys ORDER BY created")
+        return [self._record(r) for r in found]
+
+    def revoke(self, key: str) -> KeyRecord:
+        """Revoke the active key with this id or name; returns it as it now stands."""
+        matches = [k for k in self.list() if k.active and key in (k.policy.key_id, k.policy.name)]
+        if not matches:
+            raise InputError(f"no active key with id or name {key!r}; see `tierroute keys list`")
+        if len(matches) > 1:
+            raise InputError(f"{key!r} names {len(matches)} keys; revoke one by its id")
+        record = matches[0]
+        revoked = float(self.clock())
+        self.ledger.write_now(
+            "UPDATE api_keys SET revoked = ? WHERE key_id = ? AND revoked IS NULL",
+            (revoked, record.policy.key_id),
+        )
+        return KeyRecord(record.policy, record.created, revoked)
+
+    def find(self, digest: str) -> KeyPolicy | None:
+        """The active key whose secret hashes to `digest`, if any."""
+        found = self.ledger.query(
+            f"SELECT {self._COLUMNS} FROM api_keys WHERE key_hash = ? AND revoked IS NULL",
+            (digest,),
+        )
+        return self._record(found[0]).policy if found else None
+
+
+class Authoriser:
+    """`lookup(secret)`: the KeyPolicy of an active virtual key, or None; answers from a
+    cache trusted for `ttl_s` seconds, so a revocation is seen within that on every replica.
+    When the database cannot be read, a known key keeps its last answer; an unknown one
+    raises LedgerError (the caller cannot be told yes or no)."""
+
+    def __init__(
+        self,
+        store: KeyStore,
+        ttl_s: float = CACHE_TTL_S,
+        max_entries: int = CACHE_MAX_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.ttl_s = ttl_s
+        self.max_entries = max(1, max_entries)
+        self.clock = clock
+        self._cache: OrderedDict[str, tuple[KeyPolicy | None, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def cached(self, secret: str) -> tuple[bool, KeyPolicy | None]:
+        """(fresh, policy) from the cache: fresh is False when the database must be asked."""
+        digest = hash_secret(secret)
+        with self._lock:
+            hit = self._cache.get(digest)
+        if hit is not None and self.clock() - hit[1] < self.ttl_s:
+            return True, hit[0]
+        return False, None
+
+    def lookup(self, secret: str) -> KeyPolicy | None:
+        fresh, policy = self.cached(secret)
+        if fresh:
+            return policy
+        digest = hash_secret(secret)
+        try:
+            policy = self.store.find(digest)
+        except LedgerError:
+            with self._lock:
+                stale = self._cache.get(digest)
+            if stale is not None:
+                return stale[0]
+            raise
+        with self._lock:
+            self._cache[digest] = (policy, self.clock())
+            self._cache.move_to_end(digest)
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+        return policy
+
+    async def alookup(self, secret: str) -> KeyPolicy | None:
+        """`lookup` that asks the database in a worker thread (only on a cache miss)."""
+        fresh, policy = self.cached(secret)
+        if fresh:
+            return policy
+        import asyncio
+
+        return await asyncio.to_thread(self.lookup, secret)

@@ -40,6 +40,7 @@ from starlette.requests import ClientDisconnect
 from tierroute.backends.base import Backend, BackendError, StreamDelta
 from tierroute.conversation import estimate_tokens
 from tierroute.errors import InputError
+from tierroute.gateway.auth import authenticate
 from tierroute.gateway.engine import AllTiersFailed, Engine, Outcome, Routed, new_request_id
 from tierroute.gateway.learner import Learner
 from tierroute.gateway.metrics import Metrics
@@ -58,7 +59,8 @@ from tierroute.gateway.schema import (
     parse_json,
     sse,
 )
-from tierroute.gateway.settings import GatewaySettings, hash_key
+from tierroute.gateway.settings import GatewaySettings
+from tierroute.keys import Authoriser, KeyStore
 from tierroute.ledger import Ledger
 from tierroute.routers.base import BaseRouter
 
@@ -189,6 +191,7 @@ def create_app(
     """The gateway app. `build` makes router, backends and ledger at start-up (in a thread,
     since local models take a while to load); they are closed again at shutdown."""
     state: dict[str, Engine] = {}
+    auth: dict[str, Authoriser] = {}
     learners: dict[str, Learner] = {}
 
     @asynccontextmanager
@@ -196,6 +199,8 @@ def create_app(
         parts = await asyncio.to_thread(build, settings)
         engine = Engine(settings, parts.router, parts.backends, parts.ledger, metrics)
         engine.metrics.watch_ledger(parts.ledger.health)
+        if settings.virtual_keys:
+            auth["keys"] = Authoriser(KeyStore(parts.ledger))
         state["engine"] = engine
         if settings.learning is not None:
             folder = parts.learned_folder()
@@ -269,21 +274,14 @@ def create_app(
         )
         return JSONResponse(error.body(), status_code=500)
 
-    def authorise(request: Request) -> str | None:
-        """The caller's key id (a short hash), or 401 when keys are configured."""
-        if not settings.api_key_hashes:
-            return None
-        auth = request.headers.get("authorization", "")
-        key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-        digest = hash_key(key) if key else ""
-        if digest not in settings.api_key_hashes:
-            raise ApiError(
-                401,
-                "Incorrect or missing API key: send 'Authorization: Bearer KEY'.",
-                type="authentication_error",
-                code="invalid_api_key",
-            )
-        return digest[:12]
+    async def authorise(request: Request) -> str | None:
+        """The caller's key id (a short hash), or 401 when keys are configured. A virtual
+        key's policy is left on `request.state.caller` for the limits."""
+        caller = await authenticate(
+            settings, auth.get("keys"), request.headers.get("authorization", "")
+        )
+        request.state.caller = caller
+        return caller.key_id
 
     async def read_body(request: Request) -> bytes:
         limit = settings.max_body_bytes
@@ -319,7 +317,7 @@ def create_app(
         (text/plain, forms). The body is read before any refusal (401, 415, 400), so that
         the connection stays usable for the client's next request."""
         body = await read_body(request)
-        key_id = authorise(request)
+        key_id = await authorise(request)
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media != "application/json":
             raise ApiError(
@@ -384,7 +382,7 @@ def create_app(
     @app.get("/v1/dashboard/data", responses=_errors(400, 401))
     async def dashboard_json(request: Request, since: str = "24h") -> JSONResponse:
         # The page itself holds no data; its numbers are the whole gateway's, for key holders.
-        authorise(request)
+        await authorise(request)
         from tierroute.errors import LedgerError
         from tierroute.gateway.dashboard import dashboard_data
         from tierroute.ledger import parse_since
@@ -401,7 +399,7 @@ def create_app(
 
     @app.get("/v1/models", responses=_errors(401))
     async def models(request: Request) -> dict[str, Any]:
-        authorise(request)
+        await authorise(request)
         created = int(time.time())
         data = [{"id": "auto", "object": "model", "created": created, "owned_by": "tierroute"}]
         data += [
@@ -416,11 +414,11 @@ def create_app(
         responses={200: {"model": RouteDecision}, **_errors(*_BODY_ERRORS)},
     )
     async def route(request: Request) -> JSONResponse:
-        key_id, doc = await read_json(request)
+        _, doc = await read_json(request)
         call = parse_chat(
             doc, ["auto", *engine().tier_names], headers_of(request), settings.max_tokens_default
         )
-        routed = await _route(_tenant_or_key(call, key_id))
+        routed = await _route(_tenant_or_key(call, request.state.caller.scope))
         d = routed.decision
         body = {
             "tier": d.tier.name,
@@ -445,7 +443,7 @@ def create_app(
     @app.post("/v1/router/rollback", responses=_errors(401, 404, 409))
     async def rollback(request: Request) -> JSONResponse:
         """Serve the router before the continuous learner's last promotion again."""
-        authorise(request)
+        await authorise(request)
         learner = learners.get("learner")
         if learner is None:
             raise ApiError(
@@ -502,7 +500,7 @@ def create_app(
             raise ApiError(400, "'comment' must be a string.", param="comment")
         owner = await engine().request_owner(request_id)
         # Another key's request is reported as unknown: its existence is not theirs to see.
-        if owner is None or (settings.api_key_hashes and owner.api_key_id != key_id):
+        if owner is None or (key_id is not None and owner.api_key_id != key_id):
             raise ApiError(
                 404,
                 f"No request with id '{request_id}'.",
@@ -580,7 +578,7 @@ def create_app(
             parse_chat(
                 doc, ["auto", *e.tier_names], headers_of(request), settings.max_tokens_default
             ),
-            key_id,
+            request.state.caller.scope,
         )
         routed = await _route(call)
         outcome = Outcome(request_id=new_request_id(), routed=routed)

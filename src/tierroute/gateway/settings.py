@@ -67,6 +67,7 @@ class GatewaySettings:
     # A client gets this long to send its request headers, and again its body (slow-loris).
     client_timeout_s: float = 10.0
     api_key_hashes: frozenset[str] = field(default_factory=frozenset)
+    virtual_keys: bool = False
     controller: ControllerConfig | None = None
     shadow: ShadowConfig | None = None
     personalise: PersonaliseConfig | None = None
@@ -138,6 +139,9 @@ class GatewayFields(StrictModel):
     on_ledger_failure: Literal["queue", "refuse"] = "queue"
     ledger_spill_max_rows: int = Field(100_000, ge=0, le=10_000_000)
     api_keys_sha256: list[Sha256Hex] = Field(default_factory=list, max_length=100_000)
+    # Also accept the keys of `tierroute keys create` (in the ledger database); every
+    # request then needs a key.
+    virtual_keys: bool = False
     # Checked against their own dataclasses below, so each names its own keys.
     controller: Section = None
     shadow: Section = None
@@ -211,6 +215,7 @@ def parse_settings(doc: Any, source: str, lines: Lines | None = None) -> Gateway
         on_ledger_failure=gw.on_ledger_failure,
         ledger_spill_max_rows=gw.ledger_spill_max_rows,
         api_key_hashes=frozenset(hashes),
+        virtual_keys=gw.virtual_keys,
         controller=section("controller", ControllerConfig),
         shadow=section("shadow", ShadowConfig),
         personalise=section("personalise", PersonaliseConfig),

@@ -758,6 +758,42 @@ class Ledger:
                     "PostgreSQL server is up and reachable"
                 ) from e
 
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Rows of one read (`?` placeholders) on the reader's connection: for the modules
+        that keep their own tables in the ledger's database (tierroute.keys)."""
+        return self._read(sql, params)
+
+    def write_now(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """Run one write (`?` placeholders) now, committed before this returns, on a
+        connection of its own: for rare administrative writes (creating a key), not rows."""
+        self.write_many(sql, [params])
+
+    def write_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        """`write_now` for many parameter rows, in one transaction (all or none)."""
+        with self._lock:
+            if self._closed:
+                raise LedgerClosedError(f"the ledger at {self.location} is closed")
+        try:
+            conn = self._backend.open_writer()
+        except Exception as e:
+            if not self._backend.unavailable(e):
+                raise
+            raise LedgerError(f"cannot write to the ledger at {self.location} ({e})") from e
+        try:
+            conn.execute(self._backend.begin)
+            try:
+                conn.executemany(sql, params)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except Exception as e:
+            if not self._backend.unavailable(e):
+                raise
+            raise LedgerError(f"cannot write to the ledger at {self.location} ({e})") from e
+        finally:
+            self._drop(conn)
+
     def rows(self, since: float | None = None) -> list[LedgerRow]:
         """Committed rows with `ts >= since` (all when None), oldest first."""
         order = f"ts, {self._backend.order}"
