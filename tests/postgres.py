@@ -53,12 +53,6 @@ def database(port: int = PORT) -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    with database() as url:
-        yield url
-
-
 class TcpProxy:
     """Forwards a local port to PostgreSQL; `cut()` closes the port and every connection
     through it (the server looks gone), `restore()` opens the same port again."""
@@ -85,6 +79,8 @@ class TcpProxy:
             listener, self._listener = self._listener, None
             conns, self._conns = self._conns, set()
         if listener is not None:
+            with contextlib.suppress(OSError):  # wakes the accept() blocked on it
+                listener.shutdown(socket.SHUT_RDWR)
             listener.close()
         for conn in conns:
             with contextlib.suppress(OSError):
