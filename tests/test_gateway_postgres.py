@@ -122,6 +122,10 @@ def test_postgres_outage_queues_or_refuses_and_loses_no_answered_row(
                 assert ask(client, 99).status_code == 503
             answered += [r.json()["id"] for r in mid if r.status_code == 200]
             wait_for(lambda: not ledger.health().writable)
+            # a rating for a request this replica did not answer needs the ledger: 503, not 500
+            rated = client.post("/v1/feedback", json={"request_id": "chatcmpl-x", "rating": 1})
+            assert rated.status_code == 503, rated.text
+            assert rated.json()["error"]["code"] == "ledger_unavailable"
             metrics = client.get("/metrics").text
             assert "tierroute_ledger_writable 0.0" in metrics, metrics
             proxy.restore()
@@ -186,6 +190,8 @@ def test_virtual_keys_authenticate_book_spend_and_revoke_within_seconds(
                 assert r.status_code == 200, r.text
                 ids.append(r.json()["id"])
             assert ask(http, 9, key="sk-config-key").status_code == 200  # config keys too
+            dash = http.get("/v1/dashboard/data", headers={"authorization": f"Bearer {secret}"})
+            assert dash.status_code == 200 and dash.json(), dash.text  # read from PostgreSQL
             metrics = http.get("/metrics").text
             spend = [
                 line

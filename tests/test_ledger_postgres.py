@@ -335,3 +335,58 @@ def test_ledger_migrate_refuses_what_is_not_a_ledger_url(
     assert code == 2 and "postgresql://" in capsys.readouterr().err
     code = main(["ledger", "migrate", "--from", f"sqlite:{tmp_path}/none.db", "--to", "sqlite:x"])
     assert code == 2 and "no ledger at" in capsys.readouterr().err
+
+
+# --- where the ledger is, and the keys command (no server needed) ---------------------------
+
+
+def test_the_ledger_url_comes_from_env_then_config_then_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tierroute.errors import ConfigError
+    from tierroute.gateway.settings import parse_settings
+    from tierroute.ledger.location import ledger_target
+
+    tiers = [{"name": "s", "model": "m"}, {"name": "l", "model": "m"}]
+    doc = {"tiers": tiers, "router": "rules", "ledger": "postgresql://u@db:5432/books"}
+    configured = parse_settings(doc, "test.yaml").ledger
+    monkeypatch.delenv("TIERROUTE_LEDGER_URL", raising=False)
+    assert ledger_target(configured, tmp_path) == "postgresql://u@db:5432/books"
+    assert ledger_target(None, tmp_path) == tmp_path / "ledger.db"
+    monkeypatch.setenv("TIERROUTE_LEDGER_URL", "postgresql://u@other/books")
+    assert ledger_target(configured, tmp_path) == "postgresql://u@other/books"
+    monkeypatch.setenv("TIERROUTE_LEDGER_URL", "mysql://u@other/books")
+    with pytest.raises(ConfigError, match="TIERROUTE_LEDGER_URL"):
+        ledger_target(configured, tmp_path)
+    with pytest.raises(ConfigError, match="ledger"):
+        parse_settings({**doc, "ledger": "http://db/books"}, "test.yaml")
+    with pytest.raises(ConfigError, match="virtual_key"):
+        parse_settings({**doc, "gateway": {"virtual_key": True}}, "test.yaml")
+
+
+def test_keys_command_on_a_sqlite_ledger(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from tierroute.cli import main
+
+    where = ["--data-dir", str(tmp_path)]
+    assert main(["keys", "create", "svc", "--budget-month", "12.5", "--tpm", "1000", *where]) == 0
+    out = capsys.readouterr().out
+    secret = out.split("secret (shown once, stored only as its sha256): ")[1].strip()
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        policy = KeyStore(ledger).find(hash_secret(secret))
+    assert policy is not None and policy.budget_usd_month == 12.5
+    assert policy.tokens_per_minute == 1000 and policy.name == "svc"
+    assert main(["keys", "list", "--json", *where]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(k["name"], k["revoked"]) for k in listed] == [("svc", None)]
+    assert secret not in json.dumps(listed)
+    assert main(["keys", "revoke", policy.key_id, *where]) == 0
+    assert "revoked key" in capsys.readouterr().out
+    assert main(["keys", "revoke", "svc", *where]) == 2
+    assert "no active key" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["keys", "create", "x", "--budget-day", "-1", *where])
+    assert "USD budget" in capsys.readouterr().err

@@ -39,7 +39,7 @@ from starlette.requests import ClientDisconnect
 
 from tierroute.backends.base import Backend, BackendError, StreamDelta
 from tierroute.conversation import estimate_tokens
-from tierroute.errors import InputError
+from tierroute.errors import InputError, LedgerError
 from tierroute.gateway.auth import authenticate
 from tierroute.gateway.engine import AllTiersFailed, Engine, Outcome, Routed, new_request_id
 from tierroute.gateway.learner import Learner
@@ -254,6 +254,18 @@ def create_app(
         unread = {"Connection": "close"} if exc.status in (408, 413) else None
         return JSONResponse(exc.body(), status_code=exc.status, headers=unread)
 
+    @app.exception_handler(LedgerError)
+    async def _ledger_error(request: Request, exc: LedgerError) -> JSONResponse:
+        # a read the ledger could not answer (its PostgreSQL is unreachable): not the client's
+        log.error("ledger read failed on %s: %s", request.url.path, exc)
+        error = ApiError(
+            503,
+            "The gateway cannot read its ledger right now; retry shortly.",
+            type="api_error",
+            code="ledger_unavailable",
+        )
+        return JSONResponse(error.body(), status_code=503)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
@@ -383,7 +395,6 @@ def create_app(
     async def dashboard_json(request: Request, since: str = "24h") -> JSONResponse:
         # The page itself holds no data; its numbers are the whole gateway's, for key holders.
         await authorise(request)
-        from tierroute.errors import LedgerError
         from tierroute.gateway.dashboard import dashboard_data
         from tierroute.ledger import parse_since
 
