@@ -223,7 +223,7 @@ class Learner:
         name = f"r{self._next_number():04d}"
         trained_on = {
             "source": "ledger",
-            "data": str(self.engine.ledger.path),
+            "data": self.engine.ledger.location,
             "data_hash": hashlib.sha256("\n".join(data.ids).encode()).hexdigest(),
             "rows": len(train),
             "held_out_auc": new_auc,

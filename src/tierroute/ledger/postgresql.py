@@ -203,13 +203,22 @@ class PostgresBackend:
 
     def _connect(self) -> _PgConnection:
         psycopg = _driver()
-        conn = psycopg.connect(
-            self.url,
-            autocommit=True,
-            connect_timeout=max(1, round(self.connect_timeout_s)),
-            application_name="tierroute-ledger",
-        )
-        return _PgConnection(conn)
+        from psycopg.conninfo import conninfo_to_dict
+
+        # A server that vanishes without a word (a partition, not a refusal) must not hold
+        # the writer for TCP's 15 minutes: keepalives and a send timeout find it in ~20 s.
+        # Whatever the URL sets itself wins.
+        params: dict[str, Any] = {
+            "connect_timeout": max(1, round(self.connect_timeout_s)),
+            "application_name": "tierroute-ledger",
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 2,
+            "tcp_user_timeout": 20_000,
+        }
+        params.update(conninfo_to_dict(self.url))
+        return _PgConnection(psycopg.connect(autocommit=True, **params))
 
     def open_writer(self) -> Connection:
         conn = self._connect()
