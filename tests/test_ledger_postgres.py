@@ -324,6 +324,34 @@ def test_ledger_migrate_copies_every_table_once(
         assert b.rows() == a.rows()  # and read back as the same LedgerRows
 
 
+@needs_postgres
+def test_report_dashboard_and_training_labels_read_the_same_from_both(
+    tmp_path: Path,
+    pg_url: str,
+) -> None:
+    import numpy as np
+
+    from tests.test_learning import fill_ledger
+    from tierroute.gateway.dashboard import dashboard_data
+    from tierroute.gateway.settings import load_settings
+    from tierroute.learning import ledger_labels
+    from tierroute.ledger import build_report, format_report
+    from tierroute.ledger.transfer import copy_ledger
+
+    fill_ledger(tmp_path)
+    settings = load_settings(None)
+    with Ledger(tmp_path / "ledger.db") as a, Ledger(pg_url) as b:
+        copy_ledger(a, b)
+        left, right = ledger_labels(a, "large"), ledger_labels(b, "large")
+        assert left.ids == right.ids and left.prompts == right.prompts and len(left.ids) == 80
+        assert np.array_equal(left.labels, right.labels)
+        for by in ("tier", "key", "tenant", "day"):
+            assert format_report(build_report(a.rows(), by=by)) == format_report(
+                build_report(b.rows(), by=by)
+            )
+        assert dashboard_data(a, settings, None) == dashboard_data(b, settings, None)
+
+
 def test_ledger_migrate_refuses_what_is_not_a_ledger_url(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
