@@ -411,6 +411,13 @@ def test_keys_command_on_a_sqlite_ledger(
     listed = json.loads(capsys.readouterr().out)
     assert [(k["name"], k["revoked"]) for k in listed] == [("svc", None)]
     assert secret not in json.dumps(listed)
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        ledger.record(make_row(1, api_key_id=policy.key_id, cost_usd=0.5))
+        ledger.record(make_row(2, api_key_id="0123456789ab"))  # a config key: no name
+    assert main(["report", "--by", "key", *where]) == 0
+    report = capsys.readouterr().out
+    assert policy.key_id in report and "0123456789ab" in report
+    assert f"keys\n  {policy.key_id:<14} svc\n" in report, report
     assert main(["keys", "revoke", policy.key_id, *where]) == 0
     assert "revoked key" in capsys.readouterr().out
     assert main(["keys", "revoke", "svc", *where]) == 2

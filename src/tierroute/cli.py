@@ -637,7 +637,7 @@ def _quality_lines(
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tierroute.cli_ledger import open_ledger, target_of
+    from tierroute.cli_ledger import key_legend, key_names, open_ledger, target_of
     from tierroute.ledger import (
         build_report,
         format_report,
@@ -652,6 +652,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         rows = ledger.rows(since=since)
         judged = ledger.judgements(since)
         rated = ledger.feedback_since(since)
+        names = key_names(ledger) if args.by == "key" else {}
     by_request: dict[str, list[float]] = {}
     for request_id, _, rating in rated:
         by_request.setdefault(request_id, []).append(rating)
@@ -672,6 +673,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(report_json(report))
     else:
         print(format_report(report))
+        for line in key_legend(names, [t.tier for t in report.tiers]):
+            print(line)
         for line in _quality_lines(judged, rated):
             print(line)
     if args.plot:

@@ -63,6 +63,26 @@ def open_ledger(target: Path | str, *, must_exist: bool = True) -> Ledger:
     return ledger
 
 
+def key_names(ledger: Ledger) -> dict[str, str]:
+    """Virtual keys' ids -> "name (tenant T)", for the report's key legend."""
+    from tierroute.keys import KeyStore
+
+    return {
+        r.policy.key_id: r.policy.name
+        + (f" (tenant {r.policy.tenant})" if r.policy.tenant else "")
+        + ("" if r.active else " [revoked]")
+        for r in KeyStore(ledger).list()
+    }
+
+
+def key_legend(names: dict[str, str], groups: list[str]) -> list[str]:
+    """Which virtual key each key id of the report is (config keys have no name)."""
+    shown = [g for g in groups if g in names]
+    if not shown:
+        return []
+    return ["\nkeys", *(f"  {g:<14} {names[g]}" for g in shown)]
+
+
 # ---------------------------------------------------------------- ledger migrate
 
 
