@@ -613,9 +613,7 @@ class Ledger:
         """Open the writer's connection again, so /healthz recovers without a row to write."""
         try:
             self._writer = self._backend.open_writer()
-        except Exception as e:
-            if not self._backend.unavailable(e):
-                raise
+        except Exception as e:  # the writer thread must outlive any surprise: keep waiting
             self._unwritable(e, 0)
             return
         self._stored(0, [])
