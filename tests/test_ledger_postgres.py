@@ -425,3 +425,32 @@ def test_keys_command_on_a_sqlite_ledger(
     with pytest.raises(SystemExit):
         main(["keys", "create", "x", "--budget-day", "-1", *where])
     assert "USD budget" in capsys.readouterr().err
+
+
+@needs_postgres
+def test_config_check_reaches_the_ledger_and_changes_nothing(
+    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import psycopg
+
+    from tierroute.cli import main
+
+    def check(url: str) -> tuple[str, str]:
+        config = tmp_path / "gateway.yaml"
+        config.write_text(
+            f"router: rules\nledger: {url}\ntiers:\n"
+            "  - {name: s, kind: local, model: smollm2-135m}\n"
+            "  - {name: l, kind: local, model: smollm2-135m}\n"
+        )
+        main(["config", "check", str(config)])
+        captured = capsys.readouterr()
+        return captured.out, captured.err
+
+    out, _ = check(pg_url)
+    assert f"schema 0 of {SCHEMA_VERSION} (serve migrates it)" in out, out
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_stat_user_tables").fetchone() == (0,)
+    Ledger(pg_url).close()
+    assert f"schema {SCHEMA_VERSION} of {SCHEMA_VERSION}\n" in check(pg_url)[0]
+    _, err = check(pg_url.replace(":5432/", ":1/"))
+    assert "cannot connect" in err and "Connection refused" in err, err

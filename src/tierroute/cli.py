@@ -756,6 +756,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     threshold = calibrated_threshold(settings.router)
     if threshold is not None:
         print(apply_calibration(settings, threshold))
+    if not args.offline:
+        from tierroute.cli_ledger import check_ledger
+
+        problems += check_ledger(settings.ledger)
     if problems:
         raise InputError("; ".join(problems))
     print(f"{settings.source}: OK")

@@ -63,6 +63,37 @@ def open_ledger(target: Path | str, *, must_exist: bool = True) -> Ledger:
     return ledger
 
 
+def check_ledger(configured: str | None) -> list[str]:
+    """For `config check`: a PostgreSQL ledger (the environment's, else the config's) is
+    reached and its schema read, changing nothing; a file is left to `serve` to create."""
+    target = ledger_target(configured)
+    if not is_postgres_url(target):
+        return []
+    from tierroute.ledger.postgresql import SCHEMA_VERSION, PostgresBackend
+
+    backend = PostgresBackend(str(target))
+    try:
+        conn = backend.open_reader()
+        try:
+            found = conn.execute("SELECT to_regclass('tierroute_schema') IS NOT NULL").fetchone()
+            version = 0
+            if found[0]:
+                version = conn.execute("SELECT max(version) FROM tierroute_schema").fetchone()[0]
+        finally:
+            conn.close()
+    except Exception as exc:
+        if not backend.unavailable(exc):
+            raise
+        return [f"ledger {backend.location}: cannot connect ({str(exc).splitlines()[0]})"]
+    if (version or 0) > SCHEMA_VERSION:
+        return [f"ledger {backend.location}: schema {version} is newer than this tierroute's"]
+    print(
+        f"ledger {backend.location}: reached, schema {version or 0} of {SCHEMA_VERSION}"
+        + (" (serve migrates it)" if (version or 0) < SCHEMA_VERSION else "")
+    )
+    return []
+
+
 def key_names(ledger: Ledger) -> dict[str, str]:
     """Virtual keys' ids -> "name (tenant T)", for the report's key legend."""
     from tierroute.keys import KeyStore
