@@ -48,6 +48,7 @@ from tierroute.backends.base import Backend, BackendError, ChatRequest, ChatResu
 from tierroute.cascade import Cascade, Draft
 from tierroute.controller import ThresholdController
 from tierroute.conversation import estimate_tokens, routing_text
+from tierroute.gateway.batcher import MicroBatcher, explain_batch
 from tierroute.gateway.cache import DecisionCache, cache_key
 from tierroute.gateway.metrics import Metrics
 from tierroute.gateway.resilience import CircuitBreaker, RollingLatency, backoff_s
@@ -186,7 +187,14 @@ class Engine:
             self._restore_personaliser()
         # One routing thread: the encoder's memo is not thread-safe, and onnxruntime
         # already uses both cores for one query; the event loop stays free meanwhile.
+        # Concurrent fresh prompts share one embedding call there (gateway/batcher.py).
         self._routing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierroute-route")
+        self._batcher = MicroBatcher(
+            explain_batch,
+            self._routing,
+            settings.route_batch_max,
+            settings.route_batch_wait_ms / 1000,
+        )
 
     @property
     def tier_names(self) -> list[str]:
@@ -206,9 +214,8 @@ class Engine:
             self.metrics.cache_hit_rate.set(self.cache.hit_rate)
             return cached, True
         self.metrics.cache_misses.inc()
-        loop = asyncio.get_running_loop()
         router = self.router
-        explanation = await loop.run_in_executor(self._routing, router.explain_text, text)
+        explanation = await self._batcher.submit((router, text))
         if router is self.router:  # not one swapped out meanwhile
             self.cache.put(key, explanation)
         self.metrics.cache_hit_rate.set(self.cache.hit_rate)

@@ -73,6 +73,10 @@ class GatewaySettings:
     on_ledger_failure: str = "queue"
     ledger_spill_max_rows: int = 100_000
     learning: LearningConfig | None = None
+    # Fresh prompts routed together: up to this many per embedding call, gathered for at
+    # most this long (1: one at a time). See gateway/batcher.py.
+    route_batch_max: int = 32
+    route_batch_wait_ms: float = 2.0
     source: str = "built-in gateway.yaml"
 
     def spec(self, name: str) -> TierSpec:
@@ -135,6 +139,8 @@ class GatewayFields(StrictModel):
     # While the ledger cannot write: queue keeps rows in memory and answers, refuse answers 503.
     on_ledger_failure: Literal["queue", "refuse"] = "queue"
     ledger_spill_max_rows: int = Field(100_000, ge=0, le=10_000_000)
+    route_batch_max: int = Field(32, ge=1, le=256)  # <= the encoder's memo (512)
+    route_batch_wait_ms: float = Field(2.0, ge=0, le=100)
     api_keys_sha256: list[Sha256Hex] = Field(default_factory=list, max_length=100_000)
     # Checked against their own dataclasses below, so each names its own keys.
     controller: Section = None
@@ -213,6 +219,8 @@ def parse_settings(doc: Any, source: str, lines: Lines | None = None) -> Gateway
         personalise=section("personalise", PersonaliseConfig),
         cascade=section("cascade", CascadeConfig),
         learning=learning if learning is not None and learning.enabled else None,
+        route_batch_max=gw.route_batch_max,
+        route_batch_wait_ms=gw.route_batch_wait_ms,
         source=source,
     )
 
