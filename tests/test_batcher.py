@@ -221,6 +221,9 @@ def test_engine_routes_a_burst_in_batches_with_the_decisions_of_one_by_one(
         assert batched._batcher.items == len(texts)
         assert batched._batcher.batches <= len(texts) // 16 + 2
         assert single._batcher.batches == len(texts)
+        exported = batched.metrics.render().decode()
+        assert f"tierroute_routing_batch_size_count {batched._batcher.batches}.0" in exported
+        assert f"tierroute_routing_batch_size_sum {len(texts)}.0" in exported
     finally:
         batched.close()
         single.close()

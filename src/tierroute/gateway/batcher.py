@@ -32,6 +32,7 @@ class MicroBatcher(Generic[T, R]):
         executor: Executor | None,
         max_batch: int = 32,
         max_wait_s: float = 0.002,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -41,6 +42,7 @@ class MicroBatcher(Generic[T, R]):
         self.executor = executor
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.on_batch = on_batch  # told each batch's size (the gateway's histogram)
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._busy = False
@@ -75,6 +77,8 @@ class MicroBatcher(Generic[T, R]):
         self._busy = True
         self.batches += 1
         self.items += len(batch)
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
         work = loop.run_in_executor(self.executor, self.run, [item for item, _ in batch])
         work.add_done_callback(lambda done: self._deliver(loop, batch, done))
 

@@ -194,6 +194,7 @@ class Engine:
             self._routing,
             settings.route_batch_max,
             settings.route_batch_wait_ms / 1000,
+            self.metrics.routing_batch.observe,
         )
 
     @property
