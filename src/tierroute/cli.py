@@ -967,12 +967,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the file only: do not load local models or call remote tiers",
     )
     c.set_defaults(func=cmd_config_check)
+    _add_quiet(sub)
     return parser
+
+
+def _add_quiet(sub: Any) -> None:
+    """--quiet on every command: no progress bars (they are off anyway off a terminal)."""
+    for command in sub.choices.values():
+        command.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from tierroute.progress import set_quiet
+
+    set_quiet(args.quiet)
     try:
         code: int = args.func(args)
         return code

@@ -37,6 +37,7 @@ from tierroute.gateway.metrics import Metrics
 from tierroute.gateway.settings import GatewaySettings
 from tierroute.learning import LearningConfig
 from tierroute.ledger import Ledger
+from tierroute.progress import progress as progress_bar
 from tierroute.routers.base import BaseRouter
 
 CHECKPOINTS = (100, 250, 500, 1000)
@@ -182,6 +183,7 @@ async def _send(
         if progress:
             progress(result.points[-1])
 
+    bar = progress_bar(todo[-1] if todo else 0, "replay: labels revealed", unit="label")
     try:
         for i, prompt in enumerate(traffic.prompts):
             if not todo:
@@ -200,12 +202,14 @@ async def _send(
             verdict = 0.0 if labels[i] else 1.0  # the small answer was good enough
             ledger.record_judgement(request_id, clock(), smallest, "replay", verdict, "file")
             revealed += 1
+            bar.update(1)
             if revealed == todo[0]:
                 todo.pop(0)
                 await checkpoint()
         if todo and revealed > result.points[-1].labels:
             await checkpoint()  # the file ran out before the next checkpoint
     finally:
+        bar.close()
         engine.close()
         await ledger.aclose()
 
