@@ -137,7 +137,8 @@ def replay(
         oracle_apgr=oracle["apgr"],
     )
     # A gateway of its own: no shadow calls, no cascade (nothing is answered here).
-    settings = replace(settings, shadow=None, cascade=None, keep_prompts=True)
+    # Rows go one at a time: a micro-batch wait would only slow each one down.
+    settings = replace(settings, shadow=None, cascade=None, keep_prompts=True, route_batch_max=1)
     with tempfile.TemporaryDirectory() as tmp:
         folder = data_dir or Path(tmp)
         result.points.append(Point(0, *measure(router, evaluation)))
