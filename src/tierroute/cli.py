@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -554,7 +555,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from tierroute.backends.models import resolve_model
 
-        for spec in settings.tiers:  # quick checks first, before any model loads
+        for spec in (m for t in settings.tiers for m in t.targets):  # before any model loads
             if spec.kind == "local":
                 resolve_model(spec.tier.model)
         parts = build_parts(settings, data_dir)
@@ -717,8 +718,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.file)
     problems = []
-    for spec in settings.tiers:
-        t = spec.tier
+    for spec in (m for tier in settings.tiers for m in tier.targets):
+        t = replace(spec.tier, name=spec.key)  # a model of a tier of several: tier/model
         where = spec.base_url if spec.kind == "openai" else "in-process llama.cpp"
         print(
             f"tier {t.name:<10} {spec.kind:<6} {t.model}  ({where}; "
@@ -754,6 +755,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     try:
         router, _ = _resolve_router(settings.router, batch=False)
         print(f"router {settings.router}: loaded ({type(router).__name__})")
+        if any(t.models for t in settings.tiers):
+            from tierroute.gateway.choose import ModelChooser
+
+            ModelChooser(settings, router, settings.choose)  # router_model columns exist?
     except TierrouteError as exc:
         problems.append(f"router {settings.router}: {exc}")
     threshold = calibrated_threshold(settings.router)
