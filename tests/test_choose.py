@@ -171,7 +171,12 @@ def test_a_failing_model_falls_back_within_its_tier_then_learns(tmp_path: Path) 
     with fast_upstream() as base:
         s = settings_of(
             [model("first", 0.1, dead, prior=0.9), model("second", 0.1, base, prior=0.6)],
-            {"retries": 0, "breaker_failures": 1, "breaker_cooldown_s": 600},
+            {
+                "retries": 0,
+                "breaker_failures": 1,
+                "breaker_cooldown_s": 600,
+                "shadow": {"rate": 0.0, "judge": "llm"},
+            },
             large_url=base,
         )
         backends = {t.key: make_backend(t) for spec in s.tiers for t in spec.targets}
@@ -213,6 +218,11 @@ def test_a_failing_model_falls_back_within_its_tier_then_learns(tmp_path: Path) 
             assert engine.chooser is not None
             p, n = engine.chooser.abilities.estimate("small/second", "general", 0.6)
             assert n == 1 and p == pytest.approx(3.0 / 6)
+            # a shadow verdict on it counts too (the shadow tells the engine)
+            assert engine.shadow is not None and engine.shadow.on_verdict is not None
+            engine.shadow.on_verdict(again.request_id, 1.0)
+            p, n = engine.chooser.abilities.estimate("small/second", "general", 0.6)
+            assert n == 2 and p == pytest.approx(4.0 / 7)
             for b in backends.values():
                 await b.aclose()
 

@@ -351,7 +351,7 @@ def create_app(
         body: dict[str, Any] = {
             "status": "degraded" if problems else "ok",
             "problems": problems,
-            "tiers": {n: e.breakers[n].state for n in e.tier_names},
+            "tiers": {n: b.state for n, b in e.breakers.items()},  # and each model of a tier
             "ledger": {
                 "writable": ledger.writable,
                 "rows_spilled": ledger.rows_spilled,

@@ -57,6 +57,10 @@ def build_parts(settings: GatewaySettings, data_dir: Path | None = None) -> Part
     if artifact is not None and artifact.threshold is not None:
         log.info(apply_calibration(settings, artifact.threshold))
     router.explain_text("warm up")  # loads the embedding model and tag prototypes
+    if any(spec.models for spec in settings.tiers):
+        from tierroute.gateway.choose import ModelChooser
+
+        ModelChooser(settings, router, settings.choose)  # a bad router_model fails here
     backends: dict[str, Backend] = {}
     for spec in (t for tier in settings.tiers for t in tier.targets):
         backend = make_backend(spec, settings.max_tokens_default)
