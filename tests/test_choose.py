@@ -231,3 +231,55 @@ def test_a_failing_model_falls_back_within_its_tier_then_learns(tmp_path: Path) 
         finally:
             engine.close()
             ledger.close()
+
+
+def test_a_domain_prior_comes_after_the_task_prior() -> None:
+    s = settings_of(
+        [
+            model("med", 1.0, domains={"medical": 0.9}, tasks={"code": 0.2}),
+            model("gen", 1.0, prior=0.6),
+        ]
+    )
+    chooser = ModelChooser(s, make_router("rules"), s.choose)
+    tier = s.spec("small")
+    medical = chooser.rank(tier, {"task": "general", "domain": "medical"}, {}, 10, 10)
+    assert medical.keys == ["small/med", "small/gen"]
+    assert medical.ranked[0].basis == "prior for domain=medical"
+    code = chooser.rank(tier, {"task": "code", "domain": "medical"}, {}, 10, 10)
+    assert code.keys == ["small/gen", "small/med"]
+    assert code.ranked[1].basis == "prior for task=code"
+
+
+def test_the_cascade_drafts_on_the_smallest_tier_s_chosen_model(tmp_path: Path) -> None:
+    with fast_upstream() as base:
+        s = settings_of(
+            [model("cheap", 0.1, base, prior=0.5), model("good", 0.1, base, prior=0.8)],
+            {"cascade": {"enabled": True, "verifier": "agreement", "samples": 2}},
+            large_url=base,
+        )
+        backends = {t.key: make_backend(t) for spec in s.tiers for t in spec.targets}
+        ledger = Ledger(tmp_path / "ledger.db")
+        engine = Engine(s, make_router("rules"), backends, ledger)
+
+        async def scenario() -> Outcome:
+            routed = await engine.route(EASY, Hints(), 8)
+            assert engine.cascades(routed, forced=False)
+            outcome = Outcome(request_id=new_request_id(), routed=routed)
+            request = ChatRequest(messages=EASY, max_tokens=8)
+            await engine.complete_cascade(outcome, request, Hints())
+            engine.record(outcome, status=200, hints=Hints(), api_key_id=None, latency_ms=1.0)
+            for b in backends.values():
+                await b.aclose()
+            return outcome
+
+        try:
+            outcome = asyncio.run(scenario())
+            # the loopback always answers "ok": the two samples agree, the draft stands
+            assert outcome.tier == "small/good" and outcome.tried[0] == "small/good"
+            assert outcome.cascade is not None and not outcome.escalated
+            ledger.flush()
+            row = ledger.get(outcome.request_id)
+            assert row is not None and (row.tier, row.model) == ("small", "good-model")
+        finally:
+            engine.close()
+            ledger.close()

@@ -8,7 +8,8 @@ with the best expected quality per dollar,
 and the others follow it as the tier's fallbacks, best first, before the next tier.
 
 P(m answers x well) starts from a prior p0(m, x), the first of:
-1. `tasks: {code: 0.9}`: the operator's estimate for prompts the tagger tags with that task;
+1. `tasks: {code: 0.9}`: the operator's estimate for prompts the tagger tags with that task
+   (then `domains: {medical: 0.8}`, likewise for the domain tag);
 2. `router_model`: the factor router's `model_probabilities` column for a model it was
    trained on (per prompt);
 3. `prior`: the operator's estimate for any prompt;
@@ -129,7 +130,7 @@ class Pick:
         )
         if len(self.ranked) > 1:
             runner = self.ranked[1]
-            text += f", over {runner.key} {runner.value:.3f} (P {runner.p:.2f}, {runner.basis})"
+            text += f", over {runner.key} {runner.value:.3f} (P {runner.p:.2f})"
         return text
 
 
@@ -222,10 +223,13 @@ class ModelChooser:
         return 0.5 + 0.4 * i / max(1, n - 1)
 
     def _prior(
-        self, model: TierSpec, task: str, probs: Mapping[str, float]
+        self, model: TierSpec, tags: Mapping[str, str], probs: Mapping[str, float]
     ) -> tuple[float, str] | None:
+        task, domain = tags.get("task", ALL), tags.get("domain", ALL)
         if task in model.tasks:
             return model.tasks[task], f"prior for task={task}"
+        if domain in model.domains:
+            return model.domains[domain], f"prior for domain={domain}"
         if model.key in probs:
             return probs[model.key], f"router: {model.router_model}"
         if model.prior is not None:
@@ -242,7 +246,7 @@ class ModelChooser:
     ) -> Pick:
         task = tags.get("task", ALL)
         lam = self.lam()
-        own = {m.key: self._prior(m, task, probs) for m in tier.models}
+        own = {m.key: self._prior(m, tags, probs) for m in tier.models}
         known = [p for p, _ in filter(None, own.values())]
         fallback = sum(known) / len(known) if known else self._tier_prior(tier)
         candidates = []

@@ -52,6 +52,7 @@ class TierSpec:
     router_model: str | None = None  # the trained router's column for this model
     prior: float | None = None  # P(answers well) before any verdict, when not trained on
     tasks: Mapping[str, float] = field(default_factory=dict)  # per tagged task, instead
+    domains: Mapping[str, float] = field(default_factory=dict)  # per tagged domain, likewise
 
     @property
     def name(self) -> str:
@@ -143,6 +144,7 @@ class _Backed(TierFields):
 
 
 Probability = Annotated[float, Field(gt=0, lt=1)]
+Tag = Annotated[str, Field(min_length=1, max_length=64)]
 
 
 class TierModel(_Backed):
@@ -150,9 +152,8 @@ class TierModel(_Backed):
 
     router_model: str | None = Field(None, min_length=1, max_length=512)
     prior: Probability | None = None
-    tasks: dict[Annotated[str, Field(min_length=1, max_length=64)], Probability] = Field(
-        default_factory=dict, max_length=64
-    )
+    tasks: dict[Tag, Probability] = Field(default_factory=dict, max_length=64)
+    domains: dict[Tag, Probability] = Field(default_factory=dict, max_length=64)
 
 
 class GatewayTier(_Backed):
@@ -189,6 +190,7 @@ class GatewayTier(_Backed):
                 router_model=m.router_model,
                 prior=m.prior,
                 tasks=dict(m.tasks),
+                domains=dict(m.domains),
             )
             for m in self.models
         )
