@@ -172,10 +172,14 @@ class Engine:
         if settings.shadow is not None:
             largest = settings.tiers[-1]
             encoder = getattr(router, "encoder", None)
+            # A largest tier of several models judges with its first one.
+            judges = dict(self.backends)
+            if largest.models and largest.targets[0].key in judges:
+                judges[largest.name] = judges[largest.targets[0].key]
             self.shadow = Shadow(
                 settings.shadow,
                 largest.name,
-                {**self.backends, largest.name: self.backends[largest.targets[0].key]},
+                judges,
                 ledger,
                 self.metrics,
                 largest.timeout_s,
