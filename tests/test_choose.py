@@ -283,3 +283,33 @@ def test_the_cascade_drafts_on_the_smallest_tier_s_chosen_model(tmp_path: Path) 
         finally:
             engine.close()
             ledger.close()
+
+
+def test_route_names_the_model_serve_would_start_with(tmp_path: Path) -> None:
+    import json
+
+    import yaml
+
+    from .conftest import run_cli
+
+    doc = {
+        "tiers": [
+            model("small", 0.1),
+            {
+                "name": "large",
+                "models": [
+                    model("coder", 0.8, tasks={"code": 0.95}, prior=0.4),
+                    model("general", 10.0, router_model="gpt-4-1106-preview"),
+                ],
+            },
+        ],
+        "gateway": {"choose": {"lambda_per_usd": 20}},
+    }
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    proc = run_cli("route", "--config", str(path), "--json", "Write a Python function that sorts.")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["tier"] == "large" and out["model_key"] == "large/coder"
+    assert out["model"] == "coder-model"
+    assert out["model_choice"].startswith("model large/coder: P 0.95 (prior for task=code)")

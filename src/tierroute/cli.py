@@ -508,24 +508,35 @@ def cmd_route(args: argparse.Namespace) -> int:
     policy.route(router, [{"role": "user", "content": "warm up"}])
     loaded = time.perf_counter()
     decision = policy.route(router, messages, args.priority)
+    pick = None
+    if not args.tiers:  # a tier of several models: which of them, as `serve` would start
+        from tierroute.conversation import routing_text
+        from tierroute.gateway.choose import pick_offline
+
+        text = routing_text(messages)
+        pick = pick_offline(settings, router, decision.tier.name, decision.tags, text)
+    model = settings.spec(pick.keys[0]).tier.model if pick else decision.tier.model
     if args.json:
         print(
             json.dumps(
                 {
                     "tier": decision.tier.name,
-                    "model": decision.tier.model,
+                    "model": model,
                     "score": round(decision.score, 6),
                     "reason": decision.reason,
                     "tags": dict(decision.tags),
+                    **({"model_key": pick.keys[0], "model_choice": pick.note()} if pick else {}),
                     "decision_ms": round(decision.elapsed_ms, 3),
                     "load_ms": round((loaded - start) * 1000, 1),
                 }
             )
         )
     else:
-        print(f"tier    {decision.tier.name} ({decision.tier.model})")
+        print(f"tier    {decision.tier.name} ({model})")
         print(f"score   {decision.score:.4f}")
         print(f"reason  {decision.reason}")
+        if pick is not None:
+            print(f"choice  {pick.note()}")
         print(
             f"time    {decision.elapsed_ms:.1f} ms to decide "
             f"({(loaded - start) * 1000:.0f} ms to load the router)"

@@ -321,3 +321,19 @@ class ModelChooser:
             if spec.tier.name == tier and spec.tier.model == model:
                 return key
         return None
+
+
+def pick_offline(
+    settings: GatewaySettings, router: BaseRouter, tier: str, tags: Mapping[str, str], text: str
+) -> Pick | None:
+    """The model `tierroute route` names for a routing text sent to `tier`: the gateway's
+    choice before any verdict (it learns from those while serving); None for a tier of
+    one model."""
+    from tierroute.conversation import estimate_tokens
+
+    spec = settings.spec(tier)
+    if not spec.models:
+        return None
+    chooser = ModelChooser(settings, router, settings.choose)
+    probs = chooser.probabilities(text) if chooser.needs_probabilities([tier]) else {}
+    return chooser.rank(spec, tags, probs, estimate_tokens(text), settings.max_tokens_default)
