@@ -146,6 +146,13 @@ def test_rank_trades_probability_against_cost() -> None:
     chat = chooser.rank(tier, {"task": "general"}, {}, 10, 10)
     assert chat.keys == ["small/chat", "small/coder"]
     assert chat.ranked[1].basis == "tier prior"
+    # a request's cost cap puts a model that would break it after those that keep it
+    capped = chooser.rank(tier, {"task": "code"}, {}, 10, 10, max_cost_usd=0.0001)
+    assert capped.keys == ["small/chat", "small/coder"]  # coder's $0.0004 breaks it
+    assert chooser.rank(tier, {"task": "code"}, {}, 10, 10, max_cost_usd=0.001).keys == [
+        "small/coder",
+        "small/chat",
+    ]
 
 
 def test_lambda_comes_from_the_budget_when_not_configured() -> None:

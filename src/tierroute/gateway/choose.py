@@ -243,7 +243,10 @@ class ModelChooser:
         probs: Mapping[str, float],
         prompt_tokens: int,
         max_tokens: int,
+        max_cost_usd: float | None = None,
     ) -> Pick:
+        """The tier's models, best value first; those whose estimated cost breaks the
+        request's cost cap (`max_cost_usd`) after those that keep it."""
         task = tags.get("task", ALL)
         lam = self.lam()
         own = {m.key: self._prior(m, tags, probs) for m in tier.models}
@@ -258,7 +261,8 @@ class ModelChooser:
             cost = m.tier.cost(prompt_tokens, max_tokens)
             candidates.append(Candidate(m.key, p, cost, p - lam * cost, basis))
         # Ties go to the earlier model in the config (a stable sort).
-        ranked = sorted(candidates, key=lambda c: -c.value)
+        cap = math.inf if max_cost_usd is None else max_cost_usd
+        ranked = sorted(candidates, key=lambda c: (c.cost > cap, -c.value))
         return Pick(tier.name, tuple(ranked), lam)
 
     def expand(
@@ -268,6 +272,7 @@ class ModelChooser:
         probs: Mapping[str, float],
         prompt_tokens: int,
         max_tokens: int,
+        max_cost_usd: float | None = None,
     ) -> tuple[list[str], Pick | None]:
         """The fallback chain with each tier of several models replaced by its models,
         best first; and the pick for the first such tier, for the reason."""
@@ -278,7 +283,7 @@ class ModelChooser:
             if not spec.models or spec.model_name:
                 out.append(name)
                 continue
-            pick = self.rank(spec, tags, probs, prompt_tokens, max_tokens)
+            pick = self.rank(spec, tags, probs, prompt_tokens, max_tokens, max_cost_usd)
             first = first or pick
             out.extend(pick.keys)
         return out, first

@@ -293,7 +293,9 @@ class Engine:
         if forced is not None and not self.settings.forced_fallback:
             chain = [forced]  # the client named its tier: that tier answers, or the request fails
         if self.chooser is not None:
-            chain = await self._pick_models(chain, decision, text, prompt_tokens, max_tokens, notes)
+            chain = await self._pick_models(
+                chain, decision, text, (prompt_tokens, max_tokens), hints, notes
+            )
         if notes:
             decision = Decision(
                 decision.score, chosen, "; ".join([decision.reason, *notes]), decision.tags
@@ -313,18 +315,19 @@ class Engine:
         chain: list[str],
         decision: Decision,
         text: str,
-        prompt_tokens: int,
-        max_tokens: int,
+        tokens: tuple[int, int],
+        hints: Hints,
         notes: list[str],
     ) -> list[str]:
         """The chain with each tier of several models replaced by its models, best first
-        (tierroute.gateway.choose); the reason names the chosen tier's pick."""
+        (tierroute.gateway.choose); the reason names the chosen tier's pick. `tokens` are
+        the prompt's (estimated) and max_tokens; a model over the cost cap goes last."""
         assert self.chooser is not None
         probs: dict[str, float] = {}
         if self.chooser.needs_probabilities(chain):
             loop = asyncio.get_running_loop()
             probs = await loop.run_in_executor(self._routing, self.chooser.probabilities, text)
-        keys, pick = self.chooser.expand(chain, decision.tags, probs, prompt_tokens, max_tokens)
+        keys, pick = self.chooser.expand(chain, decision.tags, probs, *tokens, hints.max_cost_usd)
         if pick is not None and pick.tier == self.settings.spec(chain[0]).name:
             notes.append(pick.note())
         return keys
