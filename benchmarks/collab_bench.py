@@ -1,6 +1,6 @@
 """Several models working together: routing among all of them, offline (issue 13).
 
-    python benchmarks/collab_bench.py --offline [--out bench-out] [--router irt|mf]
+    python benchmarks/collab_bench.py --offline [--out bench-out] [--router default|irt|mf]
         [--files routerbench mmlu_pro arenahard]
 
 --offline reproduces the N-model table and plots of the README: on RouterBench (11 models,
@@ -59,13 +59,19 @@ def offline(args: argparse.Namespace) -> None:
     """The N-model table and plots over the shared outcome files."""
     from tierroute.embed import Embedder, EmbeddingCache
     from tierroute.encoder import TextEncoder
-    from tierroute.eval.nmodel import evaluate_nmodel, factor_fitter, load_tables, report_lines
+    from tierroute.eval.nmodel import (
+        RECIPES,
+        evaluate_nmodel,
+        factor_fitter,
+        load_tables,
+        report_lines,
+    )
     from tierroute.eval.plot import plot_nmodel
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     encoder = TextEncoder(Embedder(), EmbeddingCache())
-    fitter = factor_fitter(encoder, rank=16 if args.router == "mf" else 0)
+    fitter = factor_fitter(encoder, **RECIPES[args.router])
     rows, docs = [], []
     for key in args.files:
         path = DATA / FILES[key]
@@ -116,7 +122,7 @@ def main() -> None:
         "--offline", action="store_true", help="the N-model table and plots on outcome files"
     )
     parser.add_argument("--out", default="bench-out")
-    parser.add_argument("--router", choices=("irt", "mf"), default="irt")
+    parser.add_argument("--router", choices=("default", "irt", "mf"), default="default")
     parser.add_argument("--files", nargs="+", choices=list(FILES), default=list(FILES))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -213,3 +213,13 @@ def test_cli_models_all_writes_the_table_json_and_plot(tmp_path: Path) -> None:
     assert doc["best_single"]["model"] == "strong" and plot.stat().st_size > 10_000
     bad = run_cli("eval", "--models", "all", "--data", str(data), "--small", "weak")
     assert bad.returncode == 2 and "drop --small" in bad.stderr
+
+
+def test_platt_recovers_a_known_calibration() -> None:
+    from tierroute.eval.nmodel import platt
+    from tierroute.routers.base import sigmoid
+
+    s = np.linspace(-3, 3, 601)[:, None].repeat(2, axis=1)
+    target = np.column_stack([sigmoid(2.0 * s[:, 0] + 1.0), sigmoid(s[:, 1])])
+    a_, c_ = platt(s, target, l2=0.0)
+    assert a_ == pytest.approx([2.0, 1.0], abs=1e-4) and c_ == pytest.approx([1.0, 0.0], abs=1e-4)

@@ -284,7 +284,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_eval_all_models(args: argparse.Namespace) -> int:
     """Route among every model of each file; see tierroute.eval.nmodel."""
-    from tierroute.eval.nmodel import evaluate_nmodel, factor_fitter, load_tables, report_lines
+    from tierroute.eval.nmodel import (
+        RECIPES,
+        evaluate_nmodel,
+        factor_fitter,
+        load_tables,
+        report_lines,
+    )
 
     if not args.data:
         raise InputError("--models all needs --data FILE (repeat it for several files)")
@@ -293,7 +299,7 @@ def cmd_eval_all_models(args: argparse.Namespace) -> int:
             "--models all routes among every model of each file with the factor router: "
             "drop --small, --large and --where, and use --router irt or mf"
         )
-    fitter = factor_fitter(_encoder_factory(batch=True)(), rank=16 if args.router == "mf" else 0)
+    fitter = factor_fitter(_encoder_factory(batch=True)(), **RECIPES[args.router])
     results = []
     for path in args.data:
         for table in load_tables(path):

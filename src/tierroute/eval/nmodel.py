@@ -47,6 +47,7 @@ from tierroute.eval.hull import (
 )
 from tierroute.eval.metrics import routing_curve
 from tierroute.eval.prices import DEFAULT_OUTPUT_TOKENS, OUTPUT_TOKENS, base_model, price_of
+from tierroute.routers.base import logit, sigmoid
 
 FloatArray = npt.NDArray[np.float64]
 Index = npt.NDArray[np.int64]
@@ -196,6 +197,18 @@ def folds_of(table: ModelTable, n_folds: int = 5, seed: int = 0) -> tuple[list[I
 Fitter = Callable[[Sequence[str], FloatArray, list[str]], Callable[[Sequence[str]], FloatArray]]
 
 
+# The N-model router's recipe: a factor router of rank 2 (an ability per model, a prompt
+# difficulty, and two prompt directions along which models differ), l2 1e-2. Chosen by
+# 3-fold grouped CV inside RouterBench's training split, among irt (rank 0) with l2 1e-4,
+# 1e-3, 1e-2, irt on structure features, rank 2 (l2 1e-2) and rank 8 (l2 3e-2): area above
+# that split's own hull; no test row and no other file was looked at.
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {"rank": 2, "l2": 1e-2},
+    "irt": {"rank": 0, "l2": 1e-3},
+    "mf": {"rank": 16, "l2": 1e-3},
+}
+
+
 def factor_fitter(
     encoder: Encoder, rank: int = 0, l2: float = 1e-3, features: str = "text", max_iter: int = 300
 ) -> Fitter:
@@ -209,6 +222,52 @@ def factor_fitter(
         router = FactorRouter(encoder, rank=rank, l2=l2, features=features, max_iter=max_iter)
         router.fit_scores(prompts, ModelScores(models=models, scores=target))
         return router.model_probabilities
+
+    return fit
+
+
+def platt(
+    logits: FloatArray, target: FloatArray, l2: float = 1e-3
+) -> tuple[FloatArray, FloatArray]:
+    """Per-model calibration: (a, c) per column so that sigmoid(a * logit + c) fits the
+    column's target (which may be fractional) by cross-entropy; Newton steps on the two
+    parameters of every column at once, with a small pull of a to 1 and c to 0."""
+    a, c = np.ones(logits.shape[1]), np.zeros(logits.shape[1])
+    for _ in range(25):
+        p = sigmoid(a * logits + c)
+        w = p * (1 - p)
+        g_a = np.mean((p - target) * logits, axis=0) + l2 * (a - 1)
+        g_c = np.mean(p - target, axis=0) + l2 * c
+        h_aa = np.mean(w * logits**2, axis=0) + l2
+        h_ac = np.mean(w * logits, axis=0)
+        h_cc = np.mean(w, axis=0) + l2
+        det = h_aa * h_cc - h_ac**2
+        a = a - (h_cc * g_a - h_ac * g_c) / det
+        c = c - (h_aa * g_c - h_ac * g_a) / det
+    return a, c
+
+
+def calibrated(fitter: Fitter, n_folds: int = 3, seed: int = 0) -> Fitter:
+    """`fitter` with per-model Platt calibration learned on out-of-fold predictions within
+    the training rows (grouped by `near_duplicate_key`), so each model's probabilities are
+    comparable when argmax P - lambda * cost weighs them against each other."""
+
+    def fit(
+        prompts: Sequence[str], target: FloatArray, models: list[str]
+    ) -> Callable[[Sequence[str]], FloatArray]:
+        groups = [near_duplicate_key(p) for p in prompts]
+        oof = np.empty_like(target)
+        for test in grouped_folds(groups, min(n_folds, len(set(groups))), seed):
+            train = np.setdiff1d(np.arange(len(prompts)), test)
+            inner = fitter([prompts[i] for i in train], target[train], models)
+            oof[test] = inner([prompts[i] for i in test])
+        a, c = platt(logit(oof), target)
+        predict_all = fitter(prompts, target, models)
+
+        def predict(texts: Sequence[str]) -> FloatArray:
+            return sigmoid(a * logit(predict_all(texts)) + c)
+
+        return predict
 
     return fit
 
@@ -276,10 +335,40 @@ class NModelResult:
         }
 
 
+# A cost model: (training prompts, their cost per model) -> expected cost of new prompts.
+CostModel = Callable[[Sequence[str], FloatArray], Callable[[Sequence[str]], FloatArray]]
+
+
+def mean_cost(prompts: Sequence[str], cost: FloatArray) -> Callable[[Sequence[str]], FloatArray]:
+    """Each model's mean cost on the training rows, whatever the prompt."""
+    mean = cost.mean(axis=0)
+    return lambda texts: np.tile(mean, (len(texts), 1))
+
+
+def length_cost(prompts: Sequence[str], cost: FloatArray) -> Callable[[Sequence[str]], FloatArray]:
+    """Each model's cost as a straight line in the prompt's length, fitted on the training
+    rows: what a router knows before it sends (the input is priced by its length; a long
+    prompt tends to ask for a long answer). Never below the cheapest training cost."""
+
+    def design(texts: Sequence[str]) -> FloatArray:
+        chars = np.array([len(t) for t in texts], dtype=np.float64) / 1000.0
+        return np.column_stack([np.ones(len(texts)), chars])
+
+    coef, *_ = np.linalg.lstsq(design(prompts), cost, rcond=None)
+    floor = cost.min(axis=0)
+
+    def predict(texts: Sequence[str]) -> FloatArray:
+        out: FloatArray = np.maximum(design(texts) @ coef, floor)
+        return out
+
+    return predict
+
+
 def out_of_fold(
-    table: ModelTable, fitter: Fitter, folds: list[Index]
+    table: ModelTable, fitter: Fitter, folds: list[Index], cost_model: CostModel = mean_cost
 ) -> tuple[Index, FloatArray, FloatArray]:
-    """(tested rows, P per tested row and model, training mean cost per tested row)."""
+    """(tested rows, P per tested row and model, expected cost per tested row and model,
+    from the training rows' costs)."""
     tested = np.concatenate(folds)
     probs = np.empty((len(tested), len(table.models)))
     expected = np.empty_like(probs)
@@ -289,7 +378,8 @@ def out_of_fold(
         train = np.setdiff1d(np.arange(len(table)), test)
         predict = fitter([table.prompts[i] for i in train], target[train], table.models)
         probs[at : at + len(test)] = predict([table.prompts[i] for i in test])
-        expected[at : at + len(test)] = table.cost[train].mean(axis=0)
+        expect = cost_model([table.prompts[i] for i in train], table.cost[train])
+        expected[at : at + len(test)] = expect([table.prompts[i] for i in test])
         at += len(test)
     return tested, probs, expected
 
@@ -319,10 +409,14 @@ def best_pair(
 
 
 def evaluate_nmodel(
-    table: ModelTable, fitter: Fitter, n_folds: int = 5, seed: int = 0
+    table: ModelTable,
+    fitter: Fitter,
+    n_folds: int = 5,
+    seed: int = 0,
+    cost_model: CostModel = mean_cost,
 ) -> NModelResult:
     folds, how = folds_of(table, n_folds, seed)
-    tested, probs, expected = out_of_fold(table, fitter, folds)
+    tested, probs, expected = out_of_fold(table, fitter, folds, cost_model)
     quality, cost = table.quality[tested], table.cost[tested]
     single_q, single_c = quality.mean(axis=0), cost.mean(axis=0)
     hull = single_model_hull(table.models, single_q, single_c)
