@@ -1,7 +1,8 @@
 """Several models working together: routing among all of them, offline (issue 13).
 
     python benchmarks/collab_bench.py --offline [--out bench-out] [--router default|irt|mf]
-        [--files routerbench mmlu_pro arenahard]
+        [--files routerbench mmlu_pro arenahard] [--cost-model length|mean] [--calibrate]
+        [--pareto]
 
 --offline reproduces the N-model table and plots of the README: on RouterBench (11 models,
 real dollar costs, its own train/test split), MMLU-Pro (30 models, grouped 5-fold CV by
@@ -61,9 +62,12 @@ def offline(args: argparse.Namespace) -> None:
     from tierroute.encoder import TextEncoder
     from tierroute.eval.nmodel import (
         RECIPES,
+        calibrated,
         evaluate_nmodel,
         factor_fitter,
+        length_cost,
         load_tables,
+        mean_cost,
         report_lines,
     )
     from tierroute.eval.plot import plot_nmodel
@@ -72,6 +76,9 @@ def offline(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     encoder = TextEncoder(Embedder(), EmbeddingCache())
     fitter = factor_fitter(encoder, **RECIPES[args.router])
+    if args.calibrate:
+        fitter = calibrated(fitter)
+    cost_model = mean_cost if args.cost_model == "mean" else length_cost
     rows, docs = [], []
     for key in args.files:
         path = DATA / FILES[key]
@@ -80,7 +87,9 @@ def offline(args: argparse.Namespace) -> None:
             continue
         for table in load_tables(str(path)):
             start = time.perf_counter()
-            r = evaluate_nmodel(table, fitter, seed=args.seed)
+            r = evaluate_nmodel(
+                table, fitter, seed=args.seed, cost_model=cost_model, pareto=args.pareto
+            )
             took = time.perf_counter() - start
             print("\n".join(report_lines(r)) + f"\n  ({took:.0f}s)\n", flush=True)
             slug = "".join(c if c.isalnum() else "-" for c in table.label).strip("-")
@@ -104,7 +113,9 @@ def offline(args: argparse.Namespace) -> None:
         "best pair, above hull |\n|---|---|---|---|---|---|---|---|---|---|---|"
     )
     text = (
-        f"# N-model routing against the single models' hull (router {args.router})\n\n"
+        f"# N-model routing against the single models' hull (router {args.router}, cost "
+        f"model {args.cost_model}{', calibrated' if args.calibrate else ''}"
+        f"{', Pareto candidates' if args.pareto else ''})\n\n"
         "Share of the router's dollar range above the hull, its worst margin there "
         "(quality units), the mean margin; the cost at which the router reaches the best "
         "single model's quality, as a share of that model's cost ('never' if it does "
@@ -125,6 +136,21 @@ def main() -> None:
     parser.add_argument("--router", choices=("default", "irt", "mf"), default="default")
     parser.add_argument("--files", nargs="+", choices=list(FILES), default=list(FILES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cost-model",
+        choices=("length", "mean"),
+        default="length",
+        help="what the router expects a model to cost: a line in the prompt's length "
+        "(default) or its training mean",
+    )
+    parser.add_argument(
+        "--calibrate", action="store_true", help="per-model Platt calibration (tried: worse)"
+    )
+    parser.add_argument(
+        "--pareto",
+        action="store_true",
+        help="choose only models on the training rows' Pareto front (tried: worse)",
+    )
     args = parser.parse_args()
     if not args.offline:
         parser.error("say what to run: --offline")

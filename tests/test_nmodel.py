@@ -223,3 +223,11 @@ def test_platt_recovers_a_known_calibration() -> None:
     target = np.column_stack([sigmoid(2.0 * s[:, 0] + 1.0), sigmoid(s[:, 1])])
     a_, c_ = platt(s, target, l2=0.0)
     assert a_ == pytest.approx([2.0, 1.0], abs=1e-4) and c_ == pytest.approx([1.0, 0.0], abs=1e-4)
+
+
+def test_pareto_front_drops_models_beaten_at_no_more_cost() -> None:
+    from tierroute.eval.nmodel import pareto_front
+
+    # b: dearer than a and worse; c: same cost as a, worse; d: dearest and best
+    front = pareto_front(a(0.6, 0.5, 0.55, 0.9), a(1.0, 2.0, 1.0, 5.0))
+    assert front.tolist() == [True, False, False, True]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from tierroute.eval.harness import Evaluation
 from tierroute.eval.metrics import Curve
@@ -102,9 +102,14 @@ def plot_nmodel(result: NModelResult, out: str | Path) -> None:
     t = result.table
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     hull = [t.models.index(m) for m in result.hull_models]
+
+    def dense(xs: Any, ys: Any) -> tuple[Any, Any]:
+        # straight in dollars is curved on a log axis: draw every line on a fine grid
+        grid = np.geomspace(float(xs[0]), float(xs[-1]), 400) if xs[-1] > xs[0] else xs
+        return grid, np.interp(grid, xs, ys)
+
     ax.plot(
-        result.single_cost[hull],
-        result.single_quality[hull],
+        *dense(result.single_cost[hull], result.single_quality[hull]),
         "--",
         color="#7f7f7f",
         lw=1.6,
@@ -119,10 +124,10 @@ def plot_nmodel(result: NModelResult, out: str | Path) -> None:
             xytext=(4, -10),
             fontsize=7,
         )
-    px, py = frontier(result.pair_cost, result.pair_quality)
+    px, py = dense(*frontier(result.pair_cost, result.pair_quality))
     pair = " + ".join(m.split(" (judge ")[0].split("/")[-1] for m in result.best_pair)
     ax.plot(px, py, ":", color="#2ca02c", lw=1.8, label=f"best pair: {pair}")
-    xs, ys = frontier(result.curve_cost, result.curve_quality)
+    xs, ys = dense(*frontier(result.curve_cost, result.curve_quality))
     g = result.vs_hull
     ax.plot(
         xs,
