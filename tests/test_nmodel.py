@@ -147,7 +147,7 @@ def test_routerbench_slice_against_its_single_models(encoder) -> None:  # type: 
     assert len(table.models) == 11 and table.cost_basis == "cost_usd from the file"
     split = np.array(table.split)
     keep = np.concatenate(
-        [np.flatnonzero(split == "train")[:150], np.flatnonzero(split == "test")[:50]]
+        [np.flatnonzero(split == "train")[:120], np.flatnonzero(split == "test")[:40]]
     )
     small = ModelTable(
         **{
@@ -161,7 +161,7 @@ def test_routerbench_slice_against_its_single_models(encoder) -> None:  # type: 
         }
     )
     r = evaluate_nmodel(small, factor_fitter(encoder, max_iter=60))
-    assert r.test_rows == 50
+    assert r.test_rows == 40
     test = np.flatnonzero(np.array(small.split) == "test")
     assert r.single_quality == pytest.approx(small.quality[test].mean(axis=0))
     # a huge lambda sends every row to the model cheapest on the training rows
@@ -231,3 +231,16 @@ def test_pareto_front_drops_models_beaten_at_no_more_cost() -> None:
     # b: dearer than a and worse; c: same cost as a, worse; d: dearest and best
     front = pareto_front(a(0.6, 0.5, 0.55, 0.9), a(1.0, 2.0, 1.0, 5.0))
     assert front.tolist() == [True, False, False, True]
+
+
+def test_a_file_that_cannot_be_evaluated_is_a_clear_error(tmp_path: Path) -> None:
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"id": "1", "prompt": "hi", "models": {"m": {"score": 1}}}) + "\n")
+    proc = run_cli("eval", "--models", "all", "--data", str(one))
+    assert proc.returncode == 2 and "fewer than two models" in proc.stderr
+    row = {"id": "1", "prompt": "hi", "models": {"a": {"score": 1, "cost_usd": 1}}}
+    gaps = [row, {**row, "id": "2", "models": {"b": {"score": 0, "cost_usd": 2}}}] * 2
+    gaps_file = tmp_path / "gaps.jsonl"
+    gaps_file.write_text("".join(json.dumps(r) + "\n" for r in gaps))
+    proc = run_cli("eval", "--models", "all", "--data", str(gaps_file))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr

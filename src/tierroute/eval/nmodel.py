@@ -150,6 +150,8 @@ def _table(
         raise DataError(f"'{path}' ({label}) has fewer than two models with scores and costs")
     quality = np.array([[_score(row, c) for c in kept] for row in rows])
     complete = ~np.isnan(quality).any(axis=1)
+    if not complete.any():
+        raise DataError(f"no row of '{path}' ({label}) has a score for every priced model")
     rows = [row for row, ok in zip(rows, complete, strict=True) if ok]
     quality = quality[complete]
     costs = [_per_query_cost(rows, c, dataset) for c in kept]
@@ -189,6 +191,8 @@ def folds_of(table: ModelTable, n_folds: int = 5, seed: int = 0) -> tuple[list[I
         return [test], f"its own split: {len(table) - len(test):,} train / {len(test):,} test"
     field_name = GROUP_FIELD.get(table.dataset, "the first 12 words")
     n = min(n_folds, len(set(table.groups)))
+    if n < 2:
+        raise DataError(f"'{table.path}' has one group of rows; cross-validation needs two")
     return grouped_folds(table.groups, n, seed), f"grouped {n}-fold CV by {field_name}"
 
 
