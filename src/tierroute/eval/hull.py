@@ -128,10 +128,13 @@ def multi_model_curve(
     for lambdas from 0 (best predicted model) up to where the cheapest model wins.
 
     `probs` are a router's predicted chances of each model answering well; `expected_cost`
-    is each model's mean cost per query from training data (what a router knows before
-    it sends the request). `quality` and `cost` are the measured outcomes."""
+    is what the router expects each model to cost, per model or per row and model, from
+    training data (what it knows before it sends the request). `quality` and `cost` are
+    the measured outcomes."""
     spread = float(expected_cost.max() - expected_cost.min()) or 1.0
-    lambdas = np.concatenate(([0.0], np.geomspace(1e-4, 1e3, 120) / spread))
+    # fine steps: where many prompts switch model at nearly one lambda, coarse steps leave
+    # a gap the curve can only bridge by mixing
+    lambdas = np.concatenate(([0.0], np.geomspace(1e-4, 1e3, 480) / spread))
     rows = np.arange(len(probs))
     xs, ys = [], []
     for lam in lambdas:
