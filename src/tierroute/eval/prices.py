@@ -13,6 +13,10 @@ Quantised or fine-tuned variants are priced as their base size. Models whose siz
 price is not published (several Arena-Hard research checkpoints) have no entry, and the
 evaluation leaves their columns out and names them.
 
+The figures were written down from the providers' published price pages as remembered
+when this table was made (this machine cannot fetch them): check them before citing a
+dollar figure; the evaluation's shares move with them.
+
 A query's cost is input tokens (prompt characters / 4) times the input price plus an
 assumed answer length times the output price (`OUTPUT_TOKENS`, per file).
 """
