@@ -150,7 +150,7 @@ class Engine:
         }
         self.latency = {s.name: RollingLatency() for s in settings.tiers}
         self.cascade = (
-            Cascade.from_config(settings.cascade)
+            Cascade.from_config(settings.cascade, [t.name for t in settings.tiers])
             if settings.cascade is not None and settings.cascade.enabled
             else None
         )
@@ -533,7 +533,8 @@ class Engine:
     ) -> T:
         small = self.tier_names[0]
         draft = await self._draft(outcome, request)
-        chain = [t for t in outcome.routed.chain if t != small]
+        helpers = self.settings.cascade.helper_tiers if self.settings.cascade else ()
+        chain = [t for t in outcome.routed.chain if t != small and t not in helpers]
         max_tokens = request.max_tokens or self.settings.max_tokens_default
         over = self._fits(
             self.settings.spec(chain[0]).tier,
@@ -566,11 +567,15 @@ class Engine:
             return None
         outcome.tried.append(small)
 
-        async def ask(req: ChatRequest) -> ChatResult:
+        async def ask(req: ChatRequest, tier: str | None = None) -> ChatResult:
+            # A collaboration strategy may ask another tier (a partner, a reviewer).
+            name = small if tier is None else tier
+            if name != small and not self._available(name):
+                raise BackendError(f"tier {name} is unavailable (breaker open)", retryable=True)
             result = await self._on_tier(
-                small, lambda tier, timeout: self._complete_on(tier, req, timeout)
+                name, lambda t, timeout: self._complete_on(t, req, timeout)
             )
-            outcome.spent.append((small, result.prompt_tokens, result.completion_tokens))
+            outcome.spent.append((name, result.prompt_tokens, result.completion_tokens))
             return result
 
         try:
@@ -582,9 +587,9 @@ class Engine:
             return None
 
     def _keep(self, outcome: Outcome, draft: Draft, note: str) -> ChatResult:
-        """The small answer stands: its own tokens are the answer's, not spent extra."""
-        del outcome.spent[0]  # the first small call is the answer (see _draft's ask)
-        outcome.tier = self.tier_names[0]
+        """The draft stands: its own tokens are the answer's, not spent extra. It is the
+        first small call unless a combiner picked another (see _draft's ask)."""
+        outcome.tier = outcome.spent.pop(draft.chosen)[0]
         outcome.cascade = note
         return draft.result
 
@@ -645,7 +650,9 @@ class Engine:
                 cache_hit=outcome.routed.cache_hit,
                 stream=stream,
                 prompt_text=prompt_text,
-                reason=decision.reason,
+                # Which cascade strategy decided, and why (the X-Tierroute-Cascade note).
+                reason=decision.reason
+                + (f"; cascade {outcome.cascade}" if outcome.cascade else ""),
                 tags=dict(decision.tags),
                 forced=outcome.routed.forced,
                 tenant=hints.tenant,

@@ -186,6 +186,12 @@ def parse_settings(doc: Any, source: str, lines: Lines | None = None) -> Gateway
         return build_section(kind, raw, source, lines, ("gateway", name))
 
     learning = section("learning", LearningConfig)
+    cascade = section("cascade", CascadeConfig)
+    if cascade is not None:
+        try:
+            cascade.check_tiers([s.tier.name for s in specs])
+        except ConfigError as exc:
+            raise ConfigError(f"{where(source, lines, ('gateway', 'cascade'))}: {exc}") from None
     if learning is not None and learning.enabled and not gw.keep_prompts:
         raise ConfigError(
             f"{where(source, lines, ('gateway', 'learning'))}: 'gateway.learning' learns from "
@@ -211,7 +217,7 @@ def parse_settings(doc: Any, source: str, lines: Lines | None = None) -> Gateway
         controller=section("controller", ControllerConfig),
         shadow=section("shadow", ShadowConfig),
         personalise=section("personalise", PersonaliseConfig),
-        cascade=section("cascade", CascadeConfig),
+        cascade=cascade,
         learning=learning if learning is not None and learning.enabled else None,
         source=source,
     )
