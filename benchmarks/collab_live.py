@@ -247,11 +247,23 @@ class Memo:
                         result["token_logprobs"] = tuple(result["token_logprobs"])
                     self.calls[entry["key"]] = Call(ChatResult(**result), entry["seconds"])
 
-    async def __call__(self, request: ChatRequest) -> Call:
-        key = json.dumps(
+    @staticmethod
+    def key(request: ChatRequest) -> str:
+        return json.dumps(
             [request.messages, request.max_tokens, request.temperature, request.extra],
             sort_keys=True,
         )
+
+    async def __call__(self, request: ChatRequest) -> Call:
+        # Token logprobs cost a local model nothing and do not change its answer: every call
+        # asks for them, so a strategy that wants them and one that does not share the call.
+        plain = Memo.key(request)
+        request = dataclasses.replace(
+            request, extra={**request.extra, "logprobs": True, "top_logprobs": 1}
+        )
+        key = Memo.key(request)
+        if key not in self.calls and plain in self.calls:
+            key = plain  # journalled by an earlier run without them
         if key not in self.calls:
             start = time.perf_counter()
             result = await self.backend.complete(request, self.timeout)
