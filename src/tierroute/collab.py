@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from tierroute.backends.base import ChatRequest, ChatResult
+from tierroute.backends.base import BackendError, ChatRequest, ChatResult
 from tierroute.cascade import (
     AgreementVerifier,
     Ask,
@@ -88,6 +88,18 @@ def _without_logprobs(request: ChatRequest) -> ChatRequest:
     return replace(request, extra=extra)
 
 
+async def _helper(ask: Ask, request: ChatRequest, tier: str) -> ChatResult | str:
+    """Another tier's answer, or why it gave none: a helper that fails (after the
+    gateway's retries) makes the verdict escalate, and the draft is still kept when no
+    larger tier answers either."""
+    try:
+        return await ask(request, tier)
+    except BackendError as exc:
+        if not exc.retryable:
+            raise
+        return f"{tier} failed ({exc})"
+
+
 def _tokens(result: ChatResult) -> str:
     return f"{result.prompt_tokens}+{result.completion_tokens} tokens"
 
@@ -110,7 +122,9 @@ class CrossModelVerifier:
         mine = answer_key(first.text, self.probe)
         if mine is None:
             return Verdict(0.0, "cross: the small tier's answer is empty")
-        other = await ask(_without_logprobs(request), self.partner)
+        other = await _helper(ask, _without_logprobs(request), self.partner)
+        if isinstance(other, str):
+            return Verdict(0.0, f"cross: {other}")
         theirs = answer_key(other.text, self.probe)
         cost = f"partner {self.partner} {_tokens(other)}"
         if theirs == mine:
@@ -194,7 +208,11 @@ class ReviewVerifier:
     ) -> Verdict:
         if not first.text.strip():
             return Verdict(0.0, "review: the small tier's answer is empty")
-        reply = await ask(review_request(request, first.text, self.max_tokens), self.reviewer)
+        reply = await _helper(
+            ask, review_request(request, first.text, self.max_tokens), self.reviewer
+        )
+        if isinstance(reply, str):
+            return Verdict(0.0, f"review: {reply}")
         cost = f"{self.reviewer} {_tokens(reply)}"
         review = parse_review(reply.text)
         if review is None:
@@ -230,7 +248,9 @@ class BestOfNVerifier:
             sample = self.prepare(self._sampler.sample_request(request, i))
             candidates.append((await ask(sample), f"sample {i}"))
         if self.partner is not None:
-            candidates.append((await ask(self.prepare(request), self.partner), self.partner))
+            other = await _helper(ask, self.prepare(request), self.partner)
+            if not isinstance(other, str):  # a failed partner is one candidate fewer
+                candidates.append((other, self.partner))
         scored = [(_mean_logprob(c), c, who) for c, who in candidates]
         best, answer, who = max(scored, key=lambda s: s[0])
         if best == -math.inf:
