@@ -237,6 +237,28 @@ def _irt_files(
     return router.fit_scores(concat_outcomes([o for _, o in train]).prompts, table, weights)
 
 
+def _knn_difficulty(train: list[tuple[LooFile, Any]], encoder: Any, k: int = 200) -> Any:
+    """A kNN vote of each prompt's difficulty quantile within its own training file
+    (1 - mean score over the file's models, ranked in the file), so files of different
+    difficulty and scoring scales share one [0, 1] scale without a linear model."""
+    from scipy.stats import rankdata
+
+    from tierroute.routers.knn import KnnRouter
+
+    texts: list[str] = []
+    labels: list[np.ndarray] = []
+    for _, o in train:
+        scores = o.model_scores().scores
+        if np.nanmin(scores) < 0:  # pairwise verdicts in [-1, 1]
+            scores = (scores + 1.0) / 2.0
+        seen = np.sum(~np.isnan(scores), axis=1) > 0
+        mean = np.nansum(scores, axis=1) / np.maximum(np.sum(~np.isnan(scores), axis=1), 1)
+        difficulty = 1.0 - mean[seen]
+        labels.append((rankdata(difficulty) - 0.5) / len(difficulty))
+        texts.extend(t for t, ok in zip(o.prompts, seen, strict=True) if ok)
+    return KnnRouter(encoder, k=k).fit(texts, np.concatenate(labels))
+
+
 def _rules(train: list[tuple[LooFile, Any]], encoder: Any) -> Any:
     from tierroute.routers import make_router
 
@@ -254,6 +276,7 @@ RECIPES: dict[str, Callable[[list[tuple[LooFile, Any]], Any], Any]] = {
         t, e, features="structure", equal_files=True
     ),
     "irt-files-structure-l2-1e-2": lambda t, e: _irt_files(t, e, features="structure", l2=1e-2),
+    "knn-difficulty": _knn_difficulty,
 }
 # The shipped default's recipe (scripts/train_default_router.sh), with its rule prior. No
 # recipe here beat it by more than the noise of the table while keeping face validity
