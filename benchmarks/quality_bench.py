@@ -282,7 +282,7 @@ RECIPES: dict[str, Callable[[list[tuple[LooFile, Any]], Any], Any]] = {
 # recipe here beat it by more than the noise of the table while keeping face validity
 # (tests/test_face_validity.py; see the default router's CARD.md).
 SHIPPED_RECIPE = "old-default"
-DEFAULT_RULE_PRIOR = 0.25
+DEFAULT_RULE_PRIOR = 0.5
 
 
 def with_rule_prior(router: Any, encoder: Any, weight: float) -> Any:
