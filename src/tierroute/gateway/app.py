@@ -51,8 +51,9 @@ from tierroute.gateway.schema import (
     FeedbackRecorded,
     FeedbackRequest,
     RouteDecision,
+    answer_body,
     chunk_body,
-    completion_body,
+    forwarded_chunk,
     parse_chat,
     parse_json,
     sse,
@@ -178,6 +179,9 @@ def create_app(
     """The gateway app. `build` makes router, backends and ledger at start-up (in a thread,
     since local models take a while to load); they are closed again at shutdown."""
     state: dict[str, Engine] = {}
+    # `model` may name a tier by the model name its answers report (the smallest tier's
+    # when two tiers serve one model).
+    aliases = {s.tier.model: s.name for s in reversed(settings.tiers)}
     learners: dict[str, Learner] = {}
 
     @asynccontextmanager
@@ -407,7 +411,11 @@ def create_app(
     async def route(request: Request) -> JSONResponse:
         key_id, doc = await read_json(request)
         call = parse_chat(
-            doc, ["auto", *engine().tier_names], headers_of(request), settings.max_tokens_default
+            doc,
+            ["auto", *engine().tier_names],
+            headers_of(request),
+            settings.max_tokens_default,
+            aliases,
         )
         routed = await _route(_tenant_or_key(call, key_id))
         d = routed.decision
@@ -425,7 +433,7 @@ def create_app(
 
     async def _route(call: ChatCall) -> Routed:
         forced = None if call.model == "auto" else call.model
-        max_tokens = call.request.max_tokens or settings.max_tokens_default
+        max_tokens = call.request.limit or settings.max_tokens_default
         try:
             return await engine().route(call.request.messages, call.hints, max_tokens, forced)
         except InputError as exc:
@@ -523,6 +531,13 @@ def create_app(
         """Record a request no tier could answer; return the error the client gets, with
         the tier headers of the tier that failed."""
         status = 502 if isinstance(exc, AllTiersFailed) else (exc.status or 502)
+        if isinstance(exc, BackendError) and 400 <= status < 500:
+            # The request's own mistake (a tier refused a parameter or a part): said as such.
+            error = ApiError(status, str(exc), param=getattr(exc, "param", None))
+        else:
+            error = ApiError(
+                status, f"No tier could answer: {exc}", type="api_error", code="upstream_error"
+            )
         engine().record(
             outcome,
             status=status,
@@ -532,9 +547,6 @@ def create_app(
             error=str(exc),
             stream=stream,
             prompt_text=prompt,
-        )
-        error = ApiError(
-            status, f"No tier could answer: {exc}", type="api_error", code="upstream_error"
         )
         # The error body already names every tier's failure; the reason stays the decision's.
         headers = _decision_headers(
@@ -567,7 +579,11 @@ def create_app(
         e = engine()
         call = _tenant_or_key(
             parse_chat(
-                doc, ["auto", *e.tier_names], headers_of(request), settings.max_tokens_default
+                doc,
+                ["auto", *e.tier_names],
+                headers_of(request),
+                settings.max_tokens_default,
+                aliases,
             ),
             key_id,
         )
@@ -600,14 +616,7 @@ def create_app(
         )
         if e.shadow is not None:
             e.shadow.maybe_sample(outcome.request_id, call.request, tier.name, result.text)
-        body = completion_body(
-            outcome.request_id,
-            tier.model,
-            result.text,
-            result.finish_reason,
-            result.prompt_tokens,
-            result.completion_tokens,
-        )
+        body = answer_body(outcome.request_id, tier.model, result)
         headers = _outcome_headers(outcome, tier.name, cost)
         return JSONResponse(body, headers=headers)
 
@@ -632,7 +641,7 @@ def create_app(
         tier = e.settings.spec(tier_name).tier
         max_cost = tier.cost(
             estimate_tokens(outcome.routed.text),
-            call.request.max_tokens or settings.max_tokens_default,
+            call.request.limit or settings.max_tokens_default,
         ) + e.spent_cost(outcome)
         headers = _outcome_headers(outcome, tier_name, max_cost)
         headers["X-Tierroute-Cost-Usd-Is"] = "upper-estimate"
@@ -643,20 +652,27 @@ def create_app(
             usage = StreamDelta(text="", prompt_tokens=0, completion_tokens=0)
             tier_start = time.perf_counter()
             pieces: list[str] = []
+            # A tier that streams OpenAI chunks has them forwarded (its role chunk too).
+            finished = False  # a forwarded chunk carried the finish_reason
             try:
-                yield sse(
-                    chunk_body(
-                        outcome.request_id,
-                        tier.model,
-                        created,
-                        {"role": "assistant", "content": ""},
-                        None,
+                if first.choices is None:
+                    yield sse(
+                        chunk_body(
+                            outcome.request_id,
+                            tier.model,
+                            created,
+                            {"role": "assistant", "content": ""},
+                            None,
+                        )
                     )
-                )
                 delta: StreamDelta | None = first
                 while delta is not None:
                     if delta.text:
                         pieces.append(delta.text)
+                    if delta.choices is not None:
+                        yield sse(forwarded_chunk(outcome.request_id, tier.model, created, delta))
+                        finished = finished or any(c.get("finish_reason") for c in delta.choices)
+                    elif delta.text:
                         yield sse(
                             chunk_body(
                                 outcome.request_id,
@@ -668,11 +684,12 @@ def create_app(
                         )
                     if delta.finish_reason is not None:
                         usage = delta
-                        yield sse(
-                            chunk_body(
-                                outcome.request_id, tier.model, created, {}, delta.finish_reason
+                        if not finished:
+                            yield sse(
+                                chunk_body(
+                                    outcome.request_id, tier.model, created, {}, delta.finish_reason
+                                )
                             )
-                        )
                     delta = await anext(rest, None)
                 if call.include_usage:
                     p, c = usage.prompt_tokens or 0, usage.completion_tokens or 0

@@ -534,7 +534,7 @@ class Engine:
         small = self.tier_names[0]
         draft = await self._draft(outcome, request)
         chain = [t for t in outcome.routed.chain if t != small]
-        max_tokens = request.max_tokens or self.settings.max_tokens_default
+        max_tokens = request.limit or self.settings.max_tokens_default
         over = self._fits(
             self.settings.spec(chain[0]).tier,
             hints,
