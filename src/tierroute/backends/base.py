@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from tierroute.errors import TierrouteError
 
@@ -90,3 +90,11 @@ class Backend(Protocol):
     def stream(self, request: ChatRequest, timeout: float) -> AsyncIterator[StreamDelta]: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class Poster(Protocol):
+    """A backend that also passes whole bodies to other endpoints of its API (a remote
+    tier: /completions, /embeddings); local models do not."""
+
+    async def post(self, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]: ...

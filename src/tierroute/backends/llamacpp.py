@@ -252,9 +252,7 @@ class LlamaCppBackend:
             if job.plan.grammar is not None:
                 from llama_cpp.llama_grammar import LlamaGrammar
 
-                kwargs["grammar"] = LlamaGrammar.from_string(
-                    job.plan.grammar, verbose=False
-                )
+                kwargs["grammar"] = LlamaGrammar.from_string(job.plan.grammar, verbose=False)
             chunks = llm.create_chat_completion(**kwargs)
             try:
                 for chunk in chunks:

@@ -39,6 +39,7 @@ from starlette.requests import ClientDisconnect
 from tierroute.backends.base import Backend, BackendError, StreamDelta
 from tierroute.conversation import estimate_tokens
 from tierroute.errors import InputError
+from tierroute.gateway import passthrough
 from tierroute.gateway.engine import AllTiersFailed, Engine, Outcome, Routed, new_request_id
 from tierroute.gateway.learner import Learner
 from tierroute.gateway.metrics import Metrics
@@ -558,6 +559,48 @@ def create_app(
             outcome.cascade,
         )
         return JSONResponse(error.body(), status_code=status, headers=headers)
+
+    async def passed_through(request: Request, path: str) -> Response:
+        """/v1/completions and /v1/embeddings (see gateway/passthrough.py)."""
+        start = time.perf_counter()
+        key_id, doc = await read_json(request)
+        ledger_writable()
+        e = engine()
+        models = ["auto", *e.tier_names]
+        call = passthrough.parse(doc, path, models, aliases, headers_of(request))
+        call = _tenant_or_key(call, key_id)
+        routed = await _route(call)
+        outcome = Outcome(request_id=new_request_id(), routed=passthrough.tagged(routed, path))
+        passthrough.check_chain(outcome, e.backends, path)
+        prompt = routed.text if settings.keep_prompts else None
+        try:
+            data = await e.post(outcome, path, passthrough.body_for_tier(doc))
+        except (AllTiersFailed, BackendError) as exc:
+            return failed(outcome, call, key_id, start, prompt, exc, stream=False)
+        tier = e.settings.spec(outcome.booked_tier).tier
+        p, c = passthrough.usage(data)
+        e.record(
+            outcome,
+            status=200,
+            hints=call.hints,
+            api_key_id=key_id,
+            latency_ms=(time.perf_counter() - start) * 1000,
+            prompt_tokens=p,
+            completion_tokens=c,
+            prompt_text=prompt,
+        )
+        body = passthrough.answer(data, outcome.request_id, tier.model)
+        return JSONResponse(body, headers=_outcome_headers(outcome, tier.name, tier.cost(p, c)))
+
+    @app.post("/v1/completions", responses={**_errors(*_BODY_ERRORS), **_UPSTREAM})
+    async def completions(request: Request) -> Response:
+        """A legacy text completion, routed like a chat request, from a remote tier."""
+        return await passed_through(request, passthrough.COMPLETIONS)
+
+    @app.post("/v1/embeddings", responses={**_errors(*_BODY_ERRORS), **_UPSTREAM})
+    async def embeddings(request: Request) -> Response:
+        """Embeddings from the remote tier `model` names (never routed)."""
+        return await passed_through(request, passthrough.EMBEDDINGS)
 
     @app.post(
         "/v1/chat/completions",

@@ -44,7 +44,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from tierroute.backends.base import Backend, BackendError, ChatRequest, ChatResult, StreamDelta
+from tierroute.backends.base import (
+    Backend,
+    BackendError,
+    ChatRequest,
+    ChatResult,
+    Poster,
+    StreamDelta,
+)
 from tierroute.cascade import Cascade, Draft
 from tierroute.controller import ThresholdController
 from tierroute.conversation import estimate_tokens, routing_text
@@ -477,6 +484,23 @@ class Engine:
         return await self._along_chain(
             outcome, lambda tier, timeout: self._open_on(tier, request, timeout)
         )
+
+    async def post(self, outcome: Outcome, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """`body` posted whole to `path` (/completions, /embeddings) along the fallback
+        chain, skipping tiers whose backend has no `post` (local models)."""
+
+        async def attempt(tier: str, timeout: float) -> dict[str, Any]:
+            start = time.perf_counter()
+            backend = self.backends[tier]
+            assert isinstance(backend, Poster)  # the chain below holds no other
+            data = await backend.post(path, body, timeout)
+            self._succeeded(tier, (time.perf_counter() - start) * 1000)
+            return data
+
+        chain = [
+            t for t in outcome.routed.chain if callable(getattr(self.backends[t], "post", None))
+        ]
+        return await self._along_chain(outcome, attempt, chain)
 
     # ------------------------------------------------------------------ cascade
 

@@ -43,6 +43,7 @@ class TierSpec:
     n_ctx: int = 2048
     n_threads: int | None = None
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # a remote tier's answer, at most
+    vision: bool = False  # may image parts be sent to it (local tiers: never)
 
     @property
     def name(self) -> str:
@@ -97,11 +98,15 @@ class GatewayTier(TierFields):
     n_threads: int | None = Field(None, ge=1, le=256)
     # An answer larger than this is a tier failure (and falls back), never a memory spike.
     max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, ge=1024, le=1 << 31)
+    # Image parts go to a tier that can see; unset: remote tiers yes, local tiers no.
+    vision: bool | None = None
 
     @model_validator(mode="after")
     def _remote_needs_url(self) -> GatewayTier:
         if self.kind == "openai" and not self.base_url:
             raise ValueError("a remote tier (kind: openai) needs a base_url")
+        if self.vision and self.kind != "openai" and not self.base_url:
+            raise ValueError("a local tier cannot read images: leave vision unset or false")
         return self
 
     def spec(self) -> TierSpec:
@@ -114,6 +119,7 @@ class GatewayTier(TierFields):
             n_ctx=self.n_ctx,
             n_threads=self.n_threads,
             max_response_bytes=self.max_response_bytes,
+            vision=self.vision if self.vision is not None else bool(self.base_url),
         )
 
 
