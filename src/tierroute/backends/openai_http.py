@@ -22,10 +22,11 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from tierroute.backends.base import BackendError, ChatRequest, ChatResult, StreamDelta
-from tierroute.backends.content import refuse_non_text
+from tierroute.backends.content import flatten, refuse_non_text
 from tierroute.errors import MissingDependencyError
 
 if TYPE_CHECKING:
@@ -109,9 +110,14 @@ class OpenAIHTTPBackend:
             body.pop("stream", None)
         return body
 
-    def _check(self, request: ChatRequest) -> None:
-        if not self.vision:
-            refuse_non_text(request.messages, self.name, "its config says vision: false")
+    def _sent(self, request: ChatRequest) -> ChatRequest:
+        """The request as this tier gets it: a tier that cannot see gets no image part (400)
+        and its text parts joined into strings, which text-only servers need (e.g.
+        llama_cpp.server's chat templates fail on list content)."""
+        if self.vision:
+            return request
+        refuse_non_text(request.messages, self.name, "its config says vision: false")
+        return replace(request, messages=flatten(request.messages))
 
     async def post(self, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
         """POST `body` (its model set to the tier's) to `path` under the API root and return
@@ -153,7 +159,7 @@ class OpenAIHTTPBackend:
         return status, text, url
 
     async def complete(self, request: ChatRequest, timeout: float) -> ChatResult:
-        self._check(request)
+        request = self._sent(request)
         status, text, url = await self._send(
             "/chat/completions", self._payload(request, False), timeout
         )
@@ -188,12 +194,13 @@ class OpenAIHTTPBackend:
     async def stream(self, request: ChatRequest, timeout: float) -> AsyncIterator[StreamDelta]:
         import aiohttp
 
-        self._check(request)
+        request = self._sent(request)
         session = self._http()
         url = f"{self.base_url}/chat/completions"
         deadline = time.monotonic() + timeout
         finish: str | None = None
         usage: dict[str, Any] = {}
+        fields: dict[str, Any] = {}
         done = False
         try:
             async with asyncio.timeout(timeout):
@@ -216,15 +223,14 @@ class OpenAIHTTPBackend:
                     done = True
                     break
                 chunk = self._chunk(data)
+                fields = _fields(chunk)
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
                 choices = self._choices(chunk)
                 for _, finished in choices:
                     finish = finished or finish
                 if choices:  # forwarded whole: tool_calls, logprobs, every index
-                    yield StreamDelta(
-                        text=choices[0][0], choices=chunk["choices"], fields=_fields(chunk)
-                    )
+                    yield StreamDelta(text=choices[0][0], choices=chunk["choices"], fields=fields)
         except _Oversize as exc:
             resp.close()  # abandon the rest of the answer (and its connection)
             raise self._oversize_error(exc) from None
@@ -245,6 +251,7 @@ class OpenAIHTTPBackend:
             finish_reason=finish or "stop",
             prompt_tokens=_count(usage.get("prompt_tokens")),
             completion_tokens=_count(usage.get("completion_tokens")),
+            fields={**fields, "usage": usage},  # for the usage chunk the client may ask for
         )
 
     async def _read_text(self, resp: aiohttp.ClientResponse) -> str:
@@ -350,7 +357,8 @@ class OpenAIHTTPBackend:
 
 
 # Top-level fields of an answer that the gateway sets itself; the rest reach the client.
-_OWN = frozenset({"id", "object", "created", "model", "choices", "usage"})
+# (usage stays: its details, e.g. cached or reasoning tokens, reach the client too.)
+_OWN = frozenset({"id", "object", "created", "model", "choices"})
 
 
 def _fields(data: dict[str, Any]) -> dict[str, Any]:

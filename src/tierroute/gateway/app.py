@@ -58,6 +58,7 @@ from tierroute.gateway.schema import (
     parse_chat,
     parse_json,
     sse,
+    usage_fields,
 )
 from tierroute.gateway.settings import GatewaySettings, hash_key
 from tierroute.ledger import Ledger
@@ -738,12 +739,14 @@ def create_app(
                     p, c = usage.prompt_tokens or 0, usage.completion_tokens or 0
                     yield sse(
                         {
+                            **usage_fields(usage.fields),
                             "id": outcome.request_id,
                             "object": "chat.completion.chunk",
                             "created": created,
                             "model": tier.model,
                             "choices": [],
                             "usage": {
+                                **usage.fields.get("usage", {}),
                                 "prompt_tokens": p,
                                 "completion_tokens": c,
                                 "total_tokens": p + c,

@@ -319,6 +319,9 @@ def answer_body(request_id: str, model: str, result: ChatResult) -> dict[str, An
     )
     if result.choices is not None:
         body["choices"] = result.choices
+    usage = result.fields.get("usage")
+    if isinstance(usage, dict):  # the tier's details (cached, reasoning tokens) stay
+        body["usage"] = {**usage, **body["usage"]}
     return {**result.fields, **body}
 
 
@@ -334,6 +337,12 @@ def forwarded_chunk(
         "model": model,
         "choices": delta.choices,
     }
+
+
+def usage_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """A tier's top-level fields for the usage chunk (system_fingerprint...), without the
+    usage itself, which the caller merges with the counts it books."""
+    return {k: v for k, v in fields.items() if k != "usage"}
 
 
 def chunk_body(
