@@ -41,7 +41,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from tierroute.backends.base import (
@@ -567,10 +567,10 @@ class Engine:
         )
         if draft is not None:
             if draft.accepted:
-                return keep(self._keep(outcome, draft, draft.note))
+                return keep(self._keep(outcome, draft, draft.note, request))
             if over is not None:
                 note = f"{draft.note}; kept: escalating breaks the budget ({over})"
-                return keep(self._keep(outcome, draft, note))
+                return keep(self._keep(outcome, draft, note, request))
             outcome.cascade, outcome.escalated = draft.note, True
         try:
             return await self._along_chain(outcome, attempt, chain)
@@ -578,7 +578,7 @@ class Engine:
             if draft is None:
                 raise
             note = f"{draft.note}; kept: no larger tier answered ({exc})"
-            return keep(self._keep(outcome, draft, note))
+            return keep(self._keep(outcome, draft, note, request))
 
     async def _draft(self, outcome: Outcome, request: ChatRequest) -> Draft | None:
         """The smallest tier's answer and verdict; None when that tier is unavailable or
@@ -605,12 +605,19 @@ class Engine:
             outcome.cascade = f"escalated: tier {small} failed ({exc})"
             return None
 
-    def _keep(self, outcome: Outcome, draft: Draft, note: str) -> ChatResult:
-        """The small answer stands: its own tokens are the answer's, not spent extra."""
+    def _keep(
+        self, outcome: Outcome, draft: Draft, note: str, request: ChatRequest
+    ) -> ChatResult:
+        """The small answer stands: its own tokens are the answer's, not spent extra. The
+        logprobs the verifier asked for go back only to a client that asked too."""
         del outcome.spent[0]  # the first small call is the answer (see _draft's ask)
         outcome.tier = self.tier_names[0]
         outcome.cascade = note
-        return draft.result
+        result = draft.result
+        if result.choices is not None and not request.extra.get("logprobs"):
+            choices = [{**c, "logprobs": None} for c in result.choices]
+            result = replace(result, choices=choices)
+        return result
 
     def spent_cost(self, outcome: Outcome) -> float:
         """USD of the cascade's calls whose answers were not returned."""
@@ -749,12 +756,29 @@ def _replay(result: ChatResult) -> tuple[StreamDelta, AsyncIterator[StreamDelta]
         completion_tokens=result.completion_tokens,
     )
     deltas = [StreamDelta(text=result.text), last] if result.text else [last]
+    if result.choices is not None:  # its tool calls, logprobs, every choice: as one chunk
+        deltas = [StreamDelta(text=result.text, choices=_as_deltas(result.choices)), last]
 
     async def rest() -> AsyncIterator[StreamDelta]:
         for delta in deltas[1:]:
             yield delta
 
     return deltas[0], rest()
+
+
+def _as_deltas(choices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Whole answers' choices as the choices of one stream chunk (message -> delta, each
+    tool call numbered as stream deltas are)."""
+    out = []
+    for choice in choices:
+        message = dict(choice.get("message") or {})
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            message["tool_calls"] = [
+                {**c, "index": i} for i, c in enumerate(calls) if isinstance(c, dict)
+            ]
+        out.append({**{k: v for k, v in choice.items() if k != "message"}, "delta": message})
+    return out
 
 
 def new_request_id() -> str:

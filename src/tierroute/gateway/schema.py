@@ -373,9 +373,25 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageUrl(BaseModel):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(BaseModel):
+    """Sent to tiers with vision: true; any other tier answers 400 naming itself."""
+
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
 class Message(BaseModel):
+    """Other fields (tool_calls, tool_call_id, ...) pass through to the tier."""
+
+    model_config = ConfigDict(extra="allow")
+
     role: Literal["system", "user", "assistant", "tool", "developer", "function"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
 
 
@@ -403,7 +419,8 @@ _USER_TURN: dict[str, Any] = {
 
 class ChatCompletionRequest(BaseModel):
     """An OpenAI chat completion request; at least one user message must have content.
-    Parameters not listed are passed through to remote tiers."""
+    Every parameter but `metadata` (the gateway's hints) reaches a remote tier as sent,
+    unknown ones too; a local tier refuses what llama.cpp cannot do with 400."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -416,6 +433,14 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     stop: str | list[str] | None = None
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    seed: int | None = Field(default=None, ge=-MAX_INT - 1, le=MAX_INT)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
     user: str | None = Field(
         default=None,
         description="The tenant, for personalisation; with API keys, scoped to the key",
@@ -424,24 +449,36 @@ class ChatCompletionRequest(BaseModel):
 
 
 class AssistantMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class Choice(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
     index: int
     message: AssistantMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class Usage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
 class ChatCompletion(BaseModel):
+    """The tier's answer: its choices and other fields (system_fingerprint...) as it gave
+    them, under the gateway's id and the tier's model name."""
+
+    model_config = ConfigDict(extra="allow")
+
     id: str
     object: Literal["chat.completion"]
     created: int
