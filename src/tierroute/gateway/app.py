@@ -533,6 +533,8 @@ def create_app(
         """Record a request no tier could answer; return the error the client gets, with
         the tier headers of the tier that failed."""
         status = 502 if isinstance(exc, AllTiersFailed) else (exc.status or 502)
+        if status in (401, 403, 404):
+            status = 502  # the tier's key or model is wrong, not the client's request
         if isinstance(exc, BackendError) and 400 <= status < 500:
             # The request's own mistake (a tier refused a parameter or a part): said as such.
             error = ApiError(status, str(exc), param=getattr(exc, "param", None))
