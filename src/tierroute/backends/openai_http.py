@@ -230,7 +230,8 @@ class OpenAIHTTPBackend:
                 for _, finished in choices:
                     finish = finished or finish
                 if choices:  # forwarded whole: tool_calls, logprobs, every index
-                    yield StreamDelta(text=choices[0][0], choices=chunk["choices"], fields=fields)
+                    text = "".join(t for t, _ in choices)  # the first answer's: for the books
+                    yield StreamDelta(text=text, choices=chunk["choices"], fields=fields)
         except _Oversize as exc:
             resp.close()  # abandon the rest of the answer (and its connection)
             raise self._oversize_error(exc) from None
@@ -280,7 +281,8 @@ class OpenAIHTTPBackend:
         )
 
     def _choices(self, chunk: dict[str, Any]) -> list[tuple[str, str | None]]:
-        """(content, finish_reason) of each choice of a streamed chunk."""
+        """(content, finish_reason) of each choice of a streamed chunk; content only for
+        the first answer (index 0) when n > 1."""
         try:
             out = []
             choices = chunk.get("choices") or []
@@ -293,6 +295,7 @@ class OpenAIHTTPBackend:
                 finish = choice.get("finish_reason") or None
                 if not isinstance(text, str):
                     raise TypeError(f"content is {type(text).__name__}")
+                text = text if choice.get("index", 0) == 0 else ""
                 out.append((text, None if finish is None else str(finish)))
             return out
         except _MALFORMED as exc:

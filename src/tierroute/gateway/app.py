@@ -1,6 +1,8 @@
 """The ASGI app: OpenAI-compatible endpoints over the routing engine.
 
-    POST /v1/chat/completions   model "auto" routes; a tier name forces that tier
+    POST /v1/chat/completions   model "auto" routes; a tier (or its model name) forces it
+    POST /v1/completions        passed whole to a remote tier, routed the same way
+    POST /v1/embeddings         passed whole to the remote tier `model` names
     GET  /v1/models             the tiers and "auto"
     POST /v1/route              the decision alone, nothing generated
     POST /v1/router/rollback    undo the continuous learner's last promotion (gateway.learning)
