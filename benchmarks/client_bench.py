@@ -21,9 +21,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from tests.conftest import fast_upstream  # noqa: E402
-from tierroute.backends.base import ChatRequest  # noqa: E402
-from tierroute.backends.openai_http import OpenAIHTTPBackend  # noqa: E402
+from tests.conftest import fast_upstream
+from tierroute.backends.base import ChatRequest
+from tierroute.backends.openai_http import OpenAIHTTPBackend
 
 REQUEST = ChatRequest(messages=[{"role": "user", "content": "Hello there!"}], max_tokens=1)
 
