@@ -605,9 +605,7 @@ class Engine:
             outcome.cascade = f"escalated: tier {small} failed ({exc})"
             return None
 
-    def _keep(
-        self, outcome: Outcome, draft: Draft, note: str, request: ChatRequest
-    ) -> ChatResult:
+    def _keep(self, outcome: Outcome, draft: Draft, note: str, request: ChatRequest) -> ChatResult:
         """The small answer stands: its own tokens are the answer's, not spent extra. The
         logprobs the verifier asked for go back only to a client that asked too."""
         del outcome.spent[0]  # the first small call is the answer (see _draft's ask)
