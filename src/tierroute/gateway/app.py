@@ -151,8 +151,9 @@ def _decision_headers(
 
 def _outcome_headers(outcome: Outcome, tier: str, cost: float | None) -> dict[str, str]:
     """The decision headers of an answered (or failed) request, with what happened on the
-    way (tiers tried, skipped or failed, the cascade's note)."""
-    return _decision_headers(
+    way (tiers tried, skipped or failed, the cascade's note), and the model that answered
+    in a tier of several (its key, tier/model)."""
+    headers = _decision_headers(
         outcome.routed,
         tier,
         outcome.tried,
@@ -161,6 +162,9 @@ def _outcome_headers(outcome: Outcome, tier: str, cost: float | None) -> dict[st
         outcome.cascade,
         outcome.notes,
     )
+    if "/" in outcome.booked_tier:  # tier names have no "/": a model of a tier of several
+        headers["X-Tierroute-Model"] = outcome.booked_tier
+    return headers
 
 
 def _tenant_or_key(call: ChatCall, key_id: str | None) -> ChatCall:
@@ -183,9 +187,9 @@ def create_app(
     """The gateway app. `build` makes router, backends and ledger at start-up (in a thread,
     since local models take a while to load); they are closed again at shutdown."""
     state: dict[str, Engine] = {}
-    # `model` may name a tier by the model name its answers report (the smallest tier's
-    # when two tiers serve one model).
-    aliases = {s.tier.model: s.name for s in reversed(settings.tiers)}
+    # `model` may name a tier by a model name its answers report (the smallest tier's
+    # when two tiers serve one model; a tier of several models by any of them).
+    aliases = {m.tier.model: s.name for s in reversed(settings.tiers) for m in (*s.models, s)}
     learners: dict[str, Learner] = {}
 
     @asynccontextmanager
@@ -355,7 +359,7 @@ def create_app(
         body: dict[str, Any] = {
             "status": "degraded" if problems else "ok",
             "problems": problems,
-            "tiers": {n: e.breakers[n].state for n in e.tier_names},
+            "tiers": {n: b.state for n, b in e.breakers.items()},  # and each model of a tier
             "ledger": {
                 "writable": ledger.writable,
                 "rows_spilled": ledger.rows_spilled,
@@ -557,7 +561,7 @@ def create_app(
         # The error body already names every tier's failure; the reason stays the decision's.
         headers = _decision_headers(
             outcome.routed,
-            outcome.booked_tier,
+            engine().settings.spec(outcome.booked_tier).name,
             outcome.tried,
             engine().spent_cost(outcome),
             outcome.request_id,
@@ -691,7 +695,7 @@ def create_app(
             estimate_tokens(outcome.routed.text),
             call.request.limit or settings.max_tokens_default,
         ) + e.spent_cost(outcome)
-        headers = _outcome_headers(outcome, tier_name, max_cost)
+        headers = _outcome_headers(outcome, tier.name, max_cost)
         headers["X-Tierroute-Cost-Usd-Is"] = "upper-estimate"
         created = int(time.time())
 
@@ -756,7 +760,7 @@ def create_app(
                                 "total_tokens": p + c,
                             },
                             "tierroute": {
-                                "tier": tier_name,
+                                "tier": tier.name,
                                 "cost_usd": tier.cost(p, c) + e.spent_cost(outcome),
                             },
                         }
@@ -764,7 +768,7 @@ def create_app(
                 yield sse("[DONE]")
                 if e.shadow is not None:
                     e.shadow.maybe_sample(
-                        outcome.request_id, call.request, tier_name, "".join(pieces)
+                        outcome.request_id, call.request, tier.name, "".join(pieces)
                     )
             except BackendError as exc:
                 # Chunks already went out: we cannot switch tiers silently (see engine).
