@@ -1,4 +1,5 @@
-"""Several models working together: routing among all of them, offline (issue 13).
+"""Several models working together: routing among all of them, offline, and the
+collaboration strategies, live (issue 13).
 
     python benchmarks/collab_bench.py --offline [--out bench-out] [--router default|irt|mf]
         [--files routerbench mmlu_pro arenahard] [--cost-model length|mean] [--calibrate]
@@ -14,6 +15,13 @@ by src/tierroute/eval/prices.py (list prices; open weights by parameter count). 
 OUT/nmodel.md, OUT/nmodel.json and one PNG per table, and prints the tables. About two
 minutes with cached embeddings (the first run embeds MMLU-Pro's 12k prompts: ~6 min).
 
+    python benchmarks/collab_bench.py --live [--arith 32] [--code 16] [--threads 1]
+
+--live measures the collaboration strategies of tierroute.collab (cross-model agreement,
+draft and review, best-of-n) against each single tier and the two-tier cascade, with the
+real local models, on generated tasks with checkable answers (see collab_live.py). Writes
+OUT/collab_live.md, OUT/collab_live.jsonl and a journal of model calls that a rerun reuses.
+
 Leave-one-dataset-out is not offered for the N-model choice: the three files share no
 model (RouterBench's gpt-4-1106-preview and Mixtral are in no other file under these
 columns), so a router trained on the other files knows nothing of the held-out file's
@@ -25,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -127,11 +136,18 @@ def offline(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'nmodel.md'}, {out / 'nmodel.json'} and the PNGs")
 
 
+def live(args: argparse.Namespace) -> None:
+    import collab_live  # beside this file (main puts its folder on sys.path)
+
+    collab_live.live(args)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--offline", action="store_true", help="the N-model table and plots on outcome files"
     )
+    parser.add_argument("--live", action="store_true", help="the collaboration strategies, live")
     parser.add_argument("--out", default="bench-out")
     parser.add_argument("--router", choices=("default", "irt", "mf"), default="default")
     parser.add_argument("--files", nargs="+", choices=list(FILES), default=list(FILES))
@@ -151,10 +167,17 @@ def main() -> None:
         action="store_true",
         help="choose only models on the training rows' Pareto front (tried: worse)",
     )
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import collab_live
+
+    collab_live.add_arguments(parser)
     args = parser.parse_args()
-    if not args.offline:
-        parser.error("say what to run: --offline")
-    offline(args)
+    if not (args.offline or args.live):
+        parser.error("say what to run: --offline and/or --live")
+    if args.offline:
+        offline(args)
+    if args.live:
+        live(args)
 
 
 if __name__ == "__main__":

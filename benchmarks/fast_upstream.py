@@ -2,7 +2,11 @@
 
 It answers every chat completion at once with a fixed short reply (no model), so the
 difference between calling it directly and through tierroute is tierroute's cost.
-Run: python benchmarks/fast_upstream.py PORT
+Run: python benchmarks/fast_upstream.py PORT [--mimic]
+
+With --mimic it answers each request as OpenAI's API would (n choices, tool calls,
+logprobs, JSON mode, system_fingerprint; /completions and /embeddings too: see mimic.py),
+echoing the request it received, for tests of what passes through the gateway.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import sys
 import time
 
 import uvicorn
+
+MIMIC = "--mimic" in sys.argv
 
 REPLY = {
     "id": "chatcmpl-upstream",
@@ -53,7 +59,9 @@ async def app(scope, receive, send):  # type: ignore[no-untyped-def]
         request += message.get("body", b"")
         more = message.get("more_body", False)
     body, kind = b'{"status":"ok"}', b"application/json"
-    if scope["path"].endswith("/chat/completions"):
+    if MIMIC and scope["path"].startswith("/v1/"):
+        body, kind = _mimic(scope["path"], json.loads(request or b"{}"))
+    elif scope["path"].endswith("/chat/completions"):
         body = BODY
         if b'"stream"' in request and json.loads(request).get("stream"):
             body, kind = STREAM, b"text/event-stream"
@@ -68,6 +76,23 @@ async def app(scope, receive, send):  # type: ignore[no-untyped-def]
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+def _mimic(path: str, request: dict) -> tuple[bytes, bytes]:  # type: ignore[type-arg]
+    import mimic
+
+    if path.endswith("/chat/completions") and request.get("stream"):
+        events = [b"data: " + json.dumps(c).encode() + b"\n\n" for c in mimic.chat_chunks(request)]
+        return b"".join(events) + b"data: [DONE]\n\n", b"text/event-stream"
+    if path.endswith("/chat/completions"):
+        return json.dumps(mimic.chat(request)).encode(), b"application/json"
+    if path.endswith("/completions"):
+        return json.dumps(mimic.completion(request)).encode(), b"application/json"
+    if path.endswith("/embeddings"):
+        return json.dumps(mimic.embeddings(request)).encode(), b"application/json"
+    if path.endswith("/models"):
+        return b'{"object":"list","data":[]}', b"application/json"
+    return b'{"status":"ok"}', b"application/json"
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ OUT=src/tierroute/resources/default_router
 FILES=(--data "$DATA/mmlu_gpt4_mixtral.jsonl" --data "$DATA/routerbench_arc_winogrande_mbpp.jsonl")
 PAIR=(--small mistralai/mixtral-8x7b-chat --large gpt-4-1106-preview)
 
-tierroute train --router irt --rule-prior 0.25 --seed 0 "${FILES[@]}" "${PAIR[@]}" --out "$OUT"
+tierroute train --router irt --rule-prior 0.5 --seed 0 "${FILES[@]}" "${PAIR[@]}" --out "$OUT"
 # The shipped threshold sends 30% of these prompts to the large tier. A share target
 # reads only the score distribution, so calibrating on the training prompts is sound;
 # the gateway's controller moves it to a share or budget of your own.

@@ -119,9 +119,10 @@ def encoder():  # type: ignore[no-untyped-def]
 
 
 @contextlib.contextmanager
-def fast_upstream() -> Iterator[str]:
+def fast_upstream(mimic: bool = False) -> Iterator[str]:
     """benchmarks/fast_upstream.py on a free port (an OpenAI-compatible server answering
-    "ok" at once), ready to answer; yields its base URL (…/v1)."""
+    "ok" at once; with `mimic`, answering each request as OpenAI's API would), ready to
+    answer; yields its base URL (…/v1)."""
     import socket
 
     import httpx
@@ -131,7 +132,7 @@ def fast_upstream() -> Iterator[str]:
         port = s.getsockname()[1]
     script = ROOT / "benchmarks" / "fast_upstream.py"
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(port)],
+        [sys.executable, str(script), str(port), *(["--mimic"] if mimic else [])],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

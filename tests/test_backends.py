@@ -604,8 +604,13 @@ def test_stream_parses_sse_and_takes_usage_when_given() -> None:
     body += b"data: [DONE]\n\n"
     backend = asgi_backend(asgi_app(200, body, b"text/event-stream"))
     deltas = [d for _, d in with_backend(backend, lambda b: collect(b.stream(HELLO, 5)))]
-    assert [d.text for d in deltas] == ["Hel", "lo", ""]
-    assert deltas[-1] == StreamDelta("", finish_reason="stop", prompt_tokens=7, completion_tokens=2)
+    # Every chunk with choices is forwarded whole (the finish chunk too), then the usage.
+    assert [d.text for d in deltas] == ["Hel", "lo", "", ""]
+    assert [c["finish_reason"] for d in deltas[:3] for c in d.choices or []] == [None, None, "stop"]
+    last = deltas[-1]
+    assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == ("stop", 7, 2)
+    assert last.choices is None
+    assert last.fields["usage"] == {"prompt_tokens": 7, "completion_tokens": 2}
 
 
 @needs_upstream
@@ -696,4 +701,5 @@ def test_usage_that_is_not_a_count_is_ignored() -> None:
     body = sse(chunk("Hi"), chunk(finish="stop"), usage) + b"data: [DONE]\n\n"
     backend = asgi_backend(asgi_app(200, body, b"text/event-stream"))
     deltas = [d for _, d in with_backend(backend, lambda b: collect(b.stream(HELLO, 5)))]
-    assert deltas[-1] == StreamDelta("", finish_reason="stop", completion_tokens=2)
+    last = deltas[-1]
+    assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == ("stop", None, 2)

@@ -17,6 +17,14 @@ stop as soon as the outcome is settled.
                         member below the threshold (so "logprob+agreement" only samples
                         when the logprobs look confident)
 
+Collaboration strategies (tierroute.collab) follow the same protocol: `ask` takes a tier
+name, and a verdict may carry the answer to return instead of the first one.
+
+    CrossModelVerifier  a second, different small model answers too; kept when the two
+                        final answers agree
+    ReviewVerifier      a larger tier checks the draft: "KEEP", or its corrected answer
+    BestOfNVerifier     n small answers; the one with the best mean token logprob
+
 `Cascade.draft` runs the small tier and the verifier; `Cascade.run` adds the escalation.
 The gateway uses `draft` with its own fallbacks and budgets (tierroute.gateway.engine).
 
@@ -37,9 +45,18 @@ from typing import Protocol
 from tierroute.backends.base import ChatRequest, ChatResult
 from tierroute.errors import ConfigError
 
-Ask = Callable[[ChatRequest], Awaitable[ChatResult]]
 
-VERIFIERS = ("logprob", "agreement", "logprob+agreement")
+class Ask(Protocol):
+    """Ask a tier for an answer: the cascade's smallest tier, or the tier named (the
+    collaboration strategies of tierroute.collab ask a second small model or a reviewer)."""
+
+    def __call__(self, request: ChatRequest, tier: str | None = None) -> Awaitable[ChatResult]: ...
+
+
+# A plain "ask the small tier" function, as the cascade took before verifiers asked others.
+SmallOnly = Callable[[ChatRequest], Awaitable[ChatResult]]
+
+VERIFIERS = ("logprob", "agreement", "logprob+agreement", "cross", "review", "best_of_n")
 STATS = ("mean", "min")
 SCOPES = ("small", "all")
 
@@ -88,6 +105,9 @@ def logprob_statistic(logprobs: Sequence[float], stat: str) -> float:
 class Verdict:
     confidence: float  # in [0, 1]
     reason: str
+    # A combiner's pick: one of the answers it was given or asked for, returned instead of
+    # the first one when the verdict is accepted (best-of-n, a reviewer's correction).
+    answer: ChatResult | None = None
 
 
 class Verifier(Protocol):
@@ -223,8 +243,13 @@ class CascadeConfig:
     verifier: str = "logprob"
     threshold: float = 0.5  # accept the small answer when confidence >= threshold
     logprob_stat: str = "mean"
-    samples: int = 3  # agreement: answers compared, the first included
+    samples: int = 3  # agreement: answers compared, the first included; best_of_n: candidates
     sample_temperature: float = 0.7
+    # cross: the tier of the second small model (never escalated to); best_of_n: optional,
+    # its answer joins the candidates.
+    partner_tier: str | None = None
+    reviewer_tier: str | None = None  # review: the tier that checks the draft; None: largest
+    review_max_tokens: int = 128  # review: "KEEP" is ~2 tokens, a correction needs room
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -247,8 +272,52 @@ class CascadeConfig:
             raise ConfigError(f"samples must be a whole number, not {self.samples!r}")
         LogprobVerifier(self.logprob_stat)  # each raises a ConfigError for a bad setting
         AgreementVerifier(self.samples, float(self.sample_temperature))
+        for key in ("partner_tier", "reviewer_tier"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 64):
+                raise ConfigError(f"{key} must be a tier name, not {value!r}")
+        if self.verifier == "cross" and self.partner_tier is None:
+            raise ConfigError("verifier cross needs partner_tier: the second small model's tier")
+        n = self.review_max_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 4096:
+            raise ConfigError(f"review_max_tokens must be a whole number in [1, 4096], not {n!r}")
 
-    def build_verifier(self) -> Verifier:
+    def check_tiers(self, tiers: Sequence[str]) -> None:
+        """Raise a ConfigError unless the named tiers exist where they make sense: a
+        partner is a smaller tier than the largest (it is never escalated to), a reviewer
+        is larger than the smallest."""
+        if self.partner_tier is not None and self.partner_tier not in tiers[1:-1]:
+            raise ConfigError(
+                f"partner_tier {self.partner_tier!r} must name a tier between the smallest "
+                f"and the largest ({', '.join(tiers[1:-1]) or 'this config has none'})"
+            )
+        if self.reviewer_tier is not None and self.reviewer_tier not in tiers[1:]:
+            raise ConfigError(
+                f"reviewer_tier {self.reviewer_tier!r} must name a tier larger than the "
+                f"smallest ({', '.join(tiers[1:])})"
+            )
+
+    @property
+    def helper_tiers(self) -> tuple[str, ...]:
+        """Tiers that help judge the small answer and are never escalated to."""
+        return (self.partner_tier,) if self.partner_tier is not None else ()
+
+    def build_verifier(self, tiers: Sequence[str] = ()) -> Verifier:
+        """The configured verifier; `tiers` (smallest first) gives the default reviewer."""
+        from tierroute import collab  # it builds on this module
+
+        if self.verifier == "cross":
+            assert self.partner_tier is not None
+            return collab.CrossModelVerifier(self.partner_tier)
+        if self.verifier == "review":
+            reviewer = self.reviewer_tier or (tiers[-1] if tiers else None)
+            if reviewer is None:
+                raise ConfigError("verifier review needs reviewer_tier (or the gateway's tiers)")
+            return collab.ReviewVerifier(reviewer, self.review_max_tokens)
+        if self.verifier == "best_of_n":
+            return collab.BestOfNVerifier(
+                self.samples, float(self.sample_temperature), self.partner_tier
+            )
         logprob = LogprobVerifier(self.logprob_stat)
         if self.verifier == "logprob":
             return logprob
@@ -266,6 +335,10 @@ class Draft:
     calls: tuple[ChatResult, ...]  # the first (== result) and any samples, in order
     verdict: Verdict
     threshold: float
+    # Which of `calls` is `result` (a combiner may pick another than the first), and the
+    # tier each call asked (None: the smallest tier).
+    chosen: int = 0
+    tiers: tuple[str | None, ...] = ()
 
     @property
     def accepted(self) -> bool:
@@ -303,23 +376,36 @@ class Cascade:
         self.threshold = threshold
 
     @classmethod
-    def from_config(cls, config: CascadeConfig) -> Cascade:
-        return cls(config.build_verifier(), float(config.threshold))
+    def from_config(cls, config: CascadeConfig, tiers: Sequence[str] = ()) -> Cascade:
+        return cls(config.build_verifier(tiers), float(config.threshold))
 
-    async def draft(self, small: Ask, request: ChatRequest) -> Draft:
-        """Ask the small tier and judge its answer; raises what `small` raises."""
+    async def draft(self, small: Ask | SmallOnly, request: ChatRequest) -> Draft:
+        """Ask the small tier and judge its answer; raises what `small` raises. `small`
+        takes a tier name too when the verifier asks other tiers (tierroute.collab)."""
         calls: list[ChatResult] = []
+        tiers: list[str | None] = []
 
-        async def counted(req: ChatRequest) -> ChatResult:
-            result = await small(req)
+        async def counted(request: ChatRequest, tier: str | None = None) -> ChatResult:
+            # A plain small-tier function is never asked for another tier by the verifiers
+            # that need one: those come with the gateway's (or a benchmark's) `ask`.
+            result = await (small(request) if tier is None else small(request, tier))  # type: ignore[call-arg]
             calls.append(result)
+            tiers.append(tier)
             return result
 
         first = await counted(self.verifier.prepare(request))
         verdict = await self.verifier.verify(request, first, counted, self.threshold)
-        return Draft(first, tuple(calls), verdict, self.threshold)
+        chosen = 0
+        if verdict.answer is not None:
+            picked = [i for i, c in enumerate(calls) if c is verdict.answer]
+            if not picked:
+                raise ValueError(f"verifier {self.verifier.name} picked an answer it never got")
+            chosen = picked[0]
+        return Draft(calls[chosen], tuple(calls), verdict, self.threshold, chosen, tuple(tiers))
 
-    async def run(self, small: Ask, large: Ask, request: ChatRequest) -> CascadeResult:
+    async def run(
+        self, small: Ask | SmallOnly, large: SmallOnly, request: ChatRequest
+    ) -> CascadeResult:
         """The small answer if the verifier accepts it, else the large tier's."""
         draft = await self.draft(small, request)
         if draft.accepted:

@@ -13,10 +13,11 @@ Usage is counted from the tokens themselves, streamed or not: the prompt as toke
 the model's chat template, and every sampled token except a final end-of-generation token,
 which is how llama-cpp-python counts a non-streamed answer.
 
-Token log-probabilities (`complete` with extra={"logprobs": True}) are read from the logits
-the sampler just used, one log-softmax per token. llama-cpp-python's own `logprobs` needs
-`logits_all=True`, which keeps n_ctx x vocabulary floats (1.2 GB for Qwen's 152k vocabulary
-at n_ctx 2048) and computes logits for every prompt token; this costs neither.
+Token log-probabilities (`complete` with extra={"logprobs": True}, and top_logprobs) are read
+from the logits the sampler just used, one log-softmax per token. llama-cpp-python's own
+`logprobs` needs `logits_all=True`, which keeps n_ctx x vocabulary floats (1.2 GB for
+Qwen's 152k vocabulary at n_ctx 2048) and computes logits for every prompt token; this
+costs neither.
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ import asyncio
 import contextlib
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tierroute.backends.base import BackendError, ChatRequest, ChatResult, StreamDelta
+from tierroute.backends.local_params import LocalPlan, plan
 from tierroute.errors import MissingDependencyError
 
 INSTALL_HINT = (
@@ -41,9 +44,6 @@ INSTALL_HINT = (
     '-DGGML_F16C=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF" '
     "pip install --no-cache-dir llama-cpp-python==0.3.36"
 )
-
-# OpenAI chat parameters in ChatRequest.extra that llama-cpp-python understands too.
-_PASSTHROUGH = ("seed", "presence_penalty", "frequency_penalty", "response_format")
 
 
 class _Cancelled(Exception):
@@ -56,11 +56,15 @@ class _Job:
 
     request: ChatRequest
     deadline: float  # time.monotonic()
+    plan: LocalPlan
     cancel: threading.Event = field(default_factory=threading.Event)
     prompt_tokens: int = 0
     sampled: int = 0
     last_token: int | None = None
     logprobs: list[float] | None = None  # one per sampled token, when the request asks
+    top: int = 0  # how many alternatives per token (top_logprobs)
+    # Per sampled token, when logprobs are asked: (token, its top alternatives).
+    tokens: list[tuple[int, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 class LlamaCppBackend:
@@ -103,35 +107,70 @@ class LlamaCppBackend:
                 llm.close()
 
     async def complete(self, request: ChatRequest, timeout: float) -> ChatResult:
-        job = _Job(
-            request,
-            deadline=time.monotonic() + timeout,
-            logprobs=[] if request.extra.get("logprobs") else None,
+        """One answer, or `n` sampled in turn (a seed moves by one per answer)."""
+        local = plan(request, self.name, stream=False)
+        deadline = time.monotonic() + timeout
+        answers: list[tuple[_Job, str, StreamDelta]] = []
+        for i in range(local.n):
+            seed = local.kwargs.get("seed")
+            kwargs = local.kwargs if seed is None else {**local.kwargs, "seed": seed + i}
+            job = _Job(
+                request,
+                deadline=deadline,
+                plan=replace(local, kwargs=kwargs),
+                logprobs=[] if local.logprobs else None,
+                top=local.top_logprobs,
+            )
+            text, final = await self._answer(job, timeout)
+            answers.append((job, text, final))
+        choices = [self._choice(i, *answer) for i, answer in enumerate(answers)]
+        first_job, text, final = answers[0]
+        completion = final.completion_tokens or 0
+        return ChatResult(
+            text="" if local.tool else text,
+            finish_reason=choices[0]["finish_reason"],
+            prompt_tokens=final.prompt_tokens or 0,
+            completion_tokens=sum(f.completion_tokens or 0 for _, _, f in answers),
+            model=self.model_path.stem,
+            # Without a final end-of-generation token's, like completion_tokens.
+            token_logprobs=(
+                None if first_job.logprobs is None else tuple(first_job.logprobs[:completion])
+            ),
+            choices=choices,
         )
+
+    async def _answer(self, job: _Job, timeout: float) -> tuple[str, StreamDelta]:
         pieces: list[str] = []
         try:
             final = await asyncio.wait_for(
                 _in_thread(lambda: self._generate(job, lambda d: pieces.append(d.text))),
-                timeout,
+                max(job.deadline - time.monotonic(), 0.0),
             )
         except TimeoutError:
             raise self._timeout(timeout) from None
         finally:
             job.cancel.set()  # a no-op when done; stops a generation that timed out
-        completion = final.completion_tokens or 0
-        return ChatResult(
-            text="".join(pieces) + final.text,
-            finish_reason=final.finish_reason or "stop",
-            prompt_tokens=final.prompt_tokens or 0,
-            completion_tokens=completion,
-            model=self.model_path.stem,
-            # Without a final end-of-generation token's, like completion_tokens.
-            token_logprobs=None if job.logprobs is None else tuple(job.logprobs[:completion]),
-        )
+        return "".join(pieces) + final.text, final
+
+    def _choice(self, index: int, job: _Job, text: str, final: StreamDelta) -> dict[str, Any]:
+        """One OpenAI choice: the text, or the forced tool's call; logprobs when asked."""
+        finish = final.finish_reason or "stop"
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if job.plan.tool is not None:
+            call = {k: v for k, v in _call(job, text).items() if k != "index"}  # not a delta
+            message = {"role": "assistant", "content": None, "tool_calls": [call]}
+            finish = "tool_calls" if finish == "stop" else finish
+        logprobs = None
+        if job.logprobs is not None and self._llm is not None:
+            kept = job.tokens[: final.completion_tokens or 0]
+            logprobs = {"content": _logprob_items(self._llm, kept, job.logprobs, job.top)}
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
     async def stream(self, request: ChatRequest, timeout: float) -> AsyncIterator[StreamDelta]:
         loop = asyncio.get_running_loop()
-        job = _Job(request, deadline=time.monotonic() + timeout)
+        local = plan(request, self.name, stream=True)
+        job = _Job(request, deadline=time.monotonic() + timeout, plan=local)
+        call = _call(job, "") if local.tool is not None else None
         queue: asyncio.Queue[StreamDelta | BaseException | None] = asyncio.Queue()
 
         def send(item: StreamDelta | BaseException | None) -> None:
@@ -162,6 +201,9 @@ class LlamaCppBackend:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                if call is not None:
+                    item = _as_tool_delta(item, call)
+                    call = {"index": 0, "function": {}}  # later chunks: arguments only
                 yield item
         finally:
             job.cancel.set()
@@ -194,8 +236,9 @@ class LlamaCppBackend:
     def _run(self, llm: Any, job: _Job, emit: Callable[[StreamDelta], None]) -> StreamDelta:
         req = job.request
         kwargs: dict[str, Any] = {
-            "messages": req.messages,
-            "max_tokens": req.max_tokens or self.max_tokens_default,
+            **job.plan.kwargs,
+            "messages": job.plan.messages,
+            "max_tokens": req.limit or self.max_tokens_default,
             "stream": True,
         }
         if req.temperature is not None:
@@ -204,9 +247,12 @@ class LlamaCppBackend:
             kwargs["top_p"] = req.top_p
         if req.stop:
             kwargs["stop"] = list(req.stop)
-        kwargs.update({k: req.extra[k] for k in _PASSTHROUGH if k in req.extra})
         finish: str | None = None
         try:
+            if job.plan.grammar is not None:
+                from llama_cpp.llama_grammar import LlamaGrammar
+
+                kwargs["grammar"] = LlamaGrammar.from_string(job.plan.grammar, verbose=False)
             chunks = llm.create_chat_completion(**kwargs)
             try:
                 for chunk in chunks:
@@ -282,6 +328,53 @@ class LlamaCppBackend:
         return llm
 
 
+def _call(job: _Job, arguments: str) -> dict[str, Any]:
+    """The tool call a forced-tool answer is: its text is the function's arguments."""
+    assert job.plan.tool is not None
+    return {
+        "index": 0,
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": job.plan.tool, "arguments": arguments},
+    }
+
+
+def _as_tool_delta(delta: StreamDelta, call: dict[str, Any]) -> StreamDelta:
+    """A streamed piece of a forced tool call's arguments as an OpenAI tool_calls delta
+    (`call` holds id, type and name on the first chunk, the index alone after)."""
+    if delta.finish_reason is not None:
+        finish = "tool_calls" if delta.finish_reason == "stop" else delta.finish_reason
+        return replace(delta, finish_reason=finish)
+    function = {**call["function"], "arguments": delta.text}
+    head = {"role": "assistant", "content": None} if "id" in call else {}
+    choice = {
+        "index": 0,
+        "delta": {**head, "tool_calls": [{**call, "function": function}]},
+        "logprobs": None,
+        "finish_reason": None,
+    }
+    return StreamDelta(text="", choices=[choice])
+
+
+def _logprob_items(
+    llm: Any, tokens: list[tuple[int, list[tuple[int, float]]]], logprobs: list[float], k: int
+) -> list[dict[str, Any]]:
+    """OpenAI's logprobs.content entries: token text, logprob, bytes, top alternatives."""
+
+    def item(token: int, logprob: float) -> dict[str, Any]:
+        raw = bytes(llm.detokenize([token]))
+        return {
+            "token": raw.decode("utf-8", "replace"),
+            "logprob": logprob,
+            "bytes": list(raw),
+        }
+
+    return [
+        {**item(token, lp), "top_logprobs": [item(t, v) for t, v in top[:k]]}
+        for (token, top), lp in zip(tokens, logprobs, strict=False)
+    ]
+
+
 def _in_thread(fn: Callable[[], StreamDelta]) -> asyncio.Future[StreamDelta]:
     """Run `fn` in a dedicated daemon thread (not the shared executor, which a model
     waiting on its lock could starve) and return a future for its result."""
@@ -347,21 +440,30 @@ def _metered_llama_class() -> type[Any]:
                     job.sampled += 1
                     job.last_token = token
                     if job.logprobs is not None:
-                        job.logprobs.append(self.logprob(token))
+                        logprob, top = self.logprobs(token, job.top)
+                        job.logprobs.append(logprob)
+                        job.tokens.append((token, top))
                     if job.cancel.is_set():
                         raise _Cancelled
                     yield token
             finally:
                 inner.close()
 
-        def logprob(self, token: int) -> float:
+        def logprobs(self, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
             """log P(token) under the logits it was just sampled from (the sampler works on
-            a copy, so these are the model's own, before temperature or penalties)."""
+            a copy, so these are the model's own, before temperature or penalties), and
+            the k likeliest tokens with theirs."""
             logits = np.ctypeslib.as_array(
                 self._ctx.get_logits_ith(-1), shape=(self._n_vocab,)
             ).astype(np.float64)
             top = float(logits.max())
-            return float(logits[token] - top - np.log(np.exp(logits - top).sum()))
+            norm = top + float(np.log(np.exp(logits - top).sum()))
+            best: list[tuple[int, float]] = []
+            if k:
+                ids = np.argpartition(-logits, k)[:k]
+                ids = ids[np.argsort(-logits[ids])]
+                best = [(int(i), float(logits[i] - norm)) for i in ids]
+            return float(logits[token] - norm), best
 
         def is_eog(self, token: int) -> bool:
             vocab = llama_cpp.llama_model_get_vocab(self.model)

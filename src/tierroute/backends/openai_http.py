@@ -22,9 +22,11 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from tierroute.backends.base import BackendError, ChatRequest, ChatResult, StreamDelta
+from tierroute.backends.content import flatten, refuse_non_text
 from tierroute.errors import MissingDependencyError
 
 if TYPE_CHECKING:
@@ -64,6 +66,7 @@ class OpenAIHTTPBackend:
         timeout: float = 60.0,
         max_connections: int = 256,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        vision: bool = True,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
@@ -72,6 +75,7 @@ class OpenAIHTTPBackend:
         self.timeout = timeout  # the default; each call passes its own
         self.max_connections = max_connections
         self.max_response_bytes = max_response_bytes
+        self.vision = vision  # False: image parts are refused here, not sent
         self._session: aiohttp.ClientSession | None = None
 
     def _http(self) -> aiohttp.ClientSession:
@@ -106,14 +110,44 @@ class OpenAIHTTPBackend:
             body.pop("stream", None)
         return body
 
-    async def complete(self, request: ChatRequest, timeout: float) -> ChatResult:
+    def _sent(self, request: ChatRequest) -> ChatRequest:
+        """The request as this tier gets it: a tier that cannot see gets no image part (400)
+        and its text parts joined into strings, which text-only servers need (e.g.
+        llama_cpp.server's chat templates fail on list content)."""
+        if self.vision:
+            return request
+        refuse_non_text(request.messages, self.name, "its config says vision: false")
+        return replace(request, messages=flatten(request.messages))
+
+    async def post(self, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """POST `body` (its model set to the tier's) to `path` under the API root and return
+        the JSON object answered, with the bounds and error mapping of `complete`. For the
+        endpoints passed through whole (/completions, /embeddings)."""
+        status, text, url = await self._send(path, {**body, "model": self.model}, timeout)
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise TypeError(f"the answer is a {type(data).__name__}")
+            return data
+        except _MALFORMED as exc:
+            raise BackendError(
+                f"Tier {self.name!r} at {url} sent a reply that is not a JSON object "
+                f"({exc!r}); check that base_url ends in the API root (e.g. /v1).",
+                retryable=True,
+                status=status,
+            ) from exc
+
+    async def _send(
+        self, path: str, payload: dict[str, Any], timeout: float
+    ) -> tuple[int, str, str]:
+        """(status, body, url) of one POST; an HTTP error status is raised as BackendError."""
         import aiohttp
 
         session = self._http()
-        url = f"{self.base_url}/chat/completions"
+        url = f"{self.base_url}{path}"
         try:
             async with asyncio.timeout(timeout):
-                async with session.post(url, json=self._payload(request, False)) as resp:
+                async with session.post(url, json=payload) as resp:
                     status = resp.status
                     text = await self._read_text(resp)
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -122,9 +156,19 @@ class OpenAIHTTPBackend:
             raise self._oversize_error(exc) from None
         if status >= 400:
             raise self._status_error(status, text)
+        return status, text, url
+
+    async def complete(self, request: ChatRequest, timeout: float) -> ChatResult:
+        request = self._sent(request)
+        status, text, url = await self._send(
+            "/chat/completions", self._payload(request, False), timeout
+        )
         try:
             data = json.loads(text)
-            choice = data["choices"][0]
+            choices = data["choices"]
+            if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+                raise TypeError("choices is not a list of objects")
+            choice = choices[0]
             usage = data.get("usage") or {}
             content = choice["message"].get("content") or ""
             if not isinstance(content, str):
@@ -136,6 +180,8 @@ class OpenAIHTTPBackend:
                 completion_tokens=int(usage.get("completion_tokens") or 0),
                 model=str(data.get("model") or self.model),
                 token_logprobs=_token_logprobs(choice),
+                choices=choices,
+                fields=_fields(data),
             )
         except _MALFORMED as exc:
             raise BackendError(
@@ -148,11 +194,13 @@ class OpenAIHTTPBackend:
     async def stream(self, request: ChatRequest, timeout: float) -> AsyncIterator[StreamDelta]:
         import aiohttp
 
+        request = self._sent(request)
         session = self._http()
         url = f"{self.base_url}/chat/completions"
         deadline = time.monotonic() + timeout
         finish: str | None = None
         usage: dict[str, Any] = {}
+        fields: dict[str, Any] = {}
         done = False
         try:
             async with asyncio.timeout(timeout):
@@ -175,12 +223,15 @@ class OpenAIHTTPBackend:
                     done = True
                     break
                 chunk = self._chunk(data)
+                fields = _fields(chunk)
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
-                for text, finished in self._choices(chunk):
-                    if text:
-                        yield StreamDelta(text=text)
+                choices = self._choices(chunk)
+                for _, finished in choices:
                     finish = finished or finish
+                if choices:  # forwarded whole: tool_calls, logprobs, every index
+                    text = "".join(t for t, _ in choices)  # the first answer's: for the books
+                    yield StreamDelta(text=text, choices=chunk["choices"], fields=fields)
         except _Oversize as exc:
             resp.close()  # abandon the rest of the answer (and its connection)
             raise self._oversize_error(exc) from None
@@ -201,6 +252,7 @@ class OpenAIHTTPBackend:
             finish_reason=finish or "stop",
             prompt_tokens=_count(usage.get("prompt_tokens")),
             completion_tokens=_count(usage.get("completion_tokens")),
+            fields={**fields, "usage": usage},  # for the usage chunk the client may ask for
         )
 
     async def _read_text(self, resp: aiohttp.ClientResponse) -> str:
@@ -229,14 +281,21 @@ class OpenAIHTTPBackend:
         )
 
     def _choices(self, chunk: dict[str, Any]) -> list[tuple[str, str | None]]:
-        """(content, finish_reason) of each choice of a streamed chunk."""
+        """(content, finish_reason) of each choice of a streamed chunk; content only for
+        the first answer (index 0) when n > 1."""
         try:
             out = []
-            for choice in chunk.get("choices") or []:
+            choices = chunk.get("choices") or []
+            if not isinstance(choices, list):
+                raise TypeError(f"choices is {type(choices).__name__}")
+            for choice in choices:
+                if not isinstance(choice, dict):
+                    raise TypeError(f"a choice is {type(choice).__name__}")
                 text = (choice.get("delta") or {}).get("content") or ""
                 finish = choice.get("finish_reason") or None
                 if not isinstance(text, str):
                     raise TypeError(f"content is {type(text).__name__}")
+                text = text if choice.get("index", 0) == 0 else ""
                 out.append((text, None if finish is None else str(finish)))
             return out
         except _MALFORMED as exc:
@@ -298,6 +357,16 @@ class OpenAIHTTPBackend:
             retryable=retryable,
             status=status,
         )
+
+
+# Top-level fields of an answer that the gateway sets itself; the rest reach the client.
+# (usage stays: its details, e.g. cached or reasoning tokens, reach the client too.)
+_OWN = frozenset({"id", "object", "created", "model", "choices"})
+
+
+def _fields(data: dict[str, Any]) -> dict[str, Any]:
+    """An answer's other top-level fields (system_fingerprint, service_tier, unknown ones)."""
+    return {k: v for k, v in data.items() if k not in _OWN}
 
 
 def _token_logprobs(choice: dict[str, Any]) -> tuple[float, ...] | None:

@@ -1,6 +1,8 @@
 """The ASGI app: OpenAI-compatible endpoints over the routing engine.
 
-    POST /v1/chat/completions   model "auto" routes; a tier name forces that tier
+    POST /v1/chat/completions   model "auto" routes; a tier (or its model name) forces it
+    POST /v1/completions        passed whole to a remote tier, routed the same way
+    POST /v1/embeddings         passed whole to the remote tier `model` names
     GET  /v1/models             the tiers and "auto"
     POST /v1/route              the decision alone, nothing generated
     POST /v1/router/rollback    undo the continuous learner's last promotion (gateway.learning)
@@ -40,6 +42,7 @@ from starlette.requests import ClientDisconnect
 from tierroute.backends.base import Backend, BackendError, StreamDelta
 from tierroute.conversation import estimate_tokens
 from tierroute.errors import InputError, LedgerError
+from tierroute.gateway import passthrough
 from tierroute.gateway.auth import authenticate
 from tierroute.gateway.engine import AllTiersFailed, Engine, Outcome, Routed, new_request_id
 from tierroute.gateway.learner import Learner
@@ -53,11 +56,13 @@ from tierroute.gateway.schema import (
     FeedbackRecorded,
     FeedbackRequest,
     RouteDecision,
+    answer_body,
     chunk_body,
-    completion_body,
+    forwarded_chunk,
     parse_chat,
     parse_json,
     sse,
+    usage_fields,
 )
 from tierroute.gateway.settings import GatewaySettings
 from tierroute.keys import Authoriser, KeyStore
@@ -196,6 +201,9 @@ def create_app(
     since local models take a while to load); they are closed again at shutdown."""
     state: dict[str, Engine] = {}
     auth: dict[str, Authoriser] = {}
+    # `model` may name a tier by a model name its answers report (the smallest tier's
+    # when two tiers serve one model; a tier of several models by any of them).
+    aliases = {m.tier.model: s.name for s in reversed(settings.tiers) for m in (*s.models, s)}
     learners: dict[str, Learner] = {}
 
     @asynccontextmanager
@@ -431,7 +439,11 @@ def create_app(
     async def route(request: Request) -> JSONResponse:
         _, doc = await read_json(request)
         call = parse_chat(
-            doc, ["auto", *engine().tier_names], headers_of(request), settings.max_tokens_default
+            doc,
+            ["auto", *engine().tier_names],
+            headers_of(request),
+            settings.max_tokens_default,
+            aliases,
         )
         routed = await _route(_tenant_or_key(call, request.state.caller.scope))
         d = routed.decision
@@ -449,7 +461,7 @@ def create_app(
 
     async def _route(call: ChatCall) -> Routed:
         forced = None if call.model == "auto" else call.model
-        max_tokens = call.request.max_tokens or settings.max_tokens_default
+        max_tokens = call.request.limit or settings.max_tokens_default
         try:
             return await engine().route(call.request.messages, call.hints, max_tokens, forced)
         except InputError as exc:
@@ -547,6 +559,15 @@ def create_app(
         """Record a request no tier could answer; return the error the client gets, with
         the tier headers of the tier that failed."""
         status = 502 if isinstance(exc, AllTiersFailed) else (exc.status or 502)
+        if status in (401, 403, 404):
+            status = 502  # the tier's key or model is wrong, not the client's request
+        if isinstance(exc, BackendError) and 400 <= status < 500:
+            # The request's own mistake (a tier refused a parameter or a part): said as such.
+            error = ApiError(status, str(exc), param=getattr(exc, "param", None))
+        else:
+            error = ApiError(
+                status, f"No tier could answer: {exc}", type="api_error", code="upstream_error"
+            )
         engine().record(
             outcome,
             status=status,
@@ -556,9 +577,6 @@ def create_app(
             error=str(exc),
             stream=stream,
             prompt_text=prompt,
-        )
-        error = ApiError(
-            status, f"No tier could answer: {exc}", type="api_error", code="upstream_error"
         )
         # The error body already names every tier's failure; the reason stays the decision's.
         headers = _decision_headers(
@@ -570,6 +588,48 @@ def create_app(
             outcome.cascade,
         )
         return JSONResponse(error.body(), status_code=status, headers=headers)
+
+    async def passed_through(request: Request, path: str) -> Response:
+        """/v1/completions and /v1/embeddings (see gateway/passthrough.py)."""
+        start = time.perf_counter()
+        key_id, doc = await read_json(request)
+        ledger_writable()
+        e = engine()
+        models = ["auto", *e.tier_names]
+        call = passthrough.parse(doc, path, models, aliases, headers_of(request))
+        call = _tenant_or_key(call, request.state.caller.scope)
+        routed = await _route(call)
+        outcome = Outcome(request_id=new_request_id(), routed=passthrough.tagged(routed, path))
+        passthrough.check_chain(outcome, e.backends, path)
+        prompt = routed.text if settings.keep_prompts else None
+        try:
+            data = await e.post(outcome, path, passthrough.body_for_tier(doc))
+        except (AllTiersFailed, BackendError) as exc:
+            return failed(outcome, call, key_id, start, prompt, exc, stream=False)
+        tier = e.settings.spec(outcome.booked_tier).tier
+        p, c = passthrough.usage(data)
+        e.record(
+            outcome,
+            status=200,
+            hints=call.hints,
+            api_key_id=key_id,
+            latency_ms=(time.perf_counter() - start) * 1000,
+            prompt_tokens=p,
+            completion_tokens=c,
+            prompt_text=prompt,
+        )
+        body = passthrough.answer(data, outcome.request_id, tier.model)
+        return JSONResponse(body, headers=_outcome_headers(outcome, tier.name, tier.cost(p, c)))
+
+    @app.post("/v1/completions", responses={**_errors(*_BODY_ERRORS), **_UPSTREAM})
+    async def completions(request: Request) -> Response:
+        """A legacy text completion, routed like a chat request, from a remote tier."""
+        return await passed_through(request, passthrough.COMPLETIONS)
+
+    @app.post("/v1/embeddings", responses={**_errors(*_BODY_ERRORS), **_UPSTREAM})
+    async def embeddings(request: Request) -> Response:
+        """Embeddings from the remote tier `model` names (never routed)."""
+        return await passed_through(request, passthrough.EMBEDDINGS)
 
     @app.post(
         "/v1/chat/completions",
@@ -591,7 +651,11 @@ def create_app(
         e = engine()
         call = _tenant_or_key(
             parse_chat(
-                doc, ["auto", *e.tier_names], headers_of(request), settings.max_tokens_default
+                doc,
+                ["auto", *e.tier_names],
+                headers_of(request),
+                settings.max_tokens_default,
+                aliases,
             ),
             request.state.caller.scope,
         )
@@ -624,14 +688,7 @@ def create_app(
         )
         if e.shadow is not None:
             e.shadow.maybe_sample(outcome.request_id, call.request, tier.name, result.text)
-        body = completion_body(
-            outcome.request_id,
-            tier.model,
-            result.text,
-            result.finish_reason,
-            result.prompt_tokens,
-            result.completion_tokens,
-        )
+        body = answer_body(outcome.request_id, tier.model, result)
         headers = _outcome_headers(outcome, tier.name, cost)
         return JSONResponse(body, headers=headers)
 
@@ -656,7 +713,7 @@ def create_app(
         tier = e.settings.spec(tier_name).tier
         max_cost = tier.cost(
             estimate_tokens(outcome.routed.text),
-            call.request.max_tokens or settings.max_tokens_default,
+            call.request.limit or settings.max_tokens_default,
         ) + e.spent_cost(outcome)
         headers = _outcome_headers(outcome, tier.name, max_cost)
         headers["X-Tierroute-Cost-Usd-Is"] = "upper-estimate"
@@ -667,20 +724,27 @@ def create_app(
             usage = StreamDelta(text="", prompt_tokens=0, completion_tokens=0)
             tier_start = time.perf_counter()
             pieces: list[str] = []
+            # A tier that streams OpenAI chunks has them forwarded (its role chunk too).
+            finished = False  # a forwarded chunk carried the finish_reason
             try:
-                yield sse(
-                    chunk_body(
-                        outcome.request_id,
-                        tier.model,
-                        created,
-                        {"role": "assistant", "content": ""},
-                        None,
+                if first.choices is None:
+                    yield sse(
+                        chunk_body(
+                            outcome.request_id,
+                            tier.model,
+                            created,
+                            {"role": "assistant", "content": ""},
+                            None,
+                        )
                     )
-                )
                 delta: StreamDelta | None = first
                 while delta is not None:
                     if delta.text:
                         pieces.append(delta.text)
+                    if delta.choices is not None:
+                        yield sse(forwarded_chunk(outcome.request_id, tier.model, created, delta))
+                        finished = finished or any(c.get("finish_reason") for c in delta.choices)
+                    elif delta.text:
                         yield sse(
                             chunk_body(
                                 outcome.request_id,
@@ -692,22 +756,25 @@ def create_app(
                         )
                     if delta.finish_reason is not None:
                         usage = delta
-                        yield sse(
-                            chunk_body(
-                                outcome.request_id, tier.model, created, {}, delta.finish_reason
+                        if not finished:
+                            yield sse(
+                                chunk_body(
+                                    outcome.request_id, tier.model, created, {}, delta.finish_reason
+                                )
                             )
-                        )
                     delta = await anext(rest, None)
                 if call.include_usage:
                     p, c = usage.prompt_tokens or 0, usage.completion_tokens or 0
                     yield sse(
                         {
+                            **usage_fields(usage.fields),
                             "id": outcome.request_id,
                             "object": "chat.completion.chunk",
                             "created": created,
                             "model": tier.model,
                             "choices": [],
                             "usage": {
+                                **usage.fields.get("usage", {}),
                                 "prompt_tokens": p,
                                 "completion_tokens": c,
                                 "total_tokens": p + c,

@@ -36,6 +36,7 @@ def make_backend(spec: TierSpec, max_tokens_default: int = 256) -> Backend:
             api_key=key,
             timeout=spec.timeout_s,
             max_response_bytes=spec.max_response_bytes,
+            vision=spec.vision,
         )
     from tierroute.backends.llamacpp import LlamaCppBackend
     from tierroute.backends.models import resolve_model

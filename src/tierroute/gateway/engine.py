@@ -41,10 +41,17 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from tierroute.backends.base import Backend, BackendError, ChatRequest, ChatResult, StreamDelta
+from tierroute.backends.base import (
+    Backend,
+    BackendError,
+    ChatRequest,
+    ChatResult,
+    Poster,
+    StreamDelta,
+)
 from tierroute.cascade import Cascade, Draft
 from tierroute.controller import ThresholdController
 from tierroute.conversation import estimate_tokens, routing_text
@@ -157,7 +164,7 @@ class Engine:
         }
         self.latency = {k: RollingLatency() for k in dict.fromkeys([*self.tier_names, *keys])}
         self.cascade = (
-            Cascade.from_config(settings.cascade)
+            Cascade.from_config(settings.cascade, [t.name for t in settings.tiers])
             if settings.cascade is not None and settings.cascade.enabled
             else None
         )
@@ -533,6 +540,21 @@ class Engine:
             outcome, lambda tier, timeout: self._open_on(tier, request, timeout)
         )
 
+    async def post(self, outcome: Outcome, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """`body` posted whole to `path` (/completions, /embeddings) along the fallback
+        chain, skipping tiers whose backend has no `post` (local models)."""
+
+        async def attempt(tier: str, timeout: float) -> dict[str, Any]:
+            start = time.perf_counter()
+            backend = self.backends[tier]
+            assert isinstance(backend, Poster)  # the chain below holds no other
+            data = await backend.post(path, body, timeout)
+            self._succeeded(tier, (time.perf_counter() - start) * 1000)
+            return data
+
+        chain = [t for t in outcome.routed.chain if isinstance(self.backends[t], Poster)]
+        return await self._along_chain(outcome, attempt, chain)
+
     # ------------------------------------------------------------------ cascade
 
     def cascades(self, routed: Routed, forced: bool) -> bool:
@@ -597,8 +619,13 @@ class Engine:
     ) -> T:
         small = self.tier_names[0]
         draft = await self._draft(outcome, request)
-        chain = [t for t in outcome.routed.chain if self._tier_of(t) != small]
-        max_tokens = request.max_tokens or self.settings.max_tokens_default
+        helpers = self.settings.cascade.helper_tiers if self.settings.cascade else ()
+        chain = [
+            t
+            for t in outcome.routed.chain
+            if self._tier_of(t) != small and self._tier_of(t) not in helpers
+        ]
+        max_tokens = request.limit or self.settings.max_tokens_default
         over = self._fits(
             self.settings.spec(chain[0]).tier,
             hints,
@@ -607,10 +634,10 @@ class Engine:
         )
         if draft is not None:
             if draft.accepted:
-                return keep(self._keep(outcome, draft, draft.note))
+                return keep(self._keep(outcome, draft, draft.note, request))
             if over is not None:
                 note = f"{draft.note}; kept: escalating breaks the budget ({over})"
-                return keep(self._keep(outcome, draft, note))
+                return keep(self._keep(outcome, draft, note, request))
             outcome.cascade, outcome.escalated = draft.note, True
         try:
             return await self._along_chain(outcome, attempt, chain)
@@ -618,7 +645,7 @@ class Engine:
             if draft is None:
                 raise
             note = f"{draft.note}; kept: no larger tier answered ({exc})"
-            return keep(self._keep(outcome, draft, note))
+            return keep(self._keep(outcome, draft, note, request))
 
     async def _draft(self, outcome: Outcome, request: ChatRequest) -> Draft | None:
         """The smallest tier's answer and verdict; None when that tier is unavailable or
@@ -630,11 +657,15 @@ class Engine:
             return None
         outcome.tried.append(small)
 
-        async def ask(req: ChatRequest) -> ChatResult:
+        async def ask(req: ChatRequest, tier: str | None = None) -> ChatResult:
+            # A collaboration strategy may ask another tier (a partner, a reviewer).
+            name = small if tier is None else tier
+            if name != small and not self._available(name):
+                raise BackendError(f"tier {name} is unavailable (breaker open)", retryable=True)
             result = await self._on_tier(
-                small, lambda tier, timeout: self._complete_on(tier, req, timeout)
+                name, lambda t, timeout: self._complete_on(t, req, timeout)
             )
-            outcome.spent.append((small, result.prompt_tokens, result.completion_tokens))
+            outcome.spent.append((name, result.prompt_tokens, result.completion_tokens))
             return result
 
         try:
@@ -645,12 +676,18 @@ class Engine:
             outcome.cascade = f"escalated: tier {small} failed ({exc})"
             return None
 
-    def _keep(self, outcome: Outcome, draft: Draft, note: str) -> ChatResult:
-        """The small answer stands: its own tokens are the answer's, not spent extra."""
-        del outcome.spent[0]  # the first small call is the answer (see _draft's ask)
-        outcome.tier = self._smallest(outcome)
+    def _keep(self, outcome: Outcome, draft: Draft, note: str, request: ChatRequest) -> ChatResult:
+        """The draft stands: its own tokens are the answer's, not spent extra. It is the
+        first small call (on the smallest tier's chosen model) unless a combiner picked
+        another (see _draft's ask). The logprobs the verifier asked for go back only to a
+        client that asked too."""
+        outcome.tier = outcome.spent.pop(draft.chosen)[0]
         outcome.cascade = note
-        return draft.result
+        result = draft.result
+        if result.choices is not None and not request.extra.get("logprobs"):
+            choices = [{**c, "logprobs": None} for c in result.choices]
+            result = replace(result, choices=choices)
+        return result
 
     def spent_cost(self, outcome: Outcome) -> float:
         """USD of the cascade's calls whose answers were not returned."""
@@ -710,7 +747,9 @@ class Engine:
                 cache_hit=outcome.routed.cache_hit,
                 stream=stream,
                 prompt_text=prompt_text,
-                reason=decision.reason,
+                # Which cascade strategy decided, and why (the X-Tierroute-Cascade note).
+                reason=decision.reason
+                + (f"; cascade {outcome.cascade}" if outcome.cascade else ""),
                 tags=dict(decision.tags),
                 forced=outcome.routed.forced,
                 tenant=hints.tenant,
@@ -808,12 +847,29 @@ def _replay(result: ChatResult) -> tuple[StreamDelta, AsyncIterator[StreamDelta]
         completion_tokens=result.completion_tokens,
     )
     deltas = [StreamDelta(text=result.text), last] if result.text else [last]
+    if result.choices is not None:  # its tool calls, logprobs, every choice: as one chunk
+        deltas = [StreamDelta(text=result.text, choices=_as_deltas(result.choices)), last]
 
     async def rest() -> AsyncIterator[StreamDelta]:
         for delta in deltas[1:]:
             yield delta
 
     return deltas[0], rest()
+
+
+def _as_deltas(choices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Whole answers' choices as the choices of one stream chunk (message -> delta, each
+    tool call numbered as stream deltas are)."""
+    out = []
+    for choice in choices:
+        message = dict(choice.get("message") or {})
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            message["tool_calls"] = [
+                {**c, "index": i} for i, c in enumerate(calls) if isinstance(c, dict)
+            ]
+        out.append({**{k: v for k, v in choice.items() if k != "message"}, "delta": message})
+    return out
 
 
 def new_request_id() -> str:

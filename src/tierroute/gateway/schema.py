@@ -11,25 +11,24 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tierroute.backends.base import ChatRequest
+from tierroute.backends.base import ChatRequest, ChatResult, StreamDelta
 from tierroute.gateway.engine import Hints
 
 ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
 PRIORITIES = ("batch", "interactive", "critical")
-# Parameters we read ourselves; everything else is passed through to remote tiers.
+# Parameters held in ChatRequest's own fields or read by the gateway alone (metadata holds
+# its hints); everything else (max_completion_tokens, n, tools, user, unknown fields...)
+# stays in ChatRequest.extra and reaches a remote tier as sent.
 _KNOWN = {
     "model",
     "messages",
     "stream",
     "stream_options",
     "max_tokens",
-    "max_completion_tokens",
     "temperature",
     "top_p",
     "stop",
     "metadata",
-    "user",
-    "n",
 }
 # Bounds on what a request may carry, checked before any value is used: deeper documents,
 # integers outside 64 bits and lone UTF-16 surrogates (valid JSON escapes that no encoder
@@ -37,6 +36,15 @@ _KNOWN = {
 MAX_DEPTH = 64
 MAX_INT = 2**63 - 1
 MAX_TOKENS = 1_000_000
+MAX_CHOICES = 128  # OpenAI's own bound on `n`
+# Shapes of passed-through parameters, checked so a mistake is a 400 here, not upstream.
+_SHAPES: tuple[tuple[str, type | tuple[type, ...], str], ...] = (
+    ("logprobs", bool, "a boolean"),
+    ("parallel_tool_calls", bool, "a boolean"),
+    ("tools", list, "an array of tools"),
+    ("tool_choice", (str, dict), "'none', 'auto', 'required' or a tool object"),
+    ("response_format", dict, 'an object such as {"type": "json_object"}'),
+)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -201,12 +209,14 @@ def _hint(value: Any, name: str) -> float | None:
     return number
 
 
-def parse_chat(
-    doc: dict[str, Any], models: list[str], headers: dict[str, str], max_tokens_default: int
-) -> ChatCall:
+def model_of(doc: dict[str, Any], models: list[str], aliases: dict[str, str] | None) -> str:
+    """'auto' or the tier a request names: by the tier's name, or by the upstream model name
+    its answers report (`aliases`: model name -> tier)."""
     model = doc.get("model", "auto")
     if not isinstance(model, str):
         raise ApiError(400, "'model' must be a string.", param="model")
+    if model not in models and aliases and model in aliases:
+        return aliases[model]
     if model not in models:
         raise ApiError(
             400,
@@ -214,17 +224,41 @@ def parse_chat(
             param="model",
             code="model_not_found",
         )
+    return model
+
+
+def _count(doc: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
+    value = doc.get(key)
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi
+    ):
+        raise ApiError(400, f"'{key}' must be an integer from {lo} to {hi}.", param=key)
+    return value
+
+
+def parse_chat(
+    doc: dict[str, Any],
+    models: list[str],
+    headers: dict[str, str],
+    max_tokens_default: int,
+    aliases: dict[str, str] | None = None,
+) -> ChatCall:
+    """A chat request, checked. `max_tokens_default` is not added to the request: a remote
+    tier gets no limit the client did not set, and a local tier applies its own."""
+    del max_tokens_default  # kept for callers; see the docstring
+    model = model_of(doc, models, aliases)
     messages = _messages(doc)
     stream = doc.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be a boolean.", param="stream")
-    raw_max = doc.get("max_completion_tokens", doc.get("max_tokens"))
-    if raw_max is not None and (
-        isinstance(raw_max, bool) or not isinstance(raw_max, int) or not 1 <= raw_max <= MAX_TOKENS
-    ):
-        raise ApiError(
-            400, f"'max_tokens' must be an integer from 1 to {MAX_TOKENS}.", param="max_tokens"
-        )
+    raw_max = _count(doc, "max_tokens", 1, MAX_TOKENS)
+    _count(doc, "max_completion_tokens", 1, MAX_TOKENS)
+    _count(doc, "n", 1, MAX_CHOICES)
+    _count(doc, "top_logprobs", 0, 20)
+    _count(doc, "seed", -MAX_INT - 1, MAX_INT)
+    for key, kinds, what in _SHAPES:
+        if doc.get(key) is not None and not isinstance(doc[key], kinds):
+            raise ApiError(400, f"'{key}' must be {what}.", param=key)
     stop = doc.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -233,7 +267,7 @@ def parse_chat(
     options = doc.get("stream_options") or {}
     request = ChatRequest(
         messages=messages,
-        max_tokens=raw_max or max_tokens_default,
+        max_tokens=raw_max,
         temperature=_number(doc, "temperature", 0, 2),
         top_p=_number(doc, "top_p", 0, 1),
         stop=stop,
@@ -272,6 +306,45 @@ def completion_body(
     }
 
 
+def answer_body(request_id: str, model: str, result: ChatResult) -> dict[str, Any]:
+    """The body of an answer: the tier's own choices and fields when it gave them (tool
+    calls, logprobs, n choices, system_fingerprint...), with our id, model and usage."""
+    body = completion_body(
+        request_id,
+        model,
+        result.text,
+        result.finish_reason,
+        result.prompt_tokens,
+        result.completion_tokens,
+    )
+    if result.choices is not None:
+        body["choices"] = result.choices
+    usage = result.fields.get("usage")
+    if isinstance(usage, dict):  # the tier's details (cached, reasoning tokens) stay
+        body["usage"] = {**usage, **body["usage"]}
+    return {**result.fields, **body}
+
+
+def forwarded_chunk(
+    request_id: str, model: str, created: int, delta: StreamDelta
+) -> dict[str, Any]:
+    """A tier's streamed chunk as it sent it, under our id and model."""
+    return {
+        **delta.fields,
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": delta.choices,
+    }
+
+
+def usage_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """A tier's top-level fields for the usage chunk (system_fingerprint...), without the
+    usage itself, which the caller merges with the counts it books."""
+    return {k: v for k, v in fields.items() if k != "usage"}
+
+
 def chunk_body(
     request_id: str, model: str, created: int, delta: dict[str, Any], finish: str | None
 ) -> dict[str, Any]:
@@ -300,9 +373,25 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageUrl(BaseModel):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(BaseModel):
+    """Sent to tiers with vision: true; any other tier answers 400 naming itself."""
+
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
 class Message(BaseModel):
+    """Other fields (tool_calls, tool_call_id, ...) pass through to the tier."""
+
+    model_config = ConfigDict(extra="allow")
+
     role: Literal["system", "user", "assistant", "tool", "developer", "function"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
 
 
@@ -330,7 +419,8 @@ _USER_TURN: dict[str, Any] = {
 
 class ChatCompletionRequest(BaseModel):
     """An OpenAI chat completion request; at least one user message must have content.
-    Parameters not listed are passed through to remote tiers."""
+    Every parameter but `metadata` (the gateway's hints) reaches a remote tier as sent,
+    unknown ones too; a local tier refuses what llama.cpp cannot do with 400."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -343,6 +433,14 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     stop: str | list[str] | None = None
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    seed: int | None = Field(default=None, ge=-MAX_INT - 1, le=MAX_INT)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
     user: str | None = Field(
         default=None,
         description="The tenant, for personalisation; with API keys, scoped to the key",
@@ -351,24 +449,36 @@ class ChatCompletionRequest(BaseModel):
 
 
 class AssistantMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class Choice(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
     index: int
     message: AssistantMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class Usage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
 class ChatCompletion(BaseModel):
+    """The tier's answer: its choices and other fields (system_fingerprint...) as it gave
+    them, under the gateway's id and the tier's model name."""
+
+    model_config = ConfigDict(extra="allow")
+
     id: str
     object: Literal["chat.completion"]
     created: int

@@ -46,6 +46,7 @@ class TierSpec:
     n_ctx: int = 2048
     n_threads: int | None = None
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # a remote tier's answer, at most
+    vision: bool = False  # may image parts be sent to it (local tiers: never)
     # A tier of several models lists them here, each a spec of its own whose `model_name`
     # is set (see tierroute.gateway.choose); the tier's own fields are its first model's.
     models: tuple[TierSpec, ...] = ()
@@ -130,11 +131,15 @@ class _Backed(TierFields):
     n_threads: int | None = Field(None, ge=1, le=256)
     # An answer larger than this is a tier failure (and falls back), never a memory spike.
     max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, ge=1024, le=1 << 31)
+    # Image parts go to a tier that can see; unset: remote tiers yes, local tiers no.
+    vision: bool | None = None
 
     @model_validator(mode="after")
     def _remote_needs_url(self) -> _Backed:
         if self.kind == "openai" and not self.base_url:
             raise ValueError("a remote tier (kind: openai) needs a base_url")
+        if self.vision and self.kind != "openai" and not self.base_url:
+            raise ValueError("a local tier cannot read images: leave vision unset or false")
         return self
 
     def spec(self) -> TierSpec:
@@ -147,6 +152,7 @@ class _Backed(TierFields):
             n_ctx=self.n_ctx,
             n_threads=self.n_threads,
             max_response_bytes=self.max_response_bytes,
+            vision=self.vision if self.vision is not None else bool(self.base_url),
         )
 
 
@@ -280,6 +286,12 @@ def parse_settings(doc: Any, source: str, lines: Lines | None = None) -> Gateway
         return build_section(kind, raw, source, lines, ("gateway", name))
 
     learning = section("learning", LearningConfig)
+    cascade = section("cascade", CascadeConfig)
+    if cascade is not None:
+        try:
+            cascade.check_tiers([s.tier.name for s in specs])
+        except ConfigError as exc:
+            raise ConfigError(f"{where(source, lines, ('gateway', 'cascade'))}: {exc}") from None
     if learning is not None and learning.enabled and not gw.keep_prompts:
         raise ConfigError(
             f"{where(source, lines, ('gateway', 'learning'))}: 'gateway.learning' learns from "
@@ -306,7 +318,7 @@ def parse_settings(doc: Any, source: str, lines: Lines | None = None) -> Gateway
         controller=section("controller", ControllerConfig),
         shadow=section("shadow", ShadowConfig),
         personalise=section("personalise", PersonaliseConfig),
-        cascade=section("cascade", CascadeConfig),
+        cascade=cascade,
         learning=learning if learning is not None and learning.enabled else None,
         ledger=checked.ledger,
         route_batch_max=gw.route_batch_max,

