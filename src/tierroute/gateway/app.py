@@ -39,8 +39,10 @@ from starlette.requests import ClientDisconnect
 from tierroute.backends.base import Backend, BackendError, StreamDelta
 from tierroute.conversation import estimate_tokens
 from tierroute.errors import InputError
+from tierroute.gateway.admission import gate, key_policy
 from tierroute.gateway.engine import AllTiersFailed, Engine, Outcome, Routed, new_request_id
 from tierroute.gateway.learner import Learner
+from tierroute.gateway.limits import settle
 from tierroute.gateway.metrics import Metrics
 from tierroute.gateway.schema import (
     ApiError,
@@ -58,6 +60,7 @@ from tierroute.gateway.schema import (
     sse,
 )
 from tierroute.gateway.settings import GatewaySettings, hash_key
+from tierroute.gateway.sync import attach_state, detach_state
 from tierroute.ledger import Ledger
 from tierroute.routers.base import BaseRouter
 
@@ -185,6 +188,7 @@ def create_app(
         parts = await asyncio.to_thread(build, settings)
         engine = Engine(settings, parts.router, parts.backends, parts.ledger, metrics)
         engine.metrics.watch_ledger(parts.ledger.health)
+        await attach_state(engine)
         state["engine"] = engine
         if settings.learning is not None:
             folder = parts.ledger.path.parent / "learned"
@@ -201,6 +205,7 @@ def create_app(
             # queued ledger row is committed before the process exits.
             if "learner" in learners:
                 await asyncio.to_thread(learners["learner"].stop)
+            await detach_state(engine)
             engine.close()
             if engine.shadow is not None:
                 await engine.shadow.aclose()
@@ -235,8 +240,9 @@ def create_app(
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         # A body left unread (too big, too slow) leaves nothing to reuse the connection for:
         # close it now rather than at the keep-alive timeout.
-        unread = {"Connection": "close"} if exc.status in (408, 413) else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=unread)
+        unread = {"Connection": "close"} if exc.status in (408, 413) else {}
+        headers = {**unread, **(exc.headers or {})} or None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -423,11 +429,13 @@ def create_app(
         }
         return JSONResponse(body, headers=_decision_headers(routed, None, [], None, ""))
 
-    async def _route(call: ChatCall) -> Routed:
+    async def _route(call: ChatCall, pressure: float = 0.0) -> Routed:
         forced = None if call.model == "auto" else call.model
         max_tokens = call.request.max_tokens or settings.max_tokens_default
         try:
-            return await engine().route(call.request.messages, call.hints, max_tokens, forced)
+            return await engine().route(
+                call.request.messages, call.hints, max_tokens, forced, pressure
+            )
         except InputError as exc:
             raise ApiError(400, str(exc), param="messages") from None
 
@@ -571,8 +579,14 @@ def create_app(
             ),
             key_id,
         )
-        routed = await _route(call)
-        outcome = Outcome(request_id=new_request_id(), routed=routed)
+        ticket = await gate(settings, e.state, key_policy(settings, key_id), call)
+        try:
+            routed = await _route(call, ticket.pressure if ticket is not None else 0.0)
+        except ApiError:
+            if ticket is not None:  # not answered: its reservation goes back
+                await settle(e.state, ticket, 0, 0.0)
+            raise
+        outcome = Outcome(request_id=new_request_id(), routed=routed, ticket=ticket)
         prompt = routed.text if settings.keep_prompts else None
         cascade = e.cascades(routed, forced=call.model != "auto")
         if call.stream:

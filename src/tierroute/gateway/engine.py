@@ -39,16 +39,17 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tierroute.backends.base import Backend, BackendError, ChatRequest, ChatResult, StreamDelta
 from tierroute.cascade import Cascade, Draft
-from tierroute.controller import ThresholdController
+from tierroute.controller import ThresholdChange, ThresholdController
 from tierroute.conversation import estimate_tokens, routing_text
 from tierroute.gateway.cache import DecisionCache, cache_key
+from tierroute.gateway.limits import Ticket, settle
 from tierroute.gateway.metrics import Metrics
 from tierroute.gateway.resilience import CircuitBreaker, RollingLatency, backoff_s
 from tierroute.gateway.settings import GatewaySettings
@@ -56,7 +57,11 @@ from tierroute.gateway.shadow import Shadow
 from tierroute.ledger import Ledger, LedgerRow
 from tierroute.personalise import Personaliser
 from tierroute.routers.base import BaseRouter
+from tierroute.state import MemoryState, SharedState
 from tierroute.types import Decision, Explanation, Tier
+
+if TYPE_CHECKING:
+    from tierroute.gateway.sync import StateSync
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -115,6 +120,7 @@ class Outcome:
     escalated: bool = False  # the verifier sent it on (an escalation, not a fallback)
     notes: list[str] = field(default_factory=list)  # tiers skipped or failed, for the reason
     replayed: bool = False  # a buffered answer was streamed: its tier's latency is booked
+    ticket: Ticket | None = None  # the key's reservation of limits, settled when booked
 
     @property
     def booked_tier(self) -> str:
@@ -187,10 +193,26 @@ class Engine:
         # One routing thread: the encoder's memo is not thread-safe, and onnxruntime
         # already uses both cores for one query; the event loop stays free meanwhile.
         self._routing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierroute-route")
+        # Limits and budgets count here; with a shared store, `sync` mirrors the rest of
+        # the local state (breakers, latency, threshold, offsets) from it. See gateway/sync.py.
+        self.state: SharedState = MemoryState(settings.cache_size)
+        self.sync: StateSync | None = None
+        self._later: set[asyncio.Task[Any]] = set()
 
     @property
     def tier_names(self) -> list[str]:
         return [s.name for s in self.settings.tiers]
+
+    def later(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run `coro` on the loop without waiting for it, holding it until it is done."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._later.add(task)
+        task.add_done_callback(self._later.discard)
+
+    async def drain(self) -> None:
+        """Wait for the writes started by `later` (at shutdown)."""
+        if self._later:
+            await asyncio.gather(*self._later, return_exceptions=True)
 
     def close(self) -> None:
         self._routing.shutdown(wait=False, cancel_futures=True)
@@ -205,12 +227,21 @@ class Engine:
             self.metrics.cache_hits.inc()
             self.metrics.cache_hit_rate.set(self.cache.hit_rate)
             return cached, True
+        router = self.router
+        if self.sync is not None:
+            shared = await self.sync.cache_get(key)  # another replica routed it already
+            if shared is not None and router is self.router:
+                self.cache.put(key, shared)
+                self.metrics.cache_hits.inc()
+                self.metrics.cache_hit_rate.set(self.cache.hit_rate)
+                return shared, True
         self.metrics.cache_misses.inc()
         loop = asyncio.get_running_loop()
-        router = self.router
         explanation = await loop.run_in_executor(self._routing, router.explain_text, text)
         if router is self.router:  # not one swapped out meanwhile
             self.cache.put(key, explanation)
+            if self.sync is not None:
+                self.sync.cache_put(key, explanation)
         self.metrics.cache_hit_rate.set(self.cache.hit_rate)
         return explanation, False
 
@@ -237,7 +268,9 @@ class Engine:
         hints: Hints,
         max_tokens: int,
         forced: str | None = None,
+        pressure: float = 0.0,
     ) -> Routed:
+        """`pressure`: how far the key's budget pressure lowers its score (gateway/limits.py)."""
         start = time.perf_counter()
         policy = self.settings.policy
         text = routing_text(messages)
@@ -252,7 +285,11 @@ class Engine:
             explanation, cache_hit = await self.explain(text)
             self._calibrate(explanation.score)
             offset = self.personaliser.shift(hints.tenant) if self.personaliser else 0.0
-            decision = policy.decide(explanation, hints.priority, offset, f"tenant {hints.tenant}")
+            label = f"tenant {hints.tenant}"
+            if pressure:
+                label = f"{label} {offset:+.2f}, budget pressure" if offset else "budget pressure"
+                offset -= pressure
+            decision = policy.decide(explanation, hints.priority, offset, label)
         tiers = list(policy.tiers)
         index = tiers.index(decision.tier)
         prompt_tokens = estimate_tokens(text)
@@ -296,17 +333,29 @@ class Engine:
         """Feed the controller; apply and log a threshold change when it makes one."""
         if self.controller is None:
             return
-        change = self.controller.observe(score, self._small_tier_quality())
-        if change is None:
+        if self.sync is not None:  # the replica holding the lease runs the controller
+            self.sync.note_score(score)
             return
+        change = self.controller.observe(score, self._small_tier_quality())
+        if change is not None:
+            self.apply_change(change)
+
+    def apply_change(self, change: ThresholdChange) -> None:
+        """Apply the controller's change to the policy, and book and log it."""
+        self.set_threshold(change.new)
+        self.ledger.record_policy_change(change.ts, change.old, change.new, change.reason)
+        log.info("policy: %s", change.reason)
+
+    def set_threshold(self, entry: float) -> None:
+        """Move the largest tier's entry score to `entry` (a controller's threshold)."""
         policy = self.settings.policy
         assert policy.thresholds is not None
-        top = change.new + policy.abstain_band  # the band lies above the entry score
+        top = entry + policy.abstain_band  # the band lies above the entry score
         # Lower boundaries never rise above the top one, so thresholds stay ascending.
         policy.thresholds = [min(t, top) for t in policy.thresholds[:-1]] + [top]
-        self.ledger.record_policy_change(change.ts, change.old, change.new, change.reason)
-        self.metrics.threshold.set(change.new)
-        log.info("policy: %s", change.reason)
+        if self.controller is not None:
+            self.controller.threshold = entry
+        self.metrics.threshold.set(entry)
 
     def swap_router(self, router: BaseRouter, thresholds: list[float] | None = None) -> None:
         """Serve `router` from the next request on (a promotion or a rollback of the
@@ -329,8 +378,11 @@ class Engine:
                 await asyncio.sleep(backoff_s(attempt))
             yield attempt
 
-    def _available(self, tier: str) -> bool:
-        allowed = self.breakers[tier].allow()
+    async def _available(self, tier: str) -> bool:
+        breaker = self.breakers[tier]
+        allowed = breaker.allow()
+        if allowed and breaker.probing and self.sync is not None:
+            allowed = await self.sync.claim_probe(tier)  # one probe among all replicas
         self.metrics.breaker_open.labels(tier).set(0 if allowed else 1)
         return allowed
 
@@ -339,6 +391,8 @@ class Engine:
         before = breaker.state
         breaker.failure()
         after = breaker.state
+        if self.sync is not None:
+            self.sync.failed(tier)
         self.metrics.breaker_open.labels(tier).set(1 if after == "open" else 0)
         if after == "open" and before != "open":
             log.warning(
@@ -351,6 +405,8 @@ class Engine:
 
     def _succeeded(self, tier: str, ms: float) -> None:
         breaker = self.breakers[tier]
+        if self.sync is not None:
+            self.sync.succeeded(tier, ms, breaker.state == "closed" and not breaker.failures)
         if breaker.state != "closed":
             log.info(
                 "breaker of tier %s closed: the tier answered again",
@@ -363,11 +419,13 @@ class Engine:
 
     def health(self) -> list[str]:
         """What is wrong now, for /healthz: an empty list when every tier is in service."""
-        return [
+        problems = [
             f"tier {name}: breaker {self.breakers[name].state}"
             for name in self.tier_names
             if self.breakers[name].state != "closed"
         ]
+        state = self.state.problem()
+        return [*problems, f"state: {state}"] if state is not None else problems
 
     async def _on_tier(
         self, tier: str, attempt: Callable[[str, float], Awaitable[T]], request_id: str = ""
@@ -409,7 +467,7 @@ class Engine:
         last: BackendError | None = None
         rid = outcome.request_id
         for tier in outcome.routed.chain if chain is None else chain:
-            if not self._available(tier):
+            if not await self._available(tier):
                 outcome.notes.append(f"{tier} skipped: breaker open")
                 log.warning(
                     "request %s: tier %s skipped, its breaker is open",
@@ -561,7 +619,7 @@ class Engine:
         failed after its retries (the note says so), so the request escalates."""
         assert self.cascade is not None
         small = self.tier_names[0]
-        if not self._available(small):
+        if not await self._available(small):
             outcome.cascade = f"escalated: tier {small} is unavailable (circuit breaker open)"
             return None
         outcome.tried.append(small)
@@ -655,6 +713,9 @@ class Engine:
                 largest_price_out_per_m=largest.output_price_per_m,
             )
         )
+        if outcome.ticket is not None:
+            tokens = prompt_tokens + spent_prompt + completion_tokens + spent_completion
+            self.later(settle(self.state, outcome.ticket, tokens, cost + spent_cost))
         self._recent[outcome.request_id] = Owner(api_key_id, tier_name, hints.tenant)
         if len(self._recent) > 100_000:
             self._recent.popitem(last=False)
@@ -704,6 +765,9 @@ class Engine:
                 self.personaliser.observe(owner.tenant, rating)
             else:
                 self.personaliser.revise(owner.tenant, previous, rating)
+            if self.sync is not None:
+                n, bad = (1.0, 1.0 - rating) if previous is None else (0.0, previous - rating)
+                self.sync.feedback(owner.tenant, n, bad)
 
     def _restore_personaliser(self, days: float = 30) -> None:
         """Rebuild tenants' offsets from the ledger's recent feedback after a restart."""
