@@ -277,3 +277,34 @@ def test_redis_down_falls_back_to_local_and_comes_back(
 def test_memory_state_is_not_shared() -> None:
     assert MemoryState().shared is False
     assert MemoryState().problem() is None
+
+
+def test_budget_pressure_moves_a_key_to_a_smaller_tier(tmp_path: Path) -> None:
+    """The engine lowers a pressured key's score by the shift: a request the rules router
+    sends to `large` goes to `small` once the key's pressure exceeds its margin."""
+    from tierroute.gateway.engine import Engine, Hints
+    from tierroute.gateway.settings import parse_settings
+    from tierroute.ledger import Ledger
+    from tierroute.routers import make_router
+
+    tiers = [
+        {"name": n, "kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": n}
+        for n in ("small", "large")
+    ]
+    settings = parse_settings({"tiers": tiers, "policy": {"thresholds": [0.1]}}, "test")
+    engine = Engine(settings, make_router("rules"), {}, Ledger(tmp_path / "ledger.db"))
+    hard = [{"role": "user", "content": "Prove that sqrt(2) is irrational, step by step."}]
+    try:
+        plain = asyncio.run(engine.route(hard, Hints(), 64))
+        assert plain.decision.tier.name == "large"
+        margin = plain.decision.score - 0.1
+        p = BudgetPressure(start=0.5, max_shift=1.0)
+        # a key at 50% of its budget: no shift
+        same = asyncio.run(engine.route(hard, Hints(), 64, pressure=p.shift(0.5)))
+        assert same.decision.tier.name == "large"
+        # at its budget the shift (1.0) exceeds the margin: small answers
+        pressed = asyncio.run(engine.route(hard, Hints(), 64, pressure=p.shift(1.0)))
+        assert margin < 1.0 and pressed.decision.tier.name == "small"
+        assert "budget pressure -1.00" in pressed.decision.reason
+    finally:
+        engine.close()
