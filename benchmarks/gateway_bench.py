@@ -1,6 +1,7 @@
 """Gateway figures: prints them, asserts nothing.
 
     python benchmarks/gateway_bench.py [--requests 2000] [--skip-local]
+    python benchmarks/gateway_bench.py --state redis://127.0.0.1:6379/0   (state_bench.py)
 
 1. Overhead: latency through tierroute minus latency straight to the same fast local
    upstream (benchmarks/fast_upstream.py), p50 and p99, at concurrency 1 and 64, measured
@@ -244,7 +245,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--skip-local", action="store_true")
+    parser.add_argument(
+        "--state", metavar="REDIS_URL", help="only compare in-process and Redis state (state_bench)"
+    )
     args = parser.parse_args()
+    if args.state:
+        from state_bench import compare
+
+        compare(args.requests, args.state, rounds=3)
+        return
     print(f"gateway_bench on {os.cpu_count()} cores\n")
     overhead(args.requests)
     if not args.skip_local:

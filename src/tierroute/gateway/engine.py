@@ -198,6 +198,7 @@ class Engine:
         self.state: SharedState = MemoryState(settings.cache_size)
         self.sync: StateSync | None = None
         self._later: set[asyncio.Task[Any]] = set()
+        self._swapped = False  # the continuous learner swapped the router
 
     @property
     def tier_names(self) -> list[str]:
@@ -228,8 +229,10 @@ class Engine:
             self.metrics.cache_hit_rate.set(self.cache.hit_rate)
             return cached, True
         router = self.router
-        if self.sync is not None:
-            shared = await self.sync.cache_get(key)  # another replica routed it already
+        # A replica whose learner swapped its router no longer shares its explanations.
+        sync = self.sync if not self._swapped else None
+        if sync is not None:
+            shared = await sync.cache_get(key)  # another replica routed it already
             if shared is not None and router is self.router:
                 self.cache.put(key, shared)
                 self.metrics.cache_hits.inc()
@@ -240,8 +243,8 @@ class Engine:
         explanation = await loop.run_in_executor(self._routing, router.explain_text, text)
         if router is self.router:  # not one swapped out meanwhile
             self.cache.put(key, explanation)
-            if self.sync is not None:
-                self.sync.cache_put(key, explanation)
+            if sync is not None:
+                sync.cache_put(key, explanation)
         self.metrics.cache_hit_rate.set(self.cache.hit_rate)
         return explanation, False
 
@@ -362,6 +365,7 @@ class Engine:
         continuous learner), with the policy's `thresholds` for its score scale. Call it
         on the event loop: the decision cache and the controller live there."""
         self.router = router
+        self._swapped = True
         if thresholds is not None:
             policy = self.settings.policy
             policy.thresholds = list(thresholds)

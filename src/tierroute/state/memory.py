@@ -155,7 +155,8 @@ class MemoryState:
     ) -> None:
         c = Clock.at(time.time())
         k = policy.key_id
-        self._add((k, "t", str(verdict.window)), tokens - ask.tokens)
+        if (k, "t", str(verdict.window)) in self._counters:  # not a window gone by
+            self._add((k, "t", str(verdict.window)), tokens - ask.tokens)
         self._add((k, "resv", ""), -ask.cost_usd)
         self._add((k, "d", c.day), cost_usd)
         self._add((k, "m", c.month), cost_usd)

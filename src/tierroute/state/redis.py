@@ -52,8 +52,9 @@ return {0, 0, tostring(day), tostring(month)}
 """
 
 # KEYS: tokens window, reserved, day, month. ARGV: tokens delta, cost asked, cost spent.
+# A tokens window already gone (a request longer than two minutes) is left alone.
 _SETTLE = """
-redis.call('INCRBY', KEYS[1], ARGV[1]); redis.call('EXPIRE', KEYS[1], 150)
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], ARGV[1]) end
 redis.call('INCRBYFLOAT', KEYS[2], -tonumber(ARGV[2]))
 redis.call('INCRBYFLOAT', KEYS[3], ARGV[3]); redis.call('EXPIRE', KEYS[3], 2 * 86400)
 redis.call('INCRBYFLOAT', KEYS[4], ARGV[3]); redis.call('EXPIRE', KEYS[4], 32 * 86400)
