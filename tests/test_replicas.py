@@ -123,11 +123,11 @@ def test_breaker_opened_through_a_is_open_on_b(tmp_path: Path, upstream: str, pr
 
 
 @needs_redis
-def test_controller_threshold_set_on_one_is_used_by_all(
+def test_controller_threshold_and_offsets_set_on_one_are_used_by_all(
     tmp_path: Path, upstream: str, prefix: str
 ) -> None:
     gw = (
-        f'{{state_prefix: "{prefix}", '
+        f'{{state_prefix: "{prefix}", personalise: {{prior_n: 0, max_shift: 0.2}}, '
         "controller: {target_large_share: 1.0, window: 10, every: 1, max_step: 0.05}}"
     )
     servers = replicas(tmp_path, 3, gw, fast_tiers(upstream))
@@ -159,6 +159,21 @@ def test_controller_threshold_set_on_one_is_used_by_all(
         # and routing uses it: the gauge is the policy's entry score on every replica
         leaders = sum("controller: this replica leads" in s.log.read_text() for s in servers)
         assert leaders == 1
+        # alice rates two answers of replica A bad: her routing moves on replica B too
+        a, b = servers[0], servers[1]
+        for _ in range(2):
+            answer = chat(a, user="alice")
+            assert answer.status_code == 200 and answer.headers["x-tierroute-tier"] == "small"
+            rid = answer.headers["x-tierroute-request-id"]
+            rated = httpx.post(a.url + "/v1/feedback", json={"request_id": rid, "rating": 0})
+            assert rated.status_code == 200
+
+        def alice_shifted_on_b() -> bool:
+            body = {"model": "auto", "messages": HELLO, "user": "alice"}
+            reason = httpx.post(b.url + "/v1/route", json=body).json()["reason"]
+            return "tenant alice +0.20" in reason
+
+        eventually(alice_shifted_on_b)
     finally:
         for s in servers:
             s.stop()
