@@ -308,3 +308,14 @@ def test_budget_pressure_moves_a_key_to_a_smaller_tier(tmp_path: Path) -> None:
         assert "budget pressure -1.00" in pressed.decision.reason
     finally:
         engine.close()
+
+
+def test_a_reservation_never_settled_expires_after_an_hour() -> None:
+    async def body(state: SharedState) -> None:
+        pol = policy(budget_usd_day=1.0)
+        now = (time.time() // 86400) * 86400 + 60  # early in a UTC day
+        assert (await state.acquire(pol, Ask(10, 1.0), now)).admitted  # then never settled
+        assert (await state.acquire(pol, Ask(10, 1.0), now + 60)).refused == 3
+        assert (await state.acquire(pol, Ask(10, 1.0), now + 3700)).admitted
+
+    with_state("memory", body)

@@ -598,6 +598,9 @@ def create_app(
                 result = await e.complete(outcome, call.request)
         except (AllTiersFailed, BackendError) as exc:
             return failed(outcome, call, key_id, start, prompt, exc, stream=False)
+        except asyncio.CancelledError:
+            e.release(outcome)  # the client left: its reservation goes back
+            raise
         latency = (time.perf_counter() - start) * 1000
         tier = e.settings.spec(outcome.booked_tier).tier
         # Usage in the body is the returned answer's; the cost covers every call made.
@@ -641,6 +644,9 @@ def create_app(
                 first, rest = await e.open_stream(outcome, call.request)
         except (AllTiersFailed, BackendError) as exc:
             return failed(outcome, call, key_id, start, prompt, exc, stream=True)
+        except asyncio.CancelledError:
+            e.release(outcome)
+            raise
         ttft = (time.perf_counter() - start) * 1000
         tier_name = outcome.booked_tier
         tier = e.settings.spec(tier_name).tier

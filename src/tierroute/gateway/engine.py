@@ -215,6 +215,13 @@ class Engine:
         if self._later:
             await asyncio.gather(*self._later, return_exceptions=True)
 
+    def release(self, outcome: Outcome) -> None:
+        """A request that ends unbooked (its client left) gives its reservation back,
+        keeping what its cascade's calls cost."""
+        if outcome.ticket is not None and not outcome.ticket.settled:
+            tokens = sum(p + c for _, p, c in outcome.spent)
+            self.later(settle(self.state, outcome.ticket, tokens, self.spent_cost(outcome)))
+
     def close(self) -> None:
         self._routing.shutdown(wait=False, cancel_futures=True)
 

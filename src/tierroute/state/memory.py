@@ -9,6 +9,10 @@ from tierroute.keys import KeyPolicy
 from tierroute.state.base import Ask, BreakerView, Snapshot, Verdict
 from tierroute.state.windows import Clock, sliding
 
+# A key's reservations are forgotten when it has reserved nothing for this long (what a
+# request killed before it was settled would otherwise hold for ever); Redis expires them alike.
+RESERVATION_TTL_S = 3600.0
+
 
 class MemoryState:
     """Every part of the shared state in dictionaries of this process. Limits hold per
@@ -29,6 +33,7 @@ class MemoryState:
         self._offsets_version = 0
         self._counters: dict[tuple[str, str, str], float] = {}
         self._window = 0
+        self._reserved_at: dict[str, float] = {}
 
     def problem(self) -> str | None:
         return None
@@ -130,6 +135,8 @@ class MemoryState:
         get = self._counters.get
         rpm = sliding(get((k, "r", prev), 0.0), get((k, "r", w), 0.0), c.fraction)
         tpm = sliding(get((k, "t", prev), 0.0), get((k, "t", w), 0.0), c.fraction)
+        if now - self._reserved_at.get(k, now) > RESERVATION_TTL_S:
+            self._counters.pop((k, "resv", ""), None)  # a reservation never settled
         reserved = get((k, "resv", ""), 0.0)
         day = get((k, "d", c.day), 0.0) + reserved
         month = get((k, "m", c.month), 0.0) + reserved
@@ -147,6 +154,7 @@ class MemoryState:
         self._add((k, "r", w), 1)
         self._add((k, "t", w), ask.tokens)
         self._add((k, "resv", ""), ask.cost_usd)
+        self._reserved_at[k] = now
         self._forget(c)
         return Verdict(0, 0, day, month, c.window)
 
