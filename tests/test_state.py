@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.redis_helpers import (
+from tierroute.gateway.limits import BudgetPressure, KeyLimits, used_share
+from tierroute.keys import KeyPolicy
+from tierroute.state import Ask, MemoryState, SharedState, Verdict, open_state
+from tierroute.state.windows import Clock, sliding
+
+from .redis_helpers import (
     REDIS_URL,
     drop_prefix,
     needs_redis,
@@ -17,10 +22,6 @@ from tests.redis_helpers import (
     redis_up,
     unique_prefix,
 )
-from tierroute.gateway.limits import BudgetPressure, KeyLimits, used_share
-from tierroute.keys import KeyPolicy
-from tierroute.state import Ask, MemoryState, SharedState, Verdict, open_state
-from tierroute.state.windows import Clock, sliding
 
 
 def policy(**limits: float | int | None) -> KeyPolicy:
