@@ -7,8 +7,9 @@ Both runs use one API key limited by `gateway.key_limits` (requests and tokens p
 and a USD budget per day, all far above what the run uses), so every request pays the limit
 check (one Lua call) and its settlement; repeated prompts hit the decision cache, fresh
 ones miss it locally and read it from the state. Prints p50/p99 and req/s per case and the
-difference Redis makes. The issue's target for PostgreSQL + Redis is <= 1 ms added p50
-over SQLite; this measures the Redis part.
+difference Redis makes, and the gateway's CPU milliseconds per request (which other load
+on the machine does not inflate, unlike latency). The issue's target for PostgreSQL +
+Redis is <= 1 ms added p50 over SQLite; this measures the Redis part.
 """
 
 from __future__ import annotations
@@ -109,6 +110,13 @@ gateway:
     return gateway, f"http://127.0.0.1:{port}"
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used: unlike latency, not inflated by
+    other load on the machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def compare(requests: int, redis_url: str, rounds: int) -> None:
     """Both gateways run at once; each case alternates between them `rounds` times and
     keeps the median of each figure, so load from elsewhere hits both alike."""
@@ -125,26 +133,39 @@ def compare(requests: int, redis_url: str, rounds: int) -> None:
             print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
             print(
                 f"{'case (limited key)':<26} {'memory p50':>10} {'redis p50':>9} {'added':>6} "
-                f"{'memory p99':>10} {'redis p99':>9} {'memory r/s':>10} {'redis r/s':>9}"
+                f"{'memory p99':>10} {'redis p99':>9} {'memory r/s':>10} {'redis r/s':>9} "
+                f"{'mem CPU ms':>10} {'redis CPU':>9}"
             )
             for concurrency in (1, 64):
                 for fresh in (False, True):
                     n = requests if concurrency > 1 else max(200, requests // 4)
-                    figures: dict[str, list[tuple[float, float, float]]] = {"m": [], "r": []}
+                    figures: dict[str, list[tuple[float, float, float, float]]] = {
+                        "m": [],
+                        "r": [],
+                    }
                     for _ in range(rounds):
-                        for name, url in (("m", m_url), ("r", r_url)):
+                        for name, url, proc in (("m", m_url, memory), ("r", r_url, shared)):
+                            cpu = cpu_s(proc.pid)
                             lat, rps = asyncio.run(
                                 measure(url + "/v1/chat/completions", n, concurrency, fresh)
                             )
+                            # gateway CPU per request, warm-up requests included
+                            per = (cpu_s(proc.pid) - cpu) * 1000 / (n + 50)
                             figures[name].append(
-                                (float(np.percentile(lat, 50)), float(np.percentile(lat, 99)), rps)
+                                (
+                                    float(np.percentile(lat, 50)),
+                                    float(np.percentile(lat, 99)),
+                                    rps,
+                                    per,
+                                )
                             )
                     m = np.median(np.array(figures["m"]), axis=0)
                     r = np.median(np.array(figures["r"]), axis=0)
                     label = f"c={concurrency}, {'fresh prompts' if fresh else 'repeated prompt'}"
                     print(
                         f"{label:<26} {m[0]:10.2f} {r[0]:9.2f} {r[0] - m[0]:6.2f} "
-                        f"{m[1]:10.2f} {r[1]:9.2f} {m[2]:10.0f} {r[2]:9.0f}"
+                        f"{m[1]:10.2f} {r[1]:9.2f} {m[2]:10.0f} {r[2]:9.0f} "
+                        f"{m[3]:10.2f} {r[3]:9.2f}"
                     )
             print(f"load average after: {os.getloadavg()[0]:.1f}")
         finally:
