@@ -320,3 +320,25 @@ def test_a_reservation_never_settled_expires_after_an_hour() -> None:
         assert (await state.acquire(pol, Ask(10, 1.0), now + 3700)).admitted
 
     with_state("memory", body)
+
+
+def test_a_virtual_keys_own_policy_wins_over_key_limits() -> None:
+    from types import SimpleNamespace
+
+    from tierroute.gateway.admission import key_policy
+    from tierroute.gateway.settings import parse_settings
+
+    tiers = [
+        {"name": n, "kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": n}
+        for n in ("small", "large")
+    ]
+    doc = {"tiers": tiers, "gateway": {"key_limits": {"requests_per_minute": 5}}}
+    settings = parse_settings(doc, "test")
+    configured = key_policy(settings, "abc", SimpleNamespace())
+    assert configured is not None and configured.requests_per_minute == 5
+    assert configured.key_id == "abc"
+    anonymous = key_policy(settings, None)
+    assert anonymous is not None and anonymous.key_id == "anonymous"
+    own = policy(requests_per_minute=1)
+    assert key_policy(settings, "k1", SimpleNamespace(caller=SimpleNamespace(policy=own))) is own
+    assert key_policy(parse_settings({"tiers": tiers}, "test"), "abc") is None

@@ -3,6 +3,8 @@ with Retry-After; an admitted one gets a Ticket (its reservation and budget pres
 
 from __future__ import annotations
 
+from typing import Any
+
 from tierroute.gateway.limits import (
     ANONYMOUS,
     Ticket,
@@ -20,9 +22,15 @@ from tierroute.state import SharedState
 _TYPES = {1: "requests", 2: "tokens", 3: "insufficient_quota", 4: "insufficient_quota"}
 
 
-def key_policy(settings: GatewaySettings, key_id: str | None) -> KeyPolicy | None:
-    """The limits of a configured key (`gateway.key_limits`); with no keys configured they
-    hold for all callers together."""
+def key_policy(
+    settings: GatewaySettings, key_id: str | None, request_state: Any = None
+) -> KeyPolicy | None:
+    """The limits of the caller: a virtual key's own policy (which authentication leaves on
+    `request.state.caller`), else `gateway.key_limits` for a configured key; with no keys
+    configured those hold for all callers together."""
+    virtual = getattr(getattr(request_state, "caller", None), "policy", None)
+    if isinstance(virtual, KeyPolicy):
+        return virtual
     if settings.key_limits is None:
         return None
     return settings.key_limits.policy(key_id or ANONYMOUS)

@@ -579,7 +579,8 @@ def create_app(
             ),
             key_id,
         )
-        ticket = await gate(settings, e.state, key_policy(settings, key_id), call)
+        policy = key_policy(settings, key_id, request.state)
+        ticket = await gate(settings, e.state, policy, call)
         try:
             routed = await _route(call, ticket.pressure if ticket is not None else 0.0)
         except ApiError:
