@@ -145,8 +145,7 @@ def test_budget_reserve_then_settle(kind: str) -> None:
         assert b.admitted and b.day_usd == pytest.approx(0.6)
         refused = await state.acquire(pol, ask, now)  # 1.2 reserved: refused
         assert refused.refused == 3 and refused.retry_after_s >= 1
-        await state.settle(pol, ask, a, 10, 0.1)
-        await state.settle(pol, ask, b, 10, 0.1)
+        await state.settle_many([(pol, ask, a, 10, 0.1), (pol, ask, b, 10, 0.1)])  # one trip
         c = await state.acquire(pol, ask, now)
         assert c.admitted and c.day_usd == pytest.approx(0.2)
         await state.settle(pol, ask, c, 10, 0.85)  # spent 1.05 in all: the day is over

@@ -726,7 +726,10 @@ class Engine:
         )
         if outcome.ticket is not None:
             tokens = prompt_tokens + spent_prompt + completion_tokens + spent_completion
-            self.later(settle(self.state, outcome.ticket, tokens, cost + spent_cost))
+            if self.sync is not None and not outcome.ticket.settled:
+                self.sync.settle(outcome.ticket, tokens, cost + spent_cost)  # batched
+            else:
+                self.later(settle(self.state, outcome.ticket, tokens, cost + spent_cost))
         self._recent[outcome.request_id] = Owner(api_key_id, tier_name, hints.tenant)
         if len(self._recent) > 100_000:
             self._recent.popitem(last=False)

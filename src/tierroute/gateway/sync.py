@@ -2,8 +2,8 @@
 
 The request path stays local where exactness is not needed: breakers, latencies, the
 threshold and tenants' offsets are local mirrors, refreshed by one pipelined read every
-`gateway.state_sync_s` (0.25 s by default); latencies and the controller's scores are
-written in the same beat, batched. On the request path itself the shared store sees: a
+`gateway.state_sync_s` (0.25 s by default); latencies, the controller's scores and the
+settlements of limited keys' requests are written in the same beat, batched. On the request path itself the shared store sees: a
 decision-cache read on a local miss and a write after routing (not awaited), a breaker
 failure or recovery when one happens (not awaited), and a claim before a half-open probe,
 so one replica in all sends it.
@@ -26,7 +26,9 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from tierroute.state.base import BreakerView, SharedState
+from tierroute.gateway.limits import Ticket
+from tierroute.keys import KeyPolicy
+from tierroute.state.base import Ask, BreakerView, SharedState, Verdict
 from tierroute.types import Explanation
 
 if TYPE_CHECKING:
@@ -66,6 +68,7 @@ class StateSync:
         self.leader = False
         self._latency: dict[str, list[float]] = {}
         self._scores: list[float] = []
+        self._settles: list[tuple[KeyPolicy, Ask, Verdict, int, float]] = []
         self._probing_here: set[str] = set()
         self._offsets_version = -1
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -114,6 +117,12 @@ class StateSync:
             self._probing_here.discard(tier)
             self.later(self.state.breaker_success(tier))
 
+    def settle(self, ticket: Ticket, tokens: int, cost_usd: float) -> None:
+        """Settle on the next beat, with the others in one round trip (the reservation
+        holds meanwhile, so the key is not overspent for the wait)."""
+        ticket.settled = True
+        self._settles.append((ticket.policy, ticket.ask, ticket.verdict, tokens, cost_usd))
+
     def note_score(self, score: float) -> None:
         if len(self._scores) < SCORES_CAP:
             self._scores.append(score)
@@ -153,6 +162,8 @@ class StateSync:
     async def _flush(self) -> None:
         latency, self._latency = self._latency, {}
         scores, self._scores = self._scores, []
+        settles, self._settles = self._settles, []
+        await self.state.settle_many(settles)
         await self.state.add_latencies(latency, LATENCY_WINDOW)
         await self.state.push_scores(scores, SCORES_CAP)
 

@@ -126,3 +126,6 @@ class SharedState(Protocol):
         self, policy: KeyPolicy, ask: Ask, verdict: Verdict, tokens: int, cost_usd: float
     ) -> None:
         """Replace the reservation by what the request really used."""
+
+    async def settle_many(self, items: list[tuple[KeyPolicy, Ask, Verdict, int, float]]) -> None:
+        """`settle` for several requests at once (one round trip)."""

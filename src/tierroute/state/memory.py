@@ -169,6 +169,10 @@ class MemoryState:
         self._add((k, "d", c.day), cost_usd)
         self._add((k, "m", c.month), cost_usd)
 
+    async def settle_many(self, items: list[tuple[KeyPolicy, Ask, Verdict, int, float]]) -> None:
+        for item in items:
+            await self.settle(*item)
+
     def _add(self, key: tuple[str, str, str], value: float) -> None:
         self._counters[key] = self._counters.get(key, 0.0) + value
 

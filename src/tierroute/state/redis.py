@@ -410,13 +410,21 @@ class RedisState:
     async def settle(
         self, policy: KeyPolicy, ask: Ask, verdict: Verdict, tokens: int, cost_usd: float
     ) -> None:
+        await self.settle_many([(policy, ask, verdict, tokens, cost_usd)])
+
+    async def settle_many(self, items: list[tuple[KeyPolicy, Ask, Verdict, int, float]]) -> None:
         c = Clock.at(time.time())
 
         async def op() -> None:
-            keys = self._limit_keys(policy.key_id, c, verdict.window)
-            await self._scripts["settle"](
-                keys=[keys[2], keys[6], keys[4], keys[5]],
-                args=[tokens - ask.tokens, repr(ask.cost_usd), repr(cost_usd)],
-            )
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for policy, ask, verdict, tokens, cost_usd in items:
+                    keys = self._limit_keys(policy.key_id, c, verdict.window)
+                    await self._scripts["settle"](
+                        keys=[keys[2], keys[6], keys[4], keys[5]],
+                        args=[tokens - ask.tokens, repr(ask.cost_usd), repr(cost_usd)],
+                        client=pipe,
+                    )
+                await pipe.execute()
 
-        await self._try(op, lambda: self.local.settle(policy, ask, verdict, tokens, cost_usd))
+        if items:
+            await self._try(op, lambda: self.local.settle_many(items))
