@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -507,24 +508,35 @@ def cmd_route(args: argparse.Namespace) -> int:
     policy.route(router, [{"role": "user", "content": "warm up"}])
     loaded = time.perf_counter()
     decision = policy.route(router, messages, args.priority)
+    pick = None
+    if not args.tiers:  # a tier of several models: which of them, as `serve` would start
+        from tierroute.conversation import routing_text
+        from tierroute.gateway.choose import pick_offline
+
+        text = routing_text(messages)
+        pick = pick_offline(settings, router, decision.tier.name, decision.tags, text)
+    model = settings.spec(pick.keys[0]).tier.model if pick else decision.tier.model
     if args.json:
         print(
             json.dumps(
                 {
                     "tier": decision.tier.name,
-                    "model": decision.tier.model,
+                    "model": model,
                     "score": round(decision.score, 6),
                     "reason": decision.reason,
                     "tags": dict(decision.tags),
+                    **({"model_key": pick.keys[0], "model_choice": pick.note()} if pick else {}),
                     "decision_ms": round(decision.elapsed_ms, 3),
                     "load_ms": round((loaded - start) * 1000, 1),
                 }
             )
         )
     else:
-        print(f"tier    {decision.tier.name} ({decision.tier.model})")
+        print(f"tier    {decision.tier.name} ({model})")
         print(f"score   {decision.score:.4f}")
         print(f"reason  {decision.reason}")
+        if pick is not None:
+            print(f"choice  {pick.note()}")
         print(
             f"time    {decision.elapsed_ms:.1f} ms to decide "
             f"({(loaded - start) * 1000:.0f} ms to load the router)"
@@ -554,7 +566,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from tierroute.backends.models import resolve_model
 
-        for spec in settings.tiers:  # quick checks first, before any model loads
+        for spec in (m for t in settings.tiers for m in t.targets):  # before any model loads
             if spec.kind == "local":
                 resolve_model(spec.tier.model)
         parts = build_parts(settings, data_dir)
@@ -717,8 +729,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.file)
     problems = []
-    for spec in settings.tiers:
-        t = spec.tier
+    for spec in (m for tier in settings.tiers for m in tier.targets):
+        t = replace(spec.tier, name=spec.key)  # a model of a tier of several: tier/model
         where = spec.base_url if spec.kind == "openai" else "in-process llama.cpp"
         print(
             f"tier {t.name:<10} {spec.kind:<6} {t.model}  ({where}; "
@@ -754,6 +766,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     try:
         router, _ = _resolve_router(settings.router, batch=False)
         print(f"router {settings.router}: loaded ({type(router).__name__})")
+        if any(t.models for t in settings.tiers):
+            from tierroute.gateway.choose import ModelChooser
+
+            ModelChooser(settings, router, settings.choose)  # router_model columns exist?
     except TierrouteError as exc:
         problems.append(f"router {settings.router}: {exc}")
     threshold = calibrated_threshold(settings.router)
@@ -967,12 +983,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the file only: do not load local models or call remote tiers",
     )
     c.set_defaults(func=cmd_config_check)
+    _add_quiet(sub)
     return parser
+
+
+def _add_quiet(sub: Any) -> None:
+    """--quiet on every command: no progress bars (they are off anyway off a terminal)."""
+    for command in sub.choices.values():
+        command.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from tierroute.progress import set_quiet
+
+    set_quiet(args.quiet)
     try:
         code: int = args.func(args)
         return code

@@ -79,16 +79,23 @@ class ThresholdController:
         self._scores.clear()
         self._times.clear()
 
+    def affordable_usd(self) -> float | None:
+        """The budget per request at the current request rate (USD); None without a
+        budget or before the rate is known."""
+        c = self.config
+        span = self._times[-1] - self._times[0] if len(self._times) > 1 else 0.0
+        if c.budget_usd_per_hour is None or span <= 0:
+            return None
+        per_hour = (len(self._times) - 1) / span * 3600
+        return c.budget_usd_per_hour / per_hour
+
     def target_share(self) -> float:
         c = self.config
         if c.target_large_share is not None:
             return c.target_large_share
-        assert c.budget_usd_per_hour is not None
-        span = self._times[-1] - self._times[0] if len(self._times) > 1 else 0.0
-        if span <= 0:
+        affordable = self.affordable_usd()
+        if affordable is None:
             return 0.0
-        per_hour = (len(self._times) - 1) / span * 3600
-        affordable = c.budget_usd_per_hour / per_hour  # USD per request
         share = (affordable - c.small_cost_usd) / (c.large_cost_usd - c.small_cost_usd)
         return min(1.0, max(0.0, share))
 

@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from tierroute.errors import ConfigError, MissingDependencyError
 from tierroute.paths import cache_dir
+from tierroute.progress import progress
 
 Vectors = npt.NDArray[np.float32]
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -259,7 +260,7 @@ class EmbeddingCache:
                 first.setdefault(keys[i], i)
             todo = list(first.values())
             # Written chunk by chunk, so an interrupted run keeps what it computed and resumes.
-            with _progress(len(todo), "embedding") as bar:
+            with progress(len(todo), "embedding", unit="text", min_total=256) as bar:
                 for start in range(0, len(todo), self.chunk):
                     part = todo[start : start + self.chunk]
                     vectors = embedder.embed([texts[i] for i in part])
@@ -274,10 +275,3 @@ class EmbeddingCache:
         finally:
             conn.close()
         return np.stack([np.frombuffer(found[k], dtype=np.float32) for k in keys])
-
-
-def _progress(total: int, what: str) -> Any:
-    """A progress bar on stderr for long work; silent for a few texts (the gateway's case)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=what, unit="text", disable=total < 256, leave=False)

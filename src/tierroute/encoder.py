@@ -51,6 +51,19 @@ class TextEncoder:
             return self.disk_cache.embed(self.embedder, texts)
         return self.embedder.embed(texts)
 
+    def prefetch(self, texts: Sequence[str]) -> None:
+        """Embed the texts not yet memoised in one batched call, so the single-text
+        `encode` calls that routers then make (the gateway's micro-batch) hit the memo."""
+        todo = [t for t in dict.fromkeys(texts) if t not in self._memo]
+        if not todo:
+            return
+        vectors = self.embedder.embed(todo)
+        for text, vector in zip(todo, vectors, strict=True):
+            # A copy: a row view would keep the whole batch's array alive in the memo.
+            self._memo[text] = vector.copy()
+        while len(self._memo) > self.memo_size:
+            self._memo.popitem(last=False)
+
     def _encode_one(self, text: str) -> Vectors:
         hit = self._memo.get(text)
         if hit is not None:

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from tierroute.errors import InputError
 from tierroute.learning import roc_auc
 from tierroute.onnx_bert import read_safetensors
+from tierroute.progress import progress
 from tierroute.routers.finetuned import base_id
 
 Array = npt.NDArray[Any]
@@ -501,6 +502,7 @@ def fine_tune(
         if len(val):
             best_auc = roc_auc(_predict(model, states, val, first), y[val])
             result.val_auc.append(best_auc)
+        bar = progress(steps, "fine-tuning", unit="batch")
         for _ in range(config.epochs):
             batches = list(_batches(lengths, train, config.batch_size, rng))
             checks = {
@@ -520,6 +522,7 @@ def fine_tune(
                 nn.utils.clip_grad_norm_(top + head, 1.0)
                 optimiser.step()
                 schedule.step()
+                bar.update(1)
                 if step not in checks:
                     continue
                 if not len(val):  # nothing to choose with: keep the last
@@ -531,6 +534,7 @@ def fine_tune(
                     best_auc, best = auc, _snapshot(model, first)
                     result.best_check = len(result.val_auc) - 1
                 model.train()
+        bar.close()
         model.load_state_dict(best, strict=False)
         result.deltas = _round_to_export(model, first, model_dir)
         model.eval()

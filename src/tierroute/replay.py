@@ -37,6 +37,7 @@ from tierroute.gateway.metrics import Metrics
 from tierroute.gateway.settings import GatewaySettings
 from tierroute.learning import LearningConfig
 from tierroute.ledger import Ledger
+from tierroute.progress import progress as progress_bar
 from tierroute.routers.base import BaseRouter
 
 CHECKPOINTS = (100, 250, 500, 1000)
@@ -136,7 +137,8 @@ def replay(
         oracle_apgr=oracle["apgr"],
     )
     # A gateway of its own: no shadow calls, no cascade (nothing is answered here).
-    settings = replace(settings, shadow=None, cascade=None, keep_prompts=True)
+    # Rows go one at a time: a micro-batch wait would only slow each one down.
+    settings = replace(settings, shadow=None, cascade=None, keep_prompts=True, route_batch_max=1)
     with tempfile.TemporaryDirectory() as tmp:
         folder = data_dir or Path(tmp)
         result.points.append(Point(0, *measure(router, evaluation)))
@@ -182,6 +184,7 @@ async def _send(
         if progress:
             progress(result.points[-1])
 
+    bar = progress_bar(todo[-1] if todo else 0, "replay: labels revealed", unit="label")
     try:
         for i, prompt in enumerate(traffic.prompts):
             if not todo:
@@ -200,12 +203,14 @@ async def _send(
             verdict = 0.0 if labels[i] else 1.0  # the small answer was good enough
             ledger.record_judgement(request_id, clock(), smallest, "replay", verdict, "file")
             revealed += 1
+            bar.update(1)
             if revealed == todo[0]:
                 todo.pop(0)
                 await checkpoint()
         if todo and revealed > result.points[-1].labels:
             await checkpoint()  # the file ran out before the next checkpoint
     finally:
+        bar.close()
         engine.close()
         await ledger.aclose()
 

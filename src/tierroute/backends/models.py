@@ -39,6 +39,7 @@ from tierroute.errors import (
     TierrouteError,
 )
 from tierroute.paths import cache_dir
+from tierroute.progress import progress
 
 _CHUNK = 8 << 20
 
@@ -246,12 +247,14 @@ def _assemble(spec: ModelSpec, sources: list[Path], target: Path) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as out:
+        what = f"assembling {spec.name} from {len(sources)} parts"
+        with os.fdopen(fd, "wb") as out, progress(total, what, unit="B") as bar:
             for src in sources:
                 with src.open("rb") as f:
                     while block := f.read(_CHUNK):
                         h.update(block)
                         out.write(block)
+                        bar.update(len(block))
             out.flush()
             os.fsync(out.fileno())
         digest = h.hexdigest()

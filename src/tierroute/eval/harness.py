@@ -22,6 +22,7 @@ from tierroute.errors import InputError
 from tierroute.eval.folds import grouped_folds
 from tierroute.eval.metrics import Curve, routing_curve, summary
 from tierroute.eval.published import published_for
+from tierroute.progress import progress
 from tierroute.routers.base import BaseRouter
 from tierroute.routers.random_router import RandomRouter
 
@@ -138,10 +139,12 @@ def out_of_fold_scores(
     factory: Callable[[], BaseRouter], o: Outcomes, folds: list[npt.NDArray[np.int64]]
 ) -> Scores:
     scores = np.empty(len(o), dtype=np.float64)
-    for test in folds:
-        train = np.setdiff1d(np.arange(len(o)), test)
-        router = factory().fit_outcomes(o.subset(train))
-        scores[test] = router.score_texts([o.prompts[i] for i in test])
+    with progress(len(folds), "cross-validation folds", unit="fold") as bar:
+        for test in folds:
+            train = np.setdiff1d(np.arange(len(o)), test)
+            router = factory().fit_outcomes(o.subset(train))
+            scores[test] = router.score_texts([o.prompts[i] for i in test])
+            bar.update(1)
     return scores
 
 

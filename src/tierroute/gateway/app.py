@@ -149,8 +149,9 @@ def _decision_headers(
 
 def _outcome_headers(outcome: Outcome, tier: str, cost: float | None) -> dict[str, str]:
     """The decision headers of an answered (or failed) request, with what happened on the
-    way (tiers tried, skipped or failed, the cascade's note)."""
-    return _decision_headers(
+    way (tiers tried, skipped or failed, the cascade's note), and the model that answered
+    in a tier of several (its key, tier/model)."""
+    headers = _decision_headers(
         outcome.routed,
         tier,
         outcome.tried,
@@ -159,6 +160,9 @@ def _outcome_headers(outcome: Outcome, tier: str, cost: float | None) -> dict[st
         outcome.cascade,
         outcome.notes,
     )
+    if "/" in outcome.booked_tier:  # tier names have no "/": a model of a tier of several
+        headers["X-Tierroute-Model"] = outcome.booked_tier
+    return headers
 
 
 def _tenant_or_key(call: ChatCall, key_id: str | None) -> ChatCall:
@@ -353,7 +357,7 @@ def create_app(
         body: dict[str, Any] = {
             "status": "degraded" if problems else "ok",
             "problems": problems,
-            "tiers": {n: e.breakers[n].state for n in e.tier_names},
+            "tiers": {n: b.state for n, b in e.breakers.items()},  # and each model of a tier
             "ledger": {
                 "writable": ledger.writable,
                 "rows_spilled": ledger.rows_spilled,
@@ -547,7 +551,7 @@ def create_app(
         # The error body already names every tier's failure; the reason stays the decision's.
         headers = _decision_headers(
             outcome.routed,
-            outcome.booked_tier,
+            engine().settings.spec(outcome.booked_tier).name,
             outcome.tried,
             engine().spent_cost(outcome),
             outcome.request_id,
@@ -655,7 +659,7 @@ def create_app(
             estimate_tokens(outcome.routed.text),
             call.request.max_tokens or settings.max_tokens_default,
         ) + e.spent_cost(outcome)
-        headers = _outcome_headers(outcome, tier_name, max_cost)
+        headers = _outcome_headers(outcome, tier.name, max_cost)
         headers["X-Tierroute-Cost-Usd-Is"] = "upper-estimate"
         created = int(time.time())
 
@@ -710,7 +714,7 @@ def create_app(
                                 "total_tokens": p + c,
                             },
                             "tierroute": {
-                                "tier": tier_name,
+                                "tier": tier.name,
                                 "cost_usd": tier.cost(p, c) + e.spent_cost(outcome),
                             },
                         }
@@ -718,7 +722,7 @@ def create_app(
                 yield sse("[DONE]")
                 if e.shadow is not None:
                     e.shadow.maybe_sample(
-                        outcome.request_id, call.request, tier_name, "".join(pieces)
+                        outcome.request_id, call.request, tier.name, "".join(pieces)
                     )
             except BackendError as exc:
                 # Chunks already went out: we cannot switch tiers silently (see engine).

@@ -24,12 +24,12 @@ def make_backend(spec: TierSpec, max_tokens_default: int = 256) -> Backend:
             key = os.environ.get(spec.api_key_env)
             if not key:
                 raise ConfigError(
-                    f"tier '{spec.name}' reads its API key from ${spec.api_key_env}, "
+                    f"tier '{spec.key}' reads its API key from ${spec.api_key_env}, "
                     "which is not set"
                 )
         assert spec.base_url is not None
         return OpenAIHTTPBackend(
-            spec.name,
+            spec.key,
             spec.base_url,
             spec.tier.model,
             api_key=key,
@@ -40,7 +40,7 @@ def make_backend(spec: TierSpec, max_tokens_default: int = 256) -> Backend:
     from tierroute.backends.models import resolve_model
 
     return LlamaCppBackend(
-        spec.name,
+        spec.key,
         resolve_model(spec.tier.model),
         n_ctx=spec.n_ctx,
         n_threads=spec.n_threads,
@@ -57,12 +57,16 @@ def build_parts(settings: GatewaySettings, data_dir: Path | None = None) -> Part
     if artifact is not None and artifact.threshold is not None:
         log.info(apply_calibration(settings, artifact.threshold))
     router.explain_text("warm up")  # loads the embedding model and tag prototypes
+    if any(spec.models for spec in settings.tiers):
+        from tierroute.gateway.choose import ModelChooser
+
+        ModelChooser(settings, router, settings.choose)  # a bad router_model fails here
     backends: dict[str, Backend] = {}
-    for spec in settings.tiers:
+    for spec in (t for tier in settings.tiers for t in tier.targets):
         backend = make_backend(spec, settings.max_tokens_default)
         if isinstance(backend, LlamaCppBackend):
             backend.load()
-        backends[spec.name] = backend
+        backends[spec.key] = backend
     ledger = Ledger(
         default_path(data_dir),
         keep_prompts=settings.keep_prompts,

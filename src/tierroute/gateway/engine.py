@@ -48,7 +48,9 @@ from tierroute.backends.base import Backend, BackendError, ChatRequest, ChatResu
 from tierroute.cascade import Cascade, Draft
 from tierroute.controller import ThresholdChange, ThresholdController
 from tierroute.conversation import estimate_tokens, routing_text
+from tierroute.gateway.batcher import MicroBatcher, explain_batch
 from tierroute.gateway.cache import DecisionCache, cache_key
+from tierroute.gateway.choose import ModelChooser
 from tierroute.gateway.limits import Ticket, settle
 from tierroute.gateway.metrics import Metrics
 from tierroute.gateway.resilience import CircuitBreaker, RollingLatency, backoff_s
@@ -84,6 +86,9 @@ class Owner:
     api_key_id: str | None
     tier: str
     tenant: str | None
+    # The model key that answered, in a tier of several models (it learns from ratings).
+    target: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -150,11 +155,13 @@ class Engine:
         self.cache: DecisionCache[Explanation] = DecisionCache(
             settings.cache_size, settings.cache_ttl_s
         )
+        # Per tier, and per model of a tier of several (keyed tier/model): a failing model
+        # falls back to its tier's next model; the tier's own latency feeds the budgets.
+        keys = [t.key for s in settings.tiers for t in s.targets]
         self.breakers = {
-            s.name: CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s)
-            for s in settings.tiers
+            k: CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s) for k in keys
         }
-        self.latency = {s.name: RollingLatency() for s in settings.tiers}
+        self.latency = {k: RollingLatency() for k in dict.fromkeys([*self.tier_names, *keys])}
         self.cascade = (
             Cascade.from_config(settings.cascade)
             if settings.cascade is not None and settings.cascade.enabled
@@ -172,15 +179,27 @@ class Engine:
         if settings.shadow is not None:
             largest = settings.tiers[-1]
             encoder = getattr(router, "encoder", None)
+            # A largest tier of several models judges with its first one.
+            judges = dict(self.backends)
+            if largest.models and largest.targets[0].key in judges:
+                judges[largest.name] = judges[largest.targets[0].key]
             self.shadow = Shadow(
                 settings.shadow,
                 largest.name,
-                self.backends,
+                judges,
                 ledger,
                 self.metrics,
                 largest.timeout_s,
                 embed=encoder.encode if encoder is not None else None,
             )
+        # A tier of several models picks one per request (tierroute.gateway.choose).
+        self.chooser: ModelChooser | None = None
+        if any(s.models for s in settings.tiers):
+            budget = self.controller.affordable_usd if self.controller is not None else None
+            self.chooser = ModelChooser(settings, router, settings.choose, budget)
+            self.chooser.restore(ledger, clock())
+            if self.shadow is not None:
+                self.shadow.on_verdict = self._verdict
         # Ids of recent requests -> their API key id, so feedback can be checked at once
         # (ledger rows reach the disk a few ms later, from the writer thread).
         self._recent: OrderedDict[str, Owner] = OrderedDict()
@@ -192,6 +211,7 @@ class Engine:
             self._restore_personaliser()
         # One routing thread: the encoder's memo is not thread-safe, and onnxruntime
         # already uses both cores for one query; the event loop stays free meanwhile.
+        # Concurrent fresh prompts share one embedding call there (gateway/batcher.py).
         self._routing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierroute-route")
         # Limits and budgets count here; with a shared store, `sync` mirrors the rest of
         # the local state (breakers, latency, threshold, offsets) from it. See gateway/sync.py.
@@ -199,6 +219,13 @@ class Engine:
         self.sync: StateSync | None = None
         self._later: set[asyncio.Task[Any]] = set()
         self._swapped = False  # the continuous learner swapped the router
+        self._batcher = MicroBatcher(
+            explain_batch,
+            self._routing,
+            settings.route_batch_max,
+            settings.route_batch_wait_ms / 1000,
+            self.metrics.routing_batch.observe,
+        )
 
     @property
     def tier_names(self) -> list[str]:
@@ -246,8 +273,7 @@ class Engine:
                 self.metrics.cache_hit_rate.set(self.cache.hit_rate)
                 return shared, True
         self.metrics.cache_misses.inc()
-        loop = asyncio.get_running_loop()
-        explanation = await loop.run_in_executor(self._routing, router.explain_text, text)
+        explanation = await self._batcher.submit((router, text))
         if router is self.router:  # not one swapped out meanwhile
             self.cache.put(key, explanation)
             if sync is not None:
@@ -321,6 +347,10 @@ class Engine:
         chain = [t.name for t in order]
         if forced is not None and not self.settings.forced_fallback:
             chain = [forced]  # the client named its tier: that tier answers, or the request fails
+        if self.chooser is not None:
+            chain = await self._pick_models(
+                chain, decision, text, (prompt_tokens, max_tokens), hints, notes
+            )
         if notes:
             decision = Decision(
                 decision.score, chosen, "; ".join([decision.reason, *notes]), decision.tags
@@ -334,6 +364,28 @@ class Engine:
             text=text,
             forced=forced is not None,
         )
+
+    async def _pick_models(
+        self,
+        chain: list[str],
+        decision: Decision,
+        text: str,
+        tokens: tuple[int, int],
+        hints: Hints,
+        notes: list[str],
+    ) -> list[str]:
+        """The chain with each tier of several models replaced by its models, best first
+        (tierroute.gateway.choose); the reason names the chosen tier's pick. `tokens` are
+        the prompt's (estimated) and max_tokens; a model over the cost cap goes last."""
+        assert self.chooser is not None
+        probs: dict[str, float] = {}
+        if self.chooser.needs_probabilities(chain):
+            loop = asyncio.get_running_loop()
+            probs = await loop.run_in_executor(self._routing, self.chooser.probabilities, text)
+        keys, pick = self.chooser.expand(chain, decision.tags, probs, *tokens, hints.max_cost_usd)
+        if pick is not None and pick.tier == self.settings.spec(chain[0]).name:
+            notes.append(pick.note())
+        return keys
 
     def _small_tier_quality(self) -> float | None:
         """The lowest estimated quality among the smaller tiers, once judged often enough."""
@@ -373,6 +425,8 @@ class Engine:
         on the event loop: the decision cache and the controller live there."""
         self.router = router
         self._swapped = True
+        if self.chooser is not None:
+            self.chooser.set_router(router)
         if thresholds is not None:
             policy = self.settings.policy
             policy.thresholds = list(thresholds)
@@ -425,15 +479,16 @@ class Engine:
                 extra={"tier": tier, "event": "breaker_closed"},
             )
         breaker.success()
-        self.latency[tier].add(ms)
+        for name in dict.fromkeys([tier, self.settings.spec(tier).name]):
+            self.latency[name].add(ms)
         self.metrics.breaker_open.labels(tier).set(0)
 
     def health(self) -> list[str]:
         """What is wrong now, for /healthz: an empty list when every tier is in service."""
         problems = [
-            f"tier {name}: breaker {self.breakers[name].state}"
-            for name in self.tier_names
-            if self.breakers[name].state != "closed"
+            f"tier {name}: breaker {breaker.state}"
+            for name, breaker in self.breakers.items()
+            if breaker.state != "closed"
         ]
         state = self.state.problem()
         return [*problems, f"state: {state}"] if state is not None else problems
@@ -555,7 +610,16 @@ class Engine:
         config = self.settings.cascade
         if self.cascade is None or config is None or forced:
             return False
-        return config.scope == "all" or routed.chain[0] == self.tier_names[0]
+        return config.scope == "all" or self._tier_of(routed.chain[0]) == self.tier_names[0]
+
+    def _tier_of(self, key: str) -> str:
+        """The tier of a chain entry (a tier, or one model of a tier of several)."""
+        return self.settings.spec(key).name
+
+    def _smallest(self, outcome: Outcome) -> str:
+        """The chain entry the cascade drafts on: the smallest tier's (best) model."""
+        small = self.tier_names[0]
+        return next((k for k in outcome.routed.chain if self._tier_of(k) == small), small)
 
     async def complete_cascade(
         self, outcome: Outcome, request: ChatRequest, hints: Hints
@@ -602,7 +666,7 @@ class Engine:
     ) -> T:
         small = self.tier_names[0]
         draft = await self._draft(outcome, request)
-        chain = [t for t in outcome.routed.chain if t != small]
+        chain = [t for t in outcome.routed.chain if self._tier_of(t) != small]
         max_tokens = request.max_tokens or self.settings.max_tokens_default
         over = self._fits(
             self.settings.spec(chain[0]).tier,
@@ -629,7 +693,7 @@ class Engine:
         """The smallest tier's answer and verdict; None when that tier is unavailable or
         failed after its retries (the note says so), so the request escalates."""
         assert self.cascade is not None
-        small = self.tier_names[0]
+        small = self._smallest(outcome)
         if not await self._available(small):
             outcome.cascade = f"escalated: tier {small} is unavailable (circuit breaker open)"
             return None
@@ -653,7 +717,7 @@ class Engine:
     def _keep(self, outcome: Outcome, draft: Draft, note: str) -> ChatResult:
         """The small answer stands: its own tokens are the answer's, not spent extra."""
         del outcome.spent[0]  # the first small call is the answer (see _draft's ask)
-        outcome.tier = self.tier_names[0]
+        outcome.tier = self._smallest(outcome)
         outcome.cascade = note
         return draft.result
 
@@ -684,8 +748,9 @@ class Engine:
         stream: bool = False,
         prompt_text: str | None = None,
     ) -> None:
-        tier_name = outcome.booked_tier
-        tier = self.settings.spec(tier_name).tier
+        key = outcome.booked_tier  # the tier, or the model of a tier of several
+        tier = self.settings.spec(key).tier
+        tier_name = tier.name
         cost = tier.cost(prompt_tokens, completion_tokens)
         score = outcome.routed.decision.score
         # The ledger has one row per request: a cascade's extra calls are in its sums.
@@ -730,7 +795,9 @@ class Engine:
                 self.sync.settle(outcome.ticket, tokens, cost + spent_cost)  # batched
             else:
                 self.later(settle(self.state, outcome.ticket, tokens, cost + spent_cost))
-        self._recent[outcome.request_id] = Owner(api_key_id, tier_name, hints.tenant)
+        self._recent[outcome.request_id] = Owner(
+            api_key_id, tier_name, hints.tenant, key, decision.tags
+        )
         if len(self._recent) > 100_000:
             self._recent.popitem(last=False)
         m = self.metrics
@@ -741,10 +808,11 @@ class Engine:
         m.tokens.labels(tier_name, "prompt").inc(prompt_tokens)
         m.tokens.labels(tier_name, "completion").inc(completion_tokens)
         m.cost.labels(tier_name).inc(cost)
-        for spent_tier, p, c in outcome.spent:
-            m.tokens.labels(spent_tier, "prompt").inc(p)
-            m.tokens.labels(spent_tier, "completion").inc(c)
-            m.cost.labels(spent_tier).inc(self.settings.spec(spent_tier).tier.cost(p, c))
+        for spent, p, c in outcome.spent:
+            spent_tier = self.settings.spec(spent).tier
+            m.tokens.labels(spent_tier.name, "prompt").inc(p)
+            m.tokens.labels(spent_tier.name, "completion").inc(c)
+            m.cost.labels(spent_tier.name).inc(spent_tier.cost(p, c))
         # A cascade's escalation is by design, not a fallback: only later steps count.
         steps = outcome.tried[1:] if outcome.escalated else outcome.tried
         for a, b in itertools.pairwise(steps):
@@ -758,7 +826,12 @@ class Engine:
         if row is None:
             return None
         tenant = row.hints.get("tenant") if isinstance(row.hints, Mapping) else None
-        return Owner(row.api_key_id, row.tier, tenant)
+        target = (
+            self.chooser.answered_by(row.tier, row.model, row.fallback_chain)
+            if self.chooser is not None
+            else None
+        )
+        return Owner(row.api_key_id, row.tier, tenant, target, dict(row.tags))
 
     def feedback(self, owner: Owner, rating: float, rated: tuple[str, str] | None = None) -> None:
         """A rating arrived: it personalises its tenant's routing (smaller tiers only).
@@ -770,6 +843,8 @@ class Engine:
             self._ratings[rated] = rating
             if len(self._ratings) > 100_000:
                 self._ratings.popitem(last=False)
+        if self.chooser is not None and owner.target is not None:
+            self.chooser.observe(owner.target, owner.tags, rating, previous)
         if (
             self.personaliser is not None
             and owner.tenant is not None
@@ -782,6 +857,12 @@ class Engine:
             if self.sync is not None:
                 n, bad = (1.0, 1.0 - rating) if previous is None else (0.0, previous - rating)
                 self.sync.feedback(owner.tenant, n, bad)
+
+    def _verdict(self, request_id: str, verdict: float) -> None:
+        """A shadow verdict on a recent answer: the model that gave it learns from it."""
+        owner = self._recent.get(request_id)
+        if self.chooser is not None and owner is not None and owner.target is not None:
+            self.chooser.observe(owner.target, owner.tags, verdict)
 
     def _restore_personaliser(self, days: float = 30) -> None:
         """Rebuild tenants' offsets from the ledger's recent feedback after a restart."""

@@ -129,6 +129,12 @@ class Metrics:
         self.breaker_open = Gauge(
             "tierroute_circuit_open", "1 while a tier's breaker is open", ["tier"], registry=r
         )
+        self.routing_batch = Histogram(
+            "tierroute_routing_batch_size",
+            "Fresh prompts routed together in one embedding call (the micro-batcher)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
         self._ledger = _LedgerCollector()
         r.register(self._ledger)
 

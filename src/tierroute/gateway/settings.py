@@ -12,7 +12,8 @@ import difflib
 import hashlib
 import os
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -23,6 +24,7 @@ from tierroute.cascade import CascadeConfig
 from tierroute.config import PolicyFields, TierFields, build_policy
 from tierroute.controller import ControllerConfig
 from tierroute.errors import ConfigError
+from tierroute.gateway.choose import ChooseConfig
 from tierroute.gateway.limits import BudgetPressure, KeyLimits
 from tierroute.gateway.shadow import ShadowConfig
 from tierroute.learning import LearningConfig
@@ -45,10 +47,29 @@ class TierSpec:
     n_ctx: int = 2048
     n_threads: int | None = None
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # a remote tier's answer, at most
+    # A tier of several models lists them here, each a spec of its own whose `model_name`
+    # is set (see tierroute.gateway.choose); the tier's own fields are its first model's.
+    models: tuple[TierSpec, ...] = ()
+    model_name: str | None = None
+    router_model: str | None = None  # the trained router's column for this model
+    prior: float | None = None  # P(answers well) before any verdict, when not trained on
+    tasks: Mapping[str, float] = field(default_factory=dict)  # per tagged task, instead
+    domains: Mapping[str, float] = field(default_factory=dict)  # per tagged domain, likewise
 
     @property
     def name(self) -> str:
         return self.tier.name
+
+    @property
+    def key(self) -> str:
+        """What backends, breakers and fallback chains call it: the tier's name, or
+        tier/model for one model of a tier of several."""
+        return f"{self.tier.name}/{self.model_name}" if self.model_name else self.tier.name
+
+    @property
+    def targets(self) -> tuple[TierSpec, ...]:
+        """What can answer for this tier: its models, or itself."""
+        return self.models or (self,)
 
 
 @dataclass(frozen=True)
@@ -81,12 +102,21 @@ class GatewaySettings:
     state_sync_s: float = 0.25
     key_limits: KeyLimits | None = None
     budget_pressure: BudgetPressure | None = None
+    # Fresh prompts routed together: up to this many per embedding call, gathered for at
+    # most this long (1: one at a time). See gateway/batcher.py.
+    route_batch_max: int = 32
+    route_batch_wait_ms: float = 2.0
+    choose: ChooseConfig | None = None  # how a tier of several models picks one
     source: str = "built-in gateway.yaml"
 
     def spec(self, name: str) -> TierSpec:
+        """A tier by name, or one model of a tier of several by its key (tier/model)."""
         for spec in self.tiers:
             if spec.name == name:
                 return spec
+            for model in spec.models:
+                if model.key == name:
+                    return model
         raise ConfigError(f"no tier named '{name}'")
 
 
@@ -94,8 +124,8 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-class GatewayTier(TierFields):
-    """A tier of the gateway: a local GGUF model or a remote OpenAI-compatible endpoint."""
+class _Backed(TierFields):
+    """A model and where it runs: a local GGUF model or a remote OpenAI-compatible endpoint."""
 
     kind: Literal["local", "openai"] | None = None
     timeout_s: float = Field(60.0, gt=0, le=3600)
@@ -107,7 +137,7 @@ class GatewayTier(TierFields):
     max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, ge=1024, le=1 << 31)
 
     @model_validator(mode="after")
-    def _remote_needs_url(self) -> GatewayTier:
+    def _remote_needs_url(self) -> _Backed:
         if self.kind == "openai" and not self.base_url:
             raise ValueError("a remote tier (kind: openai) needs a base_url")
         return self
@@ -123,6 +153,60 @@ class GatewayTier(TierFields):
             n_threads=self.n_threads,
             max_response_bytes=self.max_response_bytes,
         )
+
+
+Probability = Annotated[float, Field(gt=0, lt=1)]
+Tag = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class TierModel(_Backed):
+    """One of several models of a tier; `name` names it within its tier."""
+
+    router_model: str | None = Field(None, min_length=1, max_length=512)
+    prior: Probability | None = None
+    tasks: dict[Tag, Probability] = Field(default_factory=dict, max_length=64)
+    domains: dict[Tag, Probability] = Field(default_factory=dict, max_length=64)
+
+
+class GatewayTier(_Backed):
+    """A tier of the gateway: one model, or several (`models`) chosen per request."""
+
+    model: str | None = Field(None, min_length=1, max_length=512)  # type: ignore[assignment]
+    models: list[TierModel] | None = Field(None, min_length=1, max_length=32)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> GatewayTier:
+        if self.models is None:
+            if self.model is None:
+                raise ValueError("a tier needs a model (or a list of models)")
+            return self
+        own = sorted(self.model_fields_set - {"name", "models"})
+        if own:
+            raise ValueError(
+                f"a tier with a list of models takes no {', '.join(own)} of its own: "
+                "put them under each of its models"
+            )
+        names = [m.name for m in self.models]
+        if len(set(names)) < len(names):
+            raise ValueError(f"the models of tier '{self.name}' need distinct names: {names}")
+        return self
+
+    def spec(self) -> TierSpec:
+        if self.models is None:
+            return super().spec()
+        models = tuple(
+            replace(
+                m.spec(),
+                tier=replace(m.tier(), name=self.name),
+                model_name=m.name,
+                router_model=m.router_model,
+                prior=m.prior,
+                tasks=dict(m.tasks),
+                domains=dict(m.domains),
+            )
+            for m in self.models
+        )
+        return replace(models[0], models=models, model_name=None)
 
 
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
@@ -143,6 +227,8 @@ class GatewayFields(StrictModel):
     # While the ledger cannot write: queue keeps rows in memory and answers, refuse answers 503.
     on_ledger_failure: Literal["queue", "refuse"] = "queue"
     ledger_spill_max_rows: int = Field(100_000, ge=0, le=10_000_000)
+    route_batch_max: int = Field(32, ge=1, le=256)  # <= the encoder's memo (512)
+    route_batch_wait_ms: float = Field(2.0, ge=0, le=100)
     api_keys_sha256: list[Sha256Hex] = Field(default_factory=list, max_length=100_000)
     # Checked against their own dataclasses below, so each names its own keys.
     controller: Section = None
@@ -155,6 +241,7 @@ class GatewayFields(StrictModel):
     # Every shared-state key starts with it, so gateways (or tests) can share one Redis.
     state_prefix: str = Field("tierroute:", pattern=r"^[A-Za-z0-9_.:/-]{1,100}$")
     state_sync_s: float = Field(0.25, ge=0.02, le=10)
+    choose: Section = None
 
 
 StateUrl = Annotated[str, Field(pattern=r"^(memory|(redis|rediss|unix)://\S+)$", max_length=2048)]
@@ -236,6 +323,9 @@ def parse_settings(doc: Any, source: str, lines: Lines | None = None) -> Gateway
         state_sync_s=gw.state_sync_s,
         key_limits=section("key_limits", KeyLimits),
         budget_pressure=section("budget_pressure", BudgetPressure),
+        route_batch_max=gw.route_batch_max,
+        route_batch_wait_ms=gw.route_batch_wait_ms,
+        choose=section("choose", ChooseConfig),
         source=source,
     )
 

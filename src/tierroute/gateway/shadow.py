@@ -105,6 +105,8 @@ class Shadow:
         self.verdicts: dict[str, list[float]] = {}
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        # Told (request id, verdict) of each readable judgement: a tier's models learn from it.
+        self.on_verdict: Callable[[str, float], None] | None = None
 
     def maybe_sample(self, request_id: str, request: ChatRequest, tier: str, answer: str) -> None:
         """Called after a smaller tier answered; may start a background judgement."""
@@ -155,6 +157,8 @@ class Shadow:
         self.metrics.shadow.labels(tier, "judged" if verdict is not None else "unreadable").inc()
         if verdict is not None:
             self._update(tier, verdict)
+            if self.on_verdict is not None:
+                self.on_verdict(request_id, verdict)
 
     def _update(self, tier: str, verdict: float) -> None:
         values = self.verdicts.setdefault(tier, [])

@@ -3,10 +3,11 @@
 The request path stays local where exactness is not needed: breakers, latencies, the
 threshold and tenants' offsets are local mirrors, refreshed by one pipelined read every
 `gateway.state_sync_s` (0.25 s by default); latencies, the controller's scores and the
-settlements of limited keys' requests are written in the same beat, batched. On the request path itself the shared store sees: a
-decision-cache read on a local miss and a write after routing (not awaited), a breaker
-failure or recovery when one happens (not awaited), and a claim before a half-open probe,
-so one replica in all sends it.
+settlements of limited keys' requests are written in the same beat, batched. On the
+request path itself the shared store sees: a decision-cache read on a local miss and a
+write after routing (not awaited), a breaker failure or recovery when one happens (not
+awaited), a limited key's check, and a claim before a half-open probe, so one replica in
+all sends it.
 
 The controller: every replica pushes its routing scores to one shared list; the replica
 holding the leader lease (renewed each beat, it expires after four beats without renewal)
@@ -112,7 +113,9 @@ class StateSync:
 
     def succeeded(self, tier: str, ms: float, clean: bool) -> None:
         """A tier answered; `clean`: its breaker was closed with no failure counted."""
-        self._latency.setdefault(tier, []).append(ms)
+        # as the engine books it: under the target (tier/model) and its tier
+        for name in dict.fromkeys([tier, self.engine.settings.spec(tier).name]):
+            self._latency.setdefault(name, []).append(ms)
         if not clean or tier in self._probing_here:
             self._probing_here.discard(tier)
             self.later(self.state.breaker_success(tier))
@@ -179,11 +182,15 @@ class StateSync:
                 log.info("controller: this replica leads (lease %s)", self.holder[:8])
             if self.leader:
                 await self._lead()
-        snap = await self.state.snapshot(e.tier_names, LATENCY_WINDOW)
+        # breakers per target (a tier, or tier/model of a tier of several); latency also per tier
+        names = list(dict.fromkeys([*e.breakers, *e.latency]))
+        snap = await self.state.snapshot(names, LATENCY_WINDOW)
         for tier, view in snap.breakers.items():
-            self._apply_breaker(tier, view)
+            if tier in e.breakers:
+                self._apply_breaker(tier, view)
         for tier, samples in snap.latency.items():
-            e.latency[tier].samples = deque(samples[:LATENCY_WINDOW])
+            if tier in e.latency:
+                e.latency[tier].samples = deque(samples[:LATENCY_WINDOW])
         if (
             e.controller is not None
             and not self.leader

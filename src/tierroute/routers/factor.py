@@ -32,6 +32,7 @@ from tierroute.data import ModelScores, Outcomes, canonical_model
 from tierroute.encoder import Encoder
 from tierroute.errors import RouterError
 from tierroute.features import FEATURE_SETS, prompt_features
+from tierroute.progress import progress
 from tierroute.routers.base import BaseRouter, Scores, sigmoid
 from tierroute.types import Explanation
 
@@ -153,9 +154,16 @@ class FactorRouter(BaseRouter):
                 [g_proj.ravel(), g_vectors.ravel(), grad.sum(axis=0), g_difficulty]
             )
 
-        result = minimize(
-            loss, start, jac=True, method="L-BFGS-B", options={"maxiter": self.max_iter}
-        )
+        kind = "irt" if rank == 0 else "mf"
+        with progress(self.max_iter, f"fitting {kind}", unit="iter") as bar:
+            result = minimize(
+                loss,
+                start,
+                jac=True,
+                method="L-BFGS-B",
+                options={"maxiter": self.max_iter},
+                callback=lambda _: bar.update(1),
+            )
         self.proj_, self.vectors_, self.ability_, self.difficulty_ = unpack(result.x)
         self.models_ = list(table.models)
         return self
