@@ -206,6 +206,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tierroute.eval.savings import Savings
     from tierroute.routers import BUILTIN, LEARNED, make_router
 
+    if args.models == "all":
+        return cmd_eval_all_models(args)
+    if not (args.data and args.small and args.large):
+        raise InputError("eval needs --data, --small and --large (or --models all)")
     o = _load_data(args)
     target = _target(args)
     name = args.router
@@ -277,6 +281,58 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 handle.write(json.dumps({"id": row_id, "score": float(score)}) + "\n")
         print(f"wrote {args.scores_out}")
     return 0
+
+
+def cmd_eval_all_models(args: argparse.Namespace) -> int:
+    """Route among every model of each file; see tierroute.eval.nmodel."""
+    from tierroute.eval.nmodel import (
+        RECIPES,
+        evaluate_nmodel,
+        factor_fitter,
+        load_tables,
+        report_lines,
+    )
+
+    if not args.data:
+        raise InputError("--models all needs --data FILE (repeat it for several files)")
+    if args.small or args.large or args.where or args.router not in ("default", "irt", "mf"):
+        raise InputError(
+            "--models all routes among every model of each file with the factor router: "
+            "drop --small, --large and --where, and use --router irt or mf"
+        )
+    fitter = factor_fitter(_encoder_factory(batch=True)(), **RECIPES[args.router])
+    results = []
+    for path in args.data:
+        for table in load_tables(path):
+            result = evaluate_nmodel(table, fitter, n_folds=args.folds, seed=args.seed)
+            results.append(result)
+            print("\n".join(report_lines(result)) + "\n", flush=True)
+    if args.json:
+        doc = {"router": args.router, "tables": [r.as_dict() for r in results]}
+        Path(args.json).write_text(json.dumps(_finite(doc), indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        from tierroute.eval.plot import plot_nmodel
+
+        for result in results:
+            out = Path(args.plot)
+            if len(results) > 1:
+                slug = "".join(c if c.isalnum() else "-" for c in result.table.label).strip("-")
+                out = out.with_name(f"{out.stem}-{slug}{out.suffix or '.png'}")
+            plot_nmodel(result, out)
+            print(f"wrote {out}")
+    return 0
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: a figure never reached is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------- train
@@ -801,7 +857,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("eval", help="measure a router on outcome data")
-    _add_data_args(p)
+    _add_data_args(p, required=False)
+    p.add_argument(
+        "--models",
+        choices=("pair", "all"),
+        default="pair",
+        help="all: route among every model of each file, against each single model, the "
+        "best pair and their convex hull (no --small/--large)",
+    )
     p.add_argument(
         "--router",
         default="default",

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from tierroute.eval.harness import Evaluation
 from tierroute.eval.metrics import Curve
+from tierroute.eval.nmodel import NModelResult
 
 XAxis = Literal["share", "cost"]
 
@@ -78,6 +79,69 @@ def plot_evaluation(ev: Evaluation, out: str | Path, x: XAxis = "share") -> None
     ax.set_title(
         f"{Path(o.path).name}: {o.small_model.split('/')[-1]} -> "
         f"{o.large_model.split('/')[-1]}\n{len(o):,} queries, {cv}",
+        fontsize=10,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def plot_nmodel(result: NModelResult, out: str | Path) -> None:
+    """Quality against dollars: the N-model router, the best pair, every single model
+    and their convex hull (the "zero router")."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from tierroute.eval.hull import frontier
+
+    t = result.table
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    hull = [t.models.index(m) for m in result.hull_models]
+
+    def dense(xs: Any, ys: Any) -> tuple[Any, Any]:
+        # straight in dollars is curved on a log axis: draw every line on a fine grid
+        grid = np.geomspace(float(xs[0]), float(xs[-1]), 400) if xs[-1] > xs[0] else xs
+        return grid, np.interp(grid, xs, ys)
+
+    ax.plot(
+        *dense(result.single_cost[hull], result.single_quality[hull]),
+        "--",
+        color="#7f7f7f",
+        lw=1.6,
+        label="convex hull of single models (zero router)",
+    )
+    ax.plot(result.single_cost, result.single_quality, "o", color="black", ms=5)
+    for k in hull:
+        ax.annotate(
+            t.models[k].split(" (judge ")[0].split("/")[-1],
+            (result.single_cost[k], result.single_quality[k]),
+            textcoords="offset points",
+            xytext=(4, -10),
+            fontsize=7,
+        )
+    px, py = dense(*frontier(result.pair_cost, result.pair_quality))
+    pair = " + ".join(m.split(" (judge ")[0].split("/")[-1] for m in result.best_pair)
+    ax.plot(px, py, ":", color="#2ca02c", lw=1.8, label=f"best pair: {pair}")
+    xs, ys = dense(*frontier(result.curve_cost, result.curve_quality))
+    g = result.vs_hull
+    ax.plot(
+        xs,
+        ys,
+        lw=2.2,
+        color="#1f77b4",
+        label=f"N-model router: above hull on {g.share:.0%} of its $ range (worst {g.worst:+.3f})",
+    )
+    ax.set_xscale("log")
+    ax.set_xlim(float(np.min(result.single_cost)) * 0.8, float(np.max(result.single_cost)) * 1.25)
+    ax.set_xlabel(f"mean cost per query (USD, log scale; {t.cost_basis})")
+    ax.set_ylabel("mean quality of routed answers")
+    ax.set_title(
+        f"{t.label}: {len(t.models)} models\n{result.test_rows:,} rows tested, {result.split}",
         fontsize=10,
     )
     ax.grid(alpha=0.3)

@@ -1,0 +1,161 @@
+"""Several models working together: routing among all of them, offline (issue 13).
+
+    python benchmarks/collab_bench.py --offline [--out bench-out] [--router default|irt|mf]
+        [--files routerbench mmlu_pro arenahard] [--cost-model length|mean] [--calibrate]
+        [--pareto]
+
+--offline reproduces the N-model table and plots of the README: on RouterBench (11 models,
+real dollar costs, its own train/test split), MMLU-Pro (30 models, grouped 5-fold CV by
+question source) and Arena-Hard (40 model/judge columns, one table per judge, grouped
+5-fold CV by topic cluster), the factor router choosing argmax P(m answers x) -
+lambda * cost_m over a sweep of lambda, against every single model, the best two-model
+router and the convex hull of the single models. Files without dollar costs are priced
+by src/tierroute/eval/prices.py (list prices; open weights by parameter count). Writes
+OUT/nmodel.md, OUT/nmodel.json and one PNG per table, and prints the tables. About two
+minutes with cached embeddings (the first run embeds MMLU-Pro's 12k prompts: ~6 min).
+
+Leave-one-dataset-out is not offered for the N-model choice: the three files share no
+model (RouterBench's gpt-4-1106-preview and Mixtral are in no other file under these
+columns), so a router trained on the other files knows nothing of the held-out file's
+models' abilities, and learning them needs the held-out file's own rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+FILES = {
+    "routerbench": "routerbench_arc_winogrande_mbpp.jsonl",
+    "mmlu_pro": "mmlu_pro_30models.jsonl",
+    "arenahard": "arenahard_v01_vs_gpt4_0314.jsonl",
+}
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _short(model: str) -> str:
+    return model.split(" (judge ")[0].split("/")[-1]
+
+
+def _pct(x: float | None) -> str:
+    return "never" if x is None or x != x else f"{x:.1%}"
+
+
+def offline(args: argparse.Namespace) -> None:
+    """The N-model table and plots over the shared outcome files."""
+    from tierroute.embed import Embedder, EmbeddingCache
+    from tierroute.encoder import TextEncoder
+    from tierroute.eval.nmodel import (
+        RECIPES,
+        calibrated,
+        evaluate_nmodel,
+        factor_fitter,
+        length_cost,
+        load_tables,
+        mean_cost,
+        report_lines,
+    )
+    from tierroute.eval.plot import plot_nmodel
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder = TextEncoder(Embedder(), EmbeddingCache())
+    fitter = factor_fitter(encoder, **RECIPES[args.router])
+    if args.calibrate:
+        fitter = calibrated(fitter)
+    cost_model = mean_cost if args.cost_model == "mean" else length_cost
+    rows, docs = [], []
+    for key in args.files:
+        path = DATA / FILES[key]
+        if not path.is_file():
+            print(f"skipped {key}: {path} is absent")
+            continue
+        for table in load_tables(str(path)):
+            start = time.perf_counter()
+            r = evaluate_nmodel(
+                table, fitter, seed=args.seed, cost_model=cost_model, pareto=args.pareto
+            )
+            took = time.perf_counter() - start
+            print("\n".join(report_lines(r)) + f"\n  ({took:.0f}s)\n", flush=True)
+            slug = "".join(c if c.isalnum() else "-" for c in table.label).strip("-")
+            plot_nmodel(r, out / f"nmodel-{slug}.png")
+            d = r.as_dict()
+            docs.append(d)
+            ref = d["cost_at_reference_quality_share"]
+            pair = " + ".join(_short(m) for m in d["best_pair"]["models"])
+            rows.append(
+                f"| {table.label} | {len(table.models)} | {d['rows_tested']:,} | {d['split']} | "
+                f"{d['above_hull_share']:.1%} | {d['worst_point']['margin']:+.4f} at "
+                f"${d['worst_point']['cost']:.6f} | {d['mean_margin_above_hull']:+.4f} | "
+                f"{_short(d['best_single']['model'])} "
+                f"{d['best_single']['quality']:.3f} | {_pct(d['cost_at_best_quality_share'])} | "
+                f"{'-' if ref is None else _pct(ref)} | "
+                f"{pair} {d['best_pair']['above_hull_share']:.0%} |"
+            )
+    header = (
+        "| table | models | rows tested | split | N-model above hull | worst point | "
+        "mean margin | best single (quality) | cost to reach it | GPT-4 quality at | "
+        "best pair, above hull |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    text = (
+        f"# N-model routing against the single models' hull (router {args.router}, cost "
+        f"model {args.cost_model}{', calibrated' if args.calibrate else ''}"
+        f"{', Pareto candidates' if args.pareto else ''})\n\n"
+        "Share of the router's dollar range above the hull, its worst margin there "
+        "(quality units), the mean margin; the cost at which the router reaches the best "
+        "single model's quality, as a share of that model's cost ('never' if it does "
+        "not).\n\n" + header + "\n" + "\n".join(rows) + "\n"
+    )
+    (out / "nmodel.md").write_text(text)
+    (out / "nmodel.json").write_text(json.dumps(_finite({"tables": docs}), indent=2) + "\n")
+    print(text)
+    print(f"wrote {out / 'nmodel.md'}, {out / 'nmodel.json'} and the PNGs")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--offline", action="store_true", help="the N-model table and plots on outcome files"
+    )
+    parser.add_argument("--out", default="bench-out")
+    parser.add_argument("--router", choices=("default", "irt", "mf"), default="default")
+    parser.add_argument("--files", nargs="+", choices=list(FILES), default=list(FILES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cost-model",
+        choices=("length", "mean"),
+        default="length",
+        help="what the router expects a model to cost: a line in the prompt's length "
+        "(default) or its training mean",
+    )
+    parser.add_argument(
+        "--calibrate", action="store_true", help="per-model Platt calibration (tried: worse)"
+    )
+    parser.add_argument(
+        "--pareto",
+        action="store_true",
+        help="choose only models on the training rows' Pareto front (tried: worse)",
+    )
+    args = parser.parse_args()
+    if not args.offline:
+        parser.error("say what to run: --offline")
+    offline(args)
+
+
+if __name__ == "__main__":
+    main()

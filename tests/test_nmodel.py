@@ -1,0 +1,246 @@
+"""N-model routing offline: hull arithmetic by hand, the evaluation on a toy table and on
+a slice of RouterBench, and `tierroute eval --models all` end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tierroute.eval.hull import cost_at_quality, frontier, gap, single_model_hull
+from tierroute.eval.nmodel import (
+    ModelTable,
+    evaluate_nmodel,
+    factor_fitter,
+    load_tables,
+    near_duplicate_key,
+)
+from tierroute.eval.prices import price_of
+
+from .conftest import EASY, HARD, SHARED, run_cli
+
+RB = SHARED / "routerbench_arc_winogrande_mbpp.jsonl"
+ARENA = SHARED / "arenahard_v01_vs_gpt4_0314.jsonl"
+needs_routerbench = pytest.mark.skipif(
+    not RB.is_file(), reason=f"needs the outcome data in {SHARED} (absent on this machine)"
+)
+needs_arena = pytest.mark.skipif(
+    not ARENA.is_file(), reason=f"needs the outcome data in {SHARED} (absent on this machine)"
+)
+
+
+def a(*values: float) -> np.ndarray:
+    return np.array(values, dtype=np.float64)
+
+
+def test_hull_of_given_points() -> None:
+    # b is under the segment a -> c; d is dearer and worse than c; e ties a's cost, worse
+    hull = single_model_hull(
+        ["a", "b", "c", "d", "e"], a(0.5, 0.55, 0.9, 0.8, 0.4), a(1.0, 2.0, 3.0, 4.0, 1.0)
+    )
+    assert hull.models == ["a", "c"]
+    assert hull.at(a(2.0)).tolist() == pytest.approx([0.7])
+
+
+def test_area_share_and_worst_point_above_a_hull() -> None:
+    hull = single_model_hull(["cheap", "dear"], a(0.5, 0.7), a(1.0, 3.0))
+    # a tent over the hull's segment: margin 0, 0.1, 0 -> triangle of area 0.1
+    g = gap(hull, a(1.0, 2.0, 3.0), a(0.5, 0.7, 0.7))
+    assert g.share == pytest.approx(1.0)
+    assert g.area == pytest.approx(0.1)
+    assert g.mean_margin == pytest.approx(0.05)
+    assert g.worst == pytest.approx(0.0) and g.worst_cost == 1.0
+    # a line crossing the hull at cost 2: below on the first half, above on the second
+    g = gap(hull, a(1.0, 3.0), a(0.4, 0.8))
+    assert g.share == pytest.approx(0.5)
+    assert g.area == pytest.approx(0.0)
+    assert g.worst == pytest.approx(-0.1) and g.worst_cost == 1.0
+    # on the hull everywhere: never above it
+    assert gap(hull, a(1.0, 3.0), a(0.5, 0.7)).share == 0.0
+
+
+def test_frontier_and_cost_at_quality() -> None:
+    xs, ys = frontier(a(3.0, 1.0, 3.0, 2.0, 5.0), a(0.7, 0.5, 0.6, 0.4, 0.9))
+    assert xs.tolist() == [1.0, 2.0, 3.0, 5.0]
+    assert ys.tolist() == [0.5, 0.5, 0.7, 0.9]  # cost 2 keeps cost 1's better quality
+    curve = (a(1.0, 3.0, 5.0), a(0.5, 0.7, 0.9))
+    assert cost_at_quality(*curve, 0.8) == pytest.approx(4.0)
+    assert cost_at_quality(*curve, 0.4) == 1.0
+    assert np.isnan(cost_at_quality(*curve, 0.95))
+
+
+def toy_table() -> ModelTable:
+    """cheap answers the easy rows, dear answers all; 20 groups of 3 rows each."""
+    prompts = [p for p in EASY + HARD]
+    n = len(prompts)
+    hard = np.array([p in HARD for p in prompts])
+    quality = np.column_stack([np.where(hard, 0.0, 1.0), np.ones(n)])
+    cost = np.column_stack([np.full(n, 1.0), np.full(n, 10.0)])
+    return ModelTable(
+        label="toy",
+        path="toy.jsonl",
+        dataset="toy",
+        ids=[str(i) for i in range(n)],
+        prompts=prompts,
+        groups=[str(i % 4) for i in range(n)],
+        split=None,
+        models=["cheap", "dear"],
+        quality=quality,
+        cost=cost,
+        cost_basis="given",
+        low=0.0,
+    )
+
+
+def test_oracle_probabilities_reach_the_best_quality_at_the_cost_of_the_hard_share() -> None:
+    table = toy_table()
+    truth = dict(zip(table.prompts, table.quality, strict=True))
+
+    def oracle(prompts, target, models):  # type: ignore[no-untyped-def]
+        return lambda texts: np.array([truth[t] for t in texts])
+
+    r = evaluate_nmodel(table, oracle, n_folds=4)
+    hard_share = float(np.mean(table.quality[:, 0] == 0.0))
+    assert r.curve_quality.max() == 1.0
+    # knowing each row, the router pays dear only on the hard rows
+    expected = ((1.0 - hard_share) * 1.0 + hard_share * 10.0) / 10.0
+    assert r.cost_at_best_quality_share == pytest.approx(expected)
+    assert r.vs_hull.share == pytest.approx(1.0)
+    assert r.hull_models == ["cheap", "dear"] and r.best_pair == ("cheap", "dear")
+
+
+def test_probabilities_that_know_nothing_never_beat_the_hull() -> None:
+    table = toy_table()
+
+    def flat(prompts, target, models):  # type: ignore[no-untyped-def]
+        return lambda texts: np.tile(target.mean(axis=0), (len(texts), 1))
+
+    r = evaluate_nmodel(table, flat, n_folds=4)
+    assert r.vs_hull.share == 0.0  # it can only take whole models: the hull's corners
+
+
+def test_near_duplicates_share_a_group() -> None:
+    assert near_duplicate_key("What is 2 + 3?") == near_duplicate_key("what is 7 + 9 ?")
+    assert near_duplicate_key("What is 2 + 3?") != near_duplicate_key("Who wrote Hamlet?")
+
+
+@needs_arena
+def test_arena_hard_is_one_table_per_judge_and_unpriced_columns_are_named() -> None:
+    tables = load_tables(str(ARENA))
+    assert [t.label.split("(judge ")[1] for t in tables] == ["gpt-4-1106-preview)", "gpt-4o)"]
+    assert sum(len(t.models) + len(t.left_out) for t in tables) == 40
+    old = tables[0]
+    assert (
+        "no published price or size"
+        in old.left_out["Tower-3.1-sugarloaf-250119 (judge gpt-4-1106-preview)"]
+    )
+    assert old.low == -1.0 and old.target().min() >= 0.0
+    price = price_of("gpt-4o (judge gpt-4o)")
+    assert price is not None and price.per_query(1000, 100) == pytest.approx(0.0065)
+
+
+@needs_routerbench
+def test_routerbench_slice_against_its_single_models(encoder) -> None:  # type: ignore[no-untyped-def]
+    (table,) = load_tables(str(RB))
+    assert len(table.models) == 11 and table.cost_basis == "cost_usd from the file"
+    split = np.array(table.split)
+    keep = np.concatenate(
+        [np.flatnonzero(split == "train")[:120], np.flatnonzero(split == "test")[:40]]
+    )
+    small = ModelTable(
+        **{
+            **table.__dict__,
+            "ids": [table.ids[i] for i in keep],
+            "prompts": [table.prompts[i] for i in keep],
+            "groups": [table.groups[i] for i in keep],
+            "split": [table.split[i] for i in keep] if table.split else None,
+            "quality": table.quality[keep],
+            "cost": table.cost[keep],
+        }
+    )
+    r = evaluate_nmodel(small, factor_fitter(encoder, max_iter=60))
+    assert r.test_rows == 40
+    test = np.flatnonzero(np.array(small.split) == "test")
+    assert r.single_quality == pytest.approx(small.quality[test].mean(axis=0))
+    # a huge lambda sends every row to the model cheapest on the training rows
+    train = np.flatnonzero(np.array(small.split) == "train")
+    cheapest = int(np.argmin(small.cost[train].mean(axis=0)))
+    assert r.curve_cost[-1] == pytest.approx(r.single_cost[cheapest])
+    assert r.curve_quality[-1] == pytest.approx(r.single_quality[cheapest])
+    assert 0.0 <= r.vs_hull.share <= 1.0 and r.vs_hull.worst <= r.vs_hull.mean_margin
+    assert r.reference == "gpt-4-1106-preview" and r.cost_at_reference_share is not None
+
+
+def test_cli_models_all_writes_the_table_json_and_plot(tmp_path: Path) -> None:
+    rows = []
+    for i, prompt in enumerate(EASY + HARD):
+        hard = prompt in HARD
+        rows.append(
+            {
+                "id": str(i),
+                "dataset": "toy",
+                "prompt": prompt,
+                "models": {
+                    "weak": {"score": 0.0 if hard else 1.0, "cost_usd": 0.001},
+                    "mid": {"score": 0.0 if hard and i % 2 else 1.0, "cost_usd": 0.004},
+                    "strong": {"score": 1.0, "cost_usd": 0.02},
+                },
+            }
+        )
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, plot = tmp_path / "n.json", tmp_path / "n.png"
+    proc = run_cli(
+        "eval",
+        "--models",
+        "all",
+        "--data",
+        str(data),
+        "--folds",
+        "3",
+        "--json",
+        str(out),
+        "--plot",
+        str(plot),
+        check=True,
+    )
+    assert "N-model router" in proc.stdout and "best pair" in proc.stdout
+    (doc,) = json.loads(out.read_text())["tables"]
+    assert 0.0 <= doc["above_hull_share"] <= 1.0
+    assert doc["cost_at_best_quality_share"] is None or doc["cost_at_best_quality_share"] > 0
+    assert doc["best_single"]["model"] == "strong" and plot.stat().st_size > 10_000
+    bad = run_cli("eval", "--models", "all", "--data", str(data), "--small", "weak")
+    assert bad.returncode == 2 and "drop --small" in bad.stderr
+
+
+def test_platt_recovers_a_known_calibration() -> None:
+    from tierroute.eval.nmodel import platt
+    from tierroute.routers.base import sigmoid
+
+    s = np.linspace(-3, 3, 601)[:, None].repeat(2, axis=1)
+    target = np.column_stack([sigmoid(2.0 * s[:, 0] + 1.0), sigmoid(s[:, 1])])
+    a_, c_ = platt(s, target, l2=0.0)
+    assert a_ == pytest.approx([2.0, 1.0], abs=1e-4) and c_ == pytest.approx([1.0, 0.0], abs=1e-4)
+
+
+def test_pareto_front_drops_models_beaten_at_no_more_cost() -> None:
+    from tierroute.eval.nmodel import pareto_front
+
+    # b: dearer than a and worse; c: same cost as a, worse; d: dearest and best
+    front = pareto_front(a(0.6, 0.5, 0.55, 0.9), a(1.0, 2.0, 1.0, 5.0))
+    assert front.tolist() == [True, False, False, True]
+
+
+def test_a_file_that_cannot_be_evaluated_is_a_clear_error(tmp_path: Path) -> None:
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"id": "1", "prompt": "hi", "models": {"m": {"score": 1}}}) + "\n")
+    proc = run_cli("eval", "--models", "all", "--data", str(one))
+    assert proc.returncode == 2 and "fewer than two models" in proc.stderr
+    row = {"id": "1", "prompt": "hi", "models": {"a": {"score": 1, "cost_usd": 1}}}
+    gaps = [row, {**row, "id": "2", "models": {"b": {"score": 0, "cost_usd": 2}}}] * 2
+    gaps_file = tmp_path / "gaps.jsonl"
+    gaps_file.write_text("".join(json.dumps(r) + "\n" for r in gaps))
+    proc = run_cli("eval", "--models", "all", "--data", str(gaps_file))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
