@@ -2,6 +2,7 @@
 
     python benchmarks/gateway_bench.py [--requests 2000] [--skip-local]
         [--only overhead batching replicas local]
+    python benchmarks/gateway_bench.py --state redis://127.0.0.1:6379/0   (state_bench.py)
 
 1. Overhead: latency through tierroute minus latency straight to the same fast local
    upstream (benchmarks/fast_upstream.py), p50 and p99, at concurrency 1 and 64, measured
@@ -367,7 +368,15 @@ def main() -> None:
         choices=["overhead", "batching", "replicas", "local"],
         help="run these sections only (default: all)",
     )
+    parser.add_argument(
+        "--state", metavar="REDIS_URL", help="only compare in-process and Redis state (state_bench)"
+    )
     args = parser.parse_args()
+    if args.state:
+        from state_bench import compare
+
+        compare(args.requests, args.state, rounds=3)
+        return
     only = set(args.only or ["overhead", "batching", "replicas", "local"])
     if args.skip_local:
         only.discard("local")

@@ -9,7 +9,7 @@
 #   not need: it is installed without dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="embed,serve,local,postgres"
+extras="embed,serve,local,postgres,redis"
 [ "${1:-}" = "dev" ] && extras="$extras,dev"
 export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF}"
 python3 -m pip install -q -e ".[$extras]"

@@ -52,6 +52,14 @@ class Personaliser:
         else:
             counts[1] += old - new
 
+    def counts(self) -> dict[str, list[float]]:
+        """Every tenant's [ratings, bad], to share with other replicas."""
+        return {t: list(c) for t, c in self._counts.items()}
+
+    def replace_counts(self, counts: dict[str, list[float]]) -> None:
+        """Take the counts all replicas share (the shift formula is unchanged)."""
+        self._counts = {t: [float(c[0]), float(c[1])] for t, c in counts.items() if c[0] > 0}
+
     def shift(self, tenant: str | None) -> float:
         if tenant is None or tenant not in self._counts:
             return 0.0

@@ -43,9 +43,11 @@ from tierroute.backends.base import Backend, BackendError, StreamDelta
 from tierroute.conversation import estimate_tokens
 from tierroute.errors import InputError, LedgerError
 from tierroute.gateway import passthrough
+from tierroute.gateway.admission import gate, key_policy
 from tierroute.gateway.auth import authenticate
 from tierroute.gateway.engine import AllTiersFailed, Engine, Outcome, Routed, new_request_id
 from tierroute.gateway.learner import Learner
+from tierroute.gateway.limits import settle
 from tierroute.gateway.metrics import Metrics
 from tierroute.gateway.schema import (
     ApiError,
@@ -65,6 +67,7 @@ from tierroute.gateway.schema import (
     usage_fields,
 )
 from tierroute.gateway.settings import GatewaySettings
+from tierroute.gateway.sync import attach_state, detach_state
 from tierroute.keys import Authoriser, KeyStore
 from tierroute.ledger import Ledger
 from tierroute.routers.base import BaseRouter
@@ -213,6 +216,7 @@ def create_app(
         engine.metrics.watch_ledger(parts.ledger.health)
         if settings.virtual_keys:
             auth["keys"] = Authoriser(KeyStore(parts.ledger))
+        await attach_state(engine)
         state["engine"] = engine
         if settings.learning is not None:
             folder = parts.learned_folder()
@@ -229,6 +233,7 @@ def create_app(
             # queued ledger row is committed before the process exits.
             if "learner" in learners:
                 await asyncio.to_thread(learners["learner"].stop)
+            await detach_state(engine)
             engine.close()
             if engine.shadow is not None:
                 await engine.shadow.aclose()
@@ -263,8 +268,9 @@ def create_app(
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         # A body left unread (too big, too slow) leaves nothing to reuse the connection for:
         # close it now rather than at the keep-alive timeout.
-        unread = {"Connection": "close"} if exc.status in (408, 413) else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=unread)
+        unread = {"Connection": "close"} if exc.status in (408, 413) else {}
+        headers = {**unread, **(exc.headers or {})} or None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(LedgerError)
     async def _ledger_error(request: Request, exc: LedgerError) -> JSONResponse:
@@ -459,11 +465,13 @@ def create_app(
         }
         return JSONResponse(body, headers=_decision_headers(routed, None, [], None, ""))
 
-    async def _route(call: ChatCall) -> Routed:
+    async def _route(call: ChatCall, pressure: float = 0.0) -> Routed:
         forced = None if call.model == "auto" else call.model
         max_tokens = call.request.limit or settings.max_tokens_default
         try:
-            return await engine().route(call.request.messages, call.hints, max_tokens, forced)
+            return await engine().route(
+                call.request.messages, call.hints, max_tokens, forced, pressure
+            )
         except InputError as exc:
             raise ApiError(400, str(exc), param="messages") from None
 
@@ -659,8 +667,15 @@ def create_app(
             ),
             request.state.caller.scope,
         )
-        routed = await _route(call)
-        outcome = Outcome(request_id=new_request_id(), routed=routed)
+        policy = key_policy(settings, key_id, request.state)
+        ticket = await gate(settings, e.state, policy, call)
+        try:
+            routed = await _route(call, ticket.pressure if ticket is not None else 0.0)
+        except ApiError:
+            if ticket is not None:  # not answered: its reservation goes back
+                await settle(e.state, ticket, 0, 0.0)
+            raise
+        outcome = Outcome(request_id=new_request_id(), routed=routed, ticket=ticket)
         prompt = routed.text if settings.keep_prompts else None
         cascade = e.cascades(routed, forced=call.model != "auto")
         if call.stream:
@@ -672,6 +687,9 @@ def create_app(
                 result = await e.complete(outcome, call.request)
         except (AllTiersFailed, BackendError) as exc:
             return failed(outcome, call, key_id, start, prompt, exc, stream=False)
+        except asyncio.CancelledError:
+            e.release(outcome)  # the client left: its reservation goes back
+            raise
         latency = (time.perf_counter() - start) * 1000
         tier = e.settings.spec(outcome.booked_tier).tier
         # Usage in the body is the returned answer's; the cost covers every call made.
@@ -708,6 +726,9 @@ def create_app(
                 first, rest = await e.open_stream(outcome, call.request)
         except (AllTiersFailed, BackendError) as exc:
             return failed(outcome, call, key_id, start, prompt, exc, stream=True)
+        except asyncio.CancelledError:
+            e.release(outcome)
+            raise
         ttft = (time.perf_counter() - start) * 1000
         tier_name = outcome.booked_tier
         tier = e.settings.spec(tier_name).tier

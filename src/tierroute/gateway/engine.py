@@ -39,10 +39,10 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tierroute.backends.base import (
     Backend,
@@ -53,11 +53,12 @@ from tierroute.backends.base import (
     StreamDelta,
 )
 from tierroute.cascade import Cascade, Draft
-from tierroute.controller import ThresholdController
+from tierroute.controller import ThresholdChange, ThresholdController
 from tierroute.conversation import estimate_tokens, routing_text
 from tierroute.gateway.batcher import MicroBatcher, explain_batch
 from tierroute.gateway.cache import DecisionCache, cache_key
 from tierroute.gateway.choose import ModelChooser
+from tierroute.gateway.limits import Ticket, settle
 from tierroute.gateway.metrics import Metrics
 from tierroute.gateway.resilience import CircuitBreaker, RollingLatency, backoff_s
 from tierroute.gateway.settings import GatewaySettings
@@ -65,7 +66,11 @@ from tierroute.gateway.shadow import Shadow
 from tierroute.ledger import Ledger, LedgerRow
 from tierroute.personalise import Personaliser
 from tierroute.routers.base import BaseRouter
+from tierroute.state import MemoryState, SharedState
 from tierroute.types import Decision, Explanation, Tier
+
+if TYPE_CHECKING:
+    from tierroute.gateway.sync import StateSync
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -127,6 +132,7 @@ class Outcome:
     escalated: bool = False  # the verifier sent it on (an escalation, not a fallback)
     notes: list[str] = field(default_factory=list)  # tiers skipped or failed, for the reason
     replayed: bool = False  # a buffered answer was streamed: its tier's latency is booked
+    ticket: Ticket | None = None  # the key's reservation of limits, settled when booked
 
     @property
     def booked_tier(self) -> str:
@@ -214,6 +220,12 @@ class Engine:
         # already uses both cores for one query; the event loop stays free meanwhile.
         # Concurrent fresh prompts share one embedding call there (gateway/batcher.py).
         self._routing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierroute-route")
+        # Limits and budgets count here; with a shared store, `sync` mirrors the rest of
+        # the local state (breakers, latency, threshold, offsets) from it. See gateway/sync.py.
+        self.state: SharedState = MemoryState(settings.cache_size)
+        self.sync: StateSync | None = None
+        self._later: set[asyncio.Task[Any]] = set()
+        self._swapped = False  # the continuous learner swapped the router
         self._batcher = MicroBatcher(
             explain_batch,
             self._routing,
@@ -225,6 +237,24 @@ class Engine:
     @property
     def tier_names(self) -> list[str]:
         return [s.name for s in self.settings.tiers]
+
+    def later(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run `coro` on the loop without waiting for it, holding it until it is done."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._later.add(task)
+        task.add_done_callback(self._later.discard)
+
+    async def drain(self) -> None:
+        """Wait for the writes started by `later` (at shutdown)."""
+        if self._later:
+            await asyncio.gather(*self._later, return_exceptions=True)
+
+    def release(self, outcome: Outcome) -> None:
+        """A request that ends unbooked (its client left) gives its reservation back,
+        keeping what its cascade's calls cost."""
+        if outcome.ticket is not None and not outcome.ticket.settled:
+            tokens = sum(p + c for _, p, c in outcome.spent)
+            self.later(settle(self.state, outcome.ticket, tokens, self.spent_cost(outcome)))
 
     def close(self) -> None:
         self._routing.shutdown(wait=False, cancel_futures=True)
@@ -239,11 +269,22 @@ class Engine:
             self.metrics.cache_hits.inc()
             self.metrics.cache_hit_rate.set(self.cache.hit_rate)
             return cached, True
-        self.metrics.cache_misses.inc()
         router = self.router
+        # A replica whose learner swapped its router no longer shares its explanations.
+        sync = self.sync if not self._swapped else None
+        if sync is not None:
+            shared = await sync.cache_get(key)  # another replica routed it already
+            if shared is not None and router is self.router:
+                self.cache.put(key, shared)
+                self.metrics.cache_hits.inc()
+                self.metrics.cache_hit_rate.set(self.cache.hit_rate)
+                return shared, True
+        self.metrics.cache_misses.inc()
         explanation = await self._batcher.submit((router, text))
         if router is self.router:  # not one swapped out meanwhile
             self.cache.put(key, explanation)
+            if sync is not None:
+                sync.cache_put(key, explanation)
         self.metrics.cache_hit_rate.set(self.cache.hit_rate)
         return explanation, False
 
@@ -270,7 +311,9 @@ class Engine:
         hints: Hints,
         max_tokens: int,
         forced: str | None = None,
+        pressure: float = 0.0,
     ) -> Routed:
+        """`pressure`: how far the key's budget pressure lowers its score (gateway/limits.py)."""
         start = time.perf_counter()
         policy = self.settings.policy
         text = routing_text(messages)
@@ -285,7 +328,11 @@ class Engine:
             explanation, cache_hit = await self.explain(text)
             self._calibrate(explanation.score)
             offset = self.personaliser.shift(hints.tenant) if self.personaliser else 0.0
-            decision = policy.decide(explanation, hints.priority, offset, f"tenant {hints.tenant}")
+            label = f"tenant {hints.tenant}"
+            if pressure:
+                label = f"{label} {offset:+.2f}, budget pressure" if offset else "budget pressure"
+                offset -= pressure
+            decision = policy.decide(explanation, hints.priority, offset, label)
         tiers = list(policy.tiers)
         index = tiers.index(decision.tier)
         prompt_tokens = estimate_tokens(text)
@@ -355,23 +402,36 @@ class Engine:
         """Feed the controller; apply and log a threshold change when it makes one."""
         if self.controller is None:
             return
-        change = self.controller.observe(score, self._small_tier_quality())
-        if change is None:
+        if self.sync is not None:  # the replica holding the lease runs the controller
+            self.sync.note_score(score)
             return
+        change = self.controller.observe(score, self._small_tier_quality())
+        if change is not None:
+            self.apply_change(change)
+
+    def apply_change(self, change: ThresholdChange) -> None:
+        """Apply the controller's change to the policy, and book and log it."""
+        self.set_threshold(change.new)
+        self.ledger.record_policy_change(change.ts, change.old, change.new, change.reason)
+        log.info("policy: %s", change.reason)
+
+    def set_threshold(self, entry: float) -> None:
+        """Move the largest tier's entry score to `entry` (a controller's threshold)."""
         policy = self.settings.policy
         assert policy.thresholds is not None
-        top = change.new + policy.abstain_band  # the band lies above the entry score
+        top = entry + policy.abstain_band  # the band lies above the entry score
         # Lower boundaries never rise above the top one, so thresholds stay ascending.
         policy.thresholds = [min(t, top) for t in policy.thresholds[:-1]] + [top]
-        self.ledger.record_policy_change(change.ts, change.old, change.new, change.reason)
-        self.metrics.threshold.set(change.new)
-        log.info("policy: %s", change.reason)
+        if self.controller is not None:
+            self.controller.threshold = entry
+        self.metrics.threshold.set(entry)
 
     def swap_router(self, router: BaseRouter, thresholds: list[float] | None = None) -> None:
         """Serve `router` from the next request on (a promotion or a rollback of the
         continuous learner), with the policy's `thresholds` for its score scale. Call it
         on the event loop: the decision cache and the controller live there."""
         self.router = router
+        self._swapped = True
         if self.chooser is not None:
             self.chooser.set_router(router)
         if thresholds is not None:
@@ -390,8 +450,11 @@ class Engine:
                 await asyncio.sleep(backoff_s(attempt))
             yield attempt
 
-    def _available(self, tier: str) -> bool:
-        allowed = self.breakers[tier].allow()
+    async def _available(self, tier: str) -> bool:
+        breaker = self.breakers[tier]
+        allowed = breaker.allow()
+        if allowed and breaker.probing and self.sync is not None:
+            allowed = await self.sync.claim_probe(tier)  # one probe among all replicas
         self.metrics.breaker_open.labels(tier).set(0 if allowed else 1)
         return allowed
 
@@ -400,6 +463,8 @@ class Engine:
         before = breaker.state
         breaker.failure()
         after = breaker.state
+        if self.sync is not None:
+            self.sync.failed(tier)
         self.metrics.breaker_open.labels(tier).set(1 if after == "open" else 0)
         if after == "open" and before != "open":
             log.warning(
@@ -412,6 +477,8 @@ class Engine:
 
     def _succeeded(self, tier: str, ms: float) -> None:
         breaker = self.breakers[tier]
+        if self.sync is not None:
+            self.sync.succeeded(tier, ms, breaker.state == "closed" and not breaker.failures)
         if breaker.state != "closed":
             log.info(
                 "breaker of tier %s closed: the tier answered again",
@@ -425,11 +492,13 @@ class Engine:
 
     def health(self) -> list[str]:
         """What is wrong now, for /healthz: an empty list when every tier is in service."""
-        return [
+        problems = [
             f"tier {name}: breaker {breaker.state}"
             for name, breaker in self.breakers.items()
             if breaker.state != "closed"
         ]
+        state = self.state.problem()
+        return [*problems, f"state: {state}"] if state is not None else problems
 
     async def _on_tier(
         self, tier: str, attempt: Callable[[str, float], Awaitable[T]], request_id: str = ""
@@ -471,7 +540,7 @@ class Engine:
         last: BackendError | None = None
         rid = outcome.request_id
         for tier in outcome.routed.chain if chain is None else chain:
-            if not self._available(tier):
+            if not await self._available(tier):
                 outcome.notes.append(f"{tier} skipped: breaker open")
                 log.warning(
                     "request %s: tier %s skipped, its breaker is open",
@@ -652,7 +721,7 @@ class Engine:
         failed after its retries (the note says so), so the request escalates."""
         assert self.cascade is not None
         small = self._smallest(outcome)
-        if not self._available(small):
+        if not await self._available(small):
             outcome.cascade = f"escalated: tier {small} is unavailable (circuit breaker open)"
             return None
         outcome.tried.append(small)
@@ -759,6 +828,12 @@ class Engine:
                 largest_price_out_per_m=largest.output_price_per_m,
             )
         )
+        if outcome.ticket is not None:
+            tokens = prompt_tokens + spent_prompt + completion_tokens + spent_completion
+            if self.sync is not None and not outcome.ticket.settled:
+                self.sync.settle(outcome.ticket, tokens, cost + spent_cost)  # batched
+            else:
+                self.later(settle(self.state, outcome.ticket, tokens, cost + spent_cost))
         self._recent[outcome.request_id] = Owner(
             api_key_id, tier_name, hints.tenant, key, decision.tags
         )
@@ -820,6 +895,9 @@ class Engine:
                 self.personaliser.observe(owner.tenant, rating)
             else:
                 self.personaliser.revise(owner.tenant, previous, rating)
+            if self.sync is not None:
+                n, bad = (1.0, 1.0 - rating) if previous is None else (0.0, previous - rating)
+                self.sync.feedback(owner.tenant, n, bad)
 
     def _verdict(self, request_id: str, verdict: float) -> None:
         """A shadow verdict on a recent answer: the model that gave it learns from it."""

@@ -59,8 +59,10 @@ class ApiError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        self.headers = headers  # e.g. Retry-After on a 429
         self.status = status
         self.message = message
         self.type = type

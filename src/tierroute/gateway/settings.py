@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from tierroute.config import PolicyFields, TierFields, build_policy
 from tierroute.controller import ControllerConfig
 from tierroute.errors import ConfigError
 from tierroute.gateway.choose import ChooseConfig
+from tierroute.gateway.limits import BudgetPressure, KeyLimits
 from tierroute.gateway.shadow import ShadowConfig
 from tierroute.learning import LearningConfig
 from tierroute.ledger.location import LEDGER_PATTERN, MAX_LENGTH
@@ -98,6 +100,12 @@ class GatewaySettings:
     ledger_spill_max_rows: int = 100_000
     learning: LearningConfig | None = None
     ledger: str | None = None  # a postgresql:// URL or sqlite:PATH; see ledger.location
+    # Shared state (gateway/sync.py, tierroute.state): None keeps it in the process.
+    state_url: str | None = None
+    state_prefix: str = "tierroute:"
+    state_sync_s: float = 0.25
+    key_limits: KeyLimits | None = None
+    budget_pressure: BudgetPressure | None = None
     # Fresh prompts routed together: up to this many per embedding call, gathered for at
     # most this long (1: one at a time). See gateway/batcher.py.
     route_batch_max: int = 32
@@ -240,7 +248,15 @@ class GatewayFields(StrictModel):
     personalise: Section = None
     cascade: Section = None
     learning: Section = None
+    key_limits: Section = None
+    budget_pressure: Section = None
+    # Every shared-state key starts with it, so gateways (or tests) can share one Redis.
+    state_prefix: str = Field("tierroute:", pattern=r"^[A-Za-z0-9_.:/-]{1,100}$")
+    state_sync_s: float = Field(0.25, ge=0.02, le=10)
     choose: Section = None
+
+
+StateUrl = Annotated[str, Field(pattern=r"^(memory|(redis|rediss|unix)://\S+)$", max_length=2048)]
 
 
 class GatewayFile(StrictModel):
@@ -249,6 +265,8 @@ class GatewayFile(StrictModel):
     router: str = Field("default", min_length=1, max_length=4096)
     ledger: str | None = Field(None, pattern=LEDGER_PATTERN, max_length=MAX_LENGTH)
     gateway: GatewayFields | None = None
+    # memory (this process) or redis://host:port/db; TIERROUTE_STATE_URL overrides it.
+    state: StateUrl | None = None
 
 
 def _check_router(spec: str, source: str, lines: Lines | None) -> None:
@@ -321,11 +339,25 @@ def parse_settings(doc: Any, source: str, lines: Lines | None = None) -> Gateway
         cascade=cascade,
         learning=learning if learning is not None and learning.enabled else None,
         ledger=checked.ledger,
+        state_url=_state_url(checked.state),
+        state_prefix=gw.state_prefix,
+        state_sync_s=gw.state_sync_s,
+        key_limits=section("key_limits", KeyLimits),
+        budget_pressure=section("budget_pressure", BudgetPressure),
         route_batch_max=gw.route_batch_max,
         route_batch_wait_ms=gw.route_batch_wait_ms,
         choose=section("choose", ChooseConfig),
         source=source,
     )
+
+
+def _state_url(configured: str | None) -> str | None:
+    url = os.environ.get("TIERROUTE_STATE_URL") or configured
+    if url is not None and not re.fullmatch(r"memory|(redis|rediss|unix)://\S+", url):
+        raise ConfigError(
+            f"TIERROUTE_STATE_URL '{url[:100]}' is neither 'memory' nor a redis:// URL"
+        )
+    return None if url == "memory" else url
 
 
 def apply_calibration(settings: GatewaySettings, threshold: float) -> str:

@@ -1,0 +1,57 @@
+"""The gate before routing: a key over its rate limit or budget gets a 429, OpenAI-style,
+with Retry-After; an admitted one gets a Ticket (its reservation and budget pressure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tierroute.gateway.limits import (
+    ANONYMOUS,
+    Ticket,
+    admit,
+    estimate_ask,
+    limited,
+    refusal,
+)
+from tierroute.gateway.schema import ApiError, ChatCall
+from tierroute.gateway.settings import GatewaySettings
+from tierroute.keys import KeyPolicy
+from tierroute.state import SharedState
+
+# OpenAI's error types for each refusal (see state.base.REFUSALS).
+_TYPES = {1: "requests", 2: "tokens", 3: "insufficient_quota", 4: "insufficient_quota"}
+
+
+def key_policy(
+    settings: GatewaySettings, key_id: str | None, request_state: Any = None
+) -> KeyPolicy | None:
+    """The limits of the caller: a virtual key's own policy (which authentication leaves on
+    `request.state.caller`), else `gateway.key_limits` for a configured key; with no keys
+    configured those hold for all callers together."""
+    virtual = getattr(getattr(request_state, "caller", None), "policy", None)
+    if isinstance(virtual, KeyPolicy):
+        return virtual
+    if settings.key_limits is None:
+        return None
+    return settings.key_limits.policy(key_id or ANONYMOUS)
+
+
+async def gate(
+    settings: GatewaySettings, state: SharedState, policy: KeyPolicy | None, call: ChatCall
+) -> Ticket | None:
+    """Admit the call under its key's limits (None: unlimited), or raise the 429."""
+    if policy is None or not limited(policy):
+        return None
+    max_tokens = call.request.max_tokens or settings.max_tokens_default
+    ask = estimate_ask(call.request.messages, max_tokens, settings.tiers[-1].tier.cost)
+    got = await admit(state, policy, ask, settings.budget_pressure)
+    if isinstance(got, Ticket):
+        return got
+    message, code = refusal(policy, got)
+    raise ApiError(
+        429,
+        message,
+        type=_TYPES[got.refused],
+        code=code,
+        headers={"Retry-After": str(got.retry_after_s)},
+    )
