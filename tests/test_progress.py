@@ -51,7 +51,9 @@ def test_cross_validation_and_irt_fitting_show_bars_on_a_terminal(outcome_file: 
     args = ["eval", "--data", str(outcome_file), *TOY, "--router", "irt"]
     code, shown = run_on_terminal(*args, "--cv-group", "meta.topic")
     assert code == 0, shown
-    assert "cross-validation folds" in shown and "5/5" in shown
+    # tqdm redraws at most every 0.1 s and clears the bar at the end (leave=False), so on a
+    # fast run only the first state may ever be drawn: the bar and its total are what count.
+    assert "cross-validation folds" in shown and "/5 " in shown
     assert "fitting irt" in shown
     code, quiet = run_on_terminal(*args, "--cv-group", "meta.topic", "--quiet")
     assert code == 0, quiet
