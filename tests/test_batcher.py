@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -18,6 +21,8 @@ from tierroute.gateway.engine import Engine, Hints
 from tierroute.gateway.settings import parse_settings
 from tierroute.ledger import Ledger
 from tierroute.routers import make_router
+
+T = TypeVar("T")
 
 
 def double(items: list[int]) -> list[int | BaseException]:
@@ -134,6 +139,100 @@ def test_a_caller_that_gave_up_is_left_out_of_the_next_batch() -> None:
 
     assert asyncio.run(main()) == 4
     assert calls == [[2]]
+
+
+def frozen_clock_run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run `main` on a loop whose clock never moves: a timer (call_later) never fires, so
+    whatever completes did so without waiting for one."""
+    loop = asyncio.new_event_loop()
+    loop.time = lambda: 1000.0  # type: ignore[method-assign]
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+async def until_done(future: asyncio.Future[Any], seconds: float = 10) -> None:
+    """Turn the loop until `future` is done (real time bounds it: the loop's is frozen)."""
+    deadline = time.monotonic() + seconds
+    while not future.done() and time.monotonic() < deadline:
+        await asyncio.sleep(0)
+
+
+def test_a_lone_item_on_an_idle_worker_goes_at_once_not_after_a_window() -> None:
+    calls: list[list[int]] = []
+
+    def run(items: list[int]) -> list[int | BaseException]:
+        calls.append(items)
+        return double(items)
+
+    async def main() -> tuple[bool, object]:
+        with ThreadPoolExecutor(1) as pool:
+            batcher: MicroBatcher[int, int] = MicroBatcher(run, pool)  # the defaults
+            lone = asyncio.ensure_future(batcher.submit(4))
+            await until_done(lone)
+            return lone.done(), lone.result() if lone.done() else None
+
+    assert frozen_clock_run(main) == (True, 8)
+    assert calls == [[4]]
+
+
+def test_an_idle_worker_waits_for_company_only_when_a_window_is_set() -> None:
+    calls: list[list[int]] = []
+
+    def run(items: list[int]) -> list[int | BaseException]:
+        calls.append(items)
+        return double(items)
+
+    async def main() -> bool:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(run, pool, max_batch=2, max_wait_s=0.5)
+            first = asyncio.ensure_future(batcher.submit(0))
+            for _ in range(50):
+                await asyncio.sleep(0)
+            waited = not calls  # the window's timer cannot fire on a frozen clock
+            second = asyncio.ensure_future(batcher.submit(2))  # fills the batch: it goes
+            await until_done(second)
+            return waited and first.done()
+
+    assert frozen_clock_run(main)
+    assert calls == [[0, 2]]
+
+
+def test_items_submitted_together_to_an_idle_worker_share_its_first_batch() -> None:
+    calls: list[list[int]] = []
+
+    def run(items: list[int]) -> list[int | BaseException]:
+        calls.append(items)
+        return double(items)
+
+    async def main() -> list[object]:
+        with ThreadPoolExecutor(1) as pool:
+            batcher: MicroBatcher[int, int] = MicroBatcher(run, pool, max_batch=8)
+            burst = asyncio.gather(*(batcher.submit(i) for i in (0, 2, 4, 6, 8)))
+            await until_done(burst)
+            return list(burst.result())
+
+    assert frozen_clock_run(main) == [0, 4, 8, 12, 16]
+    assert calls == [[0, 2, 4, 6, 8]]
+
+
+def test_the_gateway_routes_a_lone_fresh_prompt_without_a_window(tmp_path: Path) -> None:
+    engine = engine_for(tmp_path, {})  # the default settings
+    try:
+
+        async def main() -> object:
+            routed = asyncio.ensure_future(
+                engine.route([{"role": "user", "content": "a lone fresh prompt"}], Hints(), 16)
+            )
+            await until_done(routed, 120)
+            return routed.result() if routed.done() else None
+
+        assert engine._batcher.max_wait_s == 0
+        assert frozen_clock_run(main) is not None
+        assert (engine._batcher.batches, engine._batcher.items) == (1, 1)
+    finally:
+        engine.close()
 
 
 def test_bad_parameters_are_refused() -> None:

@@ -3,9 +3,12 @@
 A fresh prompt costs one embedding, and one onnxruntime call on 32 short texts costs little
 more than on one: at 64 concurrent fresh prompts, routing them one by one left the gateway
 at ~220 req/s on 2 cores. `MicroBatcher.submit` parks a caller until its item has gone
-through `run(items)` with others that arrived within `max_wait_s` (at most `max_batch` per
-call). One batch runs at a time: items that arrive meanwhile wait for it and then go
-together, so the batch grows with load and a lone request waits at most `max_wait_s`.
+through `run(items)` with others (at most `max_batch` per call). One batch runs at a time,
+and batches form from what queued while the worker was busy: an item that finds the worker
+idle goes at once (with whatever else is submitted in the same turn of the event loop),
+items that arrive during a batch wait for it and then go together. So the batch grows with
+load and a lone request waits for nothing. `max_wait_s` > 0 makes an idle worker wait that
+long for company first (larger batches at moderate load, for that much latency).
 
 `run` returns one result or exception per item: an exception in its place goes to that
 caller alone; `run` raising sends the exception to every caller of the batch.
@@ -31,7 +34,7 @@ class MicroBatcher(Generic[T, R]):
         run: Callable[[list[T]], Sequence[R | BaseException]],
         executor: Executor | None,
         max_batch: int = 32,
-        max_wait_s: float = 0.002,
+        max_wait_s: float = 0.0,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch < 1:
@@ -44,7 +47,7 @@ class MicroBatcher(Generic[T, R]):
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch  # told each batch's size (the gateway's histogram)
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None  # the dispatch to come, when idle
         self._busy = False
         self.batches = 0  # calls of `run` so far, and the items they took (for the metrics)
         self.items = 0
@@ -57,8 +60,12 @@ class MicroBatcher(Generic[T, R]):
             if len(self._pending) >= self.max_batch or self.max_batch == 1:
                 self._cancel_timer()
                 self._dispatch(loop)
-            elif self._timer is None:
+            elif self._timer is None and self.max_wait_s > 0:
                 self._timer = loop.call_later(self.max_wait_s, self._dispatch, loop)
+            elif self._timer is None:
+                # Idle: go once the callbacks ready now have run, so the items they submit
+                # (a burst that arrived together) join this batch without any wait.
+                self._timer = loop.call_soon(self._dispatch, loop)
         return await future
 
     def _cancel_timer(self) -> None:

@@ -106,10 +106,11 @@ class GatewaySettings:
     state_sync_s: float = 0.25
     key_limits: KeyLimits | None = None
     budget_pressure: BudgetPressure | None = None
-    # Fresh prompts routed together: up to this many per embedding call, gathered for at
-    # most this long (1: one at a time). See gateway/batcher.py.
+    # Fresh prompts routed together: up to this many per embedding call (1: one at a time),
+    # those that queued while the routing thread was busy; an idle thread waits this long
+    # for company first (0: none). See gateway/batcher.py.
     route_batch_max: int = 32
-    route_batch_wait_ms: float = 2.0
+    route_batch_wait_ms: float = 0.0
     choose: ChooseConfig | None = None  # how a tier of several models picks one
     source: str = "built-in gateway.yaml"
 
@@ -237,7 +238,7 @@ class GatewayFields(StrictModel):
     on_ledger_failure: Literal["queue", "refuse"] = "queue"
     ledger_spill_max_rows: int = Field(100_000, ge=0, le=10_000_000)
     route_batch_max: int = Field(32, ge=1, le=256)  # <= the encoder's memo (512)
-    route_batch_wait_ms: float = Field(2.0, ge=0, le=100)
+    route_batch_wait_ms: float = Field(0.0, ge=0, le=100)
     api_keys_sha256: list[Sha256Hex] = Field(default_factory=list, max_length=100_000)
     # Also accept the keys of `tierroute keys create` (in the ledger database); every
     # request then needs a key.
