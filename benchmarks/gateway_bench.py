@@ -1,8 +1,9 @@
 """Gateway figures: prints them, asserts nothing.
 
     python benchmarks/gateway_bench.py [--requests 2000] [--skip-local]
-        [--only overhead batching replicas local]
+        [--only overhead batching replicas stack local]
     python benchmarks/gateway_bench.py --state redis://127.0.0.1:6379/0   (state_bench.py)
+    python benchmarks/gateway_bench.py --only stack [--baseline-src MAIN_CHECKOUT/src]
 
 1. Overhead: latency through tierroute minus latency straight to the same fast local
    upstream (benchmarks/fast_upstream.py), p50 and p99, at concurrency 1 and 64, measured
@@ -13,10 +14,14 @@
    side by side; then one, two and three replicas on this machine. With wrk installed
    (apt-get install wrk) each c=64 row is measured by the Python client and by wrk: the
    Python client saturates its own core first.
-4. Memory (RSS) of `tierroute serve` on its embedded default with both local tiers
+4. Stack: one replica on the embedded default (SQLite ledger, in-process state) vs one on
+   PostgreSQL + Redis, side by side, both with a limited key (key_limits): added p50/p99
+   at c=1 and req/s at c=64 (state_bench.side_by_side). With --baseline-src the same two
+   also run from another checkout's src (e.g. main's) in the same rounds: before/after.
+5. Memory (RSS) of `tierroute serve` on its embedded default with both local tiers
    loaded, and tokens/s of each local tier (64-token answers, forced tier).
 Targets (issue 3): added p50 <= 2 ms, p99 <= 10 ms; >= 1,000 req/s. Issue 12: fresh
-prompts at c=64 >= 600 req/s on 2 cores.
+prompts at c=64 >= 600 req/s on 2 cores; PostgreSQL + Redis adds <= 1 ms p50 over SQLite.
 """
 
 from __future__ import annotations
@@ -308,6 +313,46 @@ def replicas(requests: int) -> None:
                         print(f"{label:<34} {client:<6} {p50:8.2f} {p99:8.2f} {rps:8.0f}")
 
 
+@contextlib.contextmanager
+def pg_databases(admin_url: str, count: int) -> Iterator[list[str]]:
+    """`count` fresh PostgreSQL databases (URLs), dropped afterwards."""
+    import psycopg
+
+    names = [f"tierroute_bench_{uuid.uuid4().hex[:10]}" for _ in range(count)]
+    base = admin_url.rsplit("/", 1)[0]
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        for name in names:
+            admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield [f"{base}/{name}" for name in names]
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            for name in names:
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def stack(
+    requests: int, redis_url: str, pg_url: str, baseline_src: str | None, rounds: int
+) -> None:
+    """One replica: SQLite + in-process state vs PostgreSQL + Redis (issue 12's target:
+    <= 1 ms added p50), and the same from `baseline_src` when given, all side by side."""
+    from state_bench import Variant, side_by_side
+
+    print("\none replica, SQLite + memory vs PostgreSQL + Redis:")
+    srcs: list[tuple[str, str | None]] = [("", None)]
+    if baseline_src:
+        srcs.append((" (baseline)", baseline_src))
+    with pg_databases(pg_url, len(srcs)) as databases:
+        pairs = [
+            (
+                Variant(f"sqlite + memory{tag}", "memory", src=src),
+                Variant(f"postgresql + redis{tag}", redis_url, ledger=db, src=src),
+            )
+            for (tag, src), db in zip(srcs, databases, strict=True)
+        ]
+        side_by_side(pairs, requests, rounds, cases="stack")
+
+
 def local_tiers() -> None:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -365,9 +410,19 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["overhead", "batching", "replicas", "local"],
+        choices=["overhead", "batching", "replicas", "stack", "local"],
         help="run these sections only (default: all)",
     )
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="for stack")
+    parser.add_argument(
+        "--postgres",
+        default="postgresql://postgres@127.0.0.1:5432/test",
+        help="for stack: a database to create and drop the benchmark's databases from",
+    )
+    parser.add_argument(
+        "--baseline-src", help="stack: also run gateways from this src folder, side by side"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="stack: rounds per case")
     parser.add_argument(
         "--state", metavar="REDIS_URL", help="only compare in-process and Redis state (state_bench)"
     )
@@ -377,7 +432,7 @@ def main() -> None:
 
         compare(args.requests, args.state, rounds=3)
         return
-    only = set(args.only or ["overhead", "batching", "replicas", "local"])
+    only = set(args.only or ["overhead", "batching", "replicas", "stack", "local"])
     if args.skip_local:
         only.discard("local")
     print(f"gateway_bench on {os.cpu_count()} cores\n")
@@ -387,6 +442,8 @@ def main() -> None:
         batching(args.requests)
     if "replicas" in only:
         replicas(args.requests)
+    if "stack" in only:
+        stack(args.requests, args.redis, args.postgres, args.baseline_src, args.rounds)
     if "local" in only:
         local_tiers()
     print(

@@ -1,15 +1,21 @@
 """What shared state costs a request: one gateway on in-process state vs the same on Redis.
 
     python benchmarks/state_bench.py [--requests 2000] [--redis redis://127.0.0.1:6379/0]
-    (or python benchmarks/gateway_bench.py --state-only)
+        [--baseline-src OTHER_CHECKOUT/src]
+    (or python benchmarks/gateway_bench.py --state-only; `gateway_bench.py --only stack`
+    compares SQLite + memory with PostgreSQL + Redis the same way)
 
 Both runs use one API key limited by `gateway.key_limits` (requests and tokens per minute
 and a USD budget per day, all far above what the run uses), so every request pays the limit
 check (one Lua call) and its settlement; repeated prompts hit the decision cache, fresh
-ones miss it locally and read it from the state. Prints p50/p99 and req/s per case and the
-difference Redis makes, and the gateway's CPU milliseconds per request (which other load
-on the machine does not inflate, unlike latency). The issue's target for PostgreSQL +
-Redis is <= 1 ms added p50 over SQLite; this measures the Redis part.
+ones miss it locally (and, with one replica, skip the shared read). Prints p50/p99 and
+req/s per case and the difference Redis makes, and the gateway's CPU milliseconds per
+request (which other load on the machine does not inflate, unlike latency).
+
+`--baseline-src` runs the same pair of gateways from another checkout's `src` (e.g. main's)
+at the same time, alternating with this one's, so "before" and "after" are measured side
+by side under the same load. The issue's target for PostgreSQL + Redis is <= 1 ms added
+p50 over SQLite; this measures the Redis part.
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
 sys.path.insert(0, str(HERE))
 
 from gateway_bench import free_port, wait_up  # noqa: E402
@@ -70,18 +78,31 @@ async def measure(url: str, n: int, concurrency: int, fresh: bool) -> tuple[list
     return latencies, n / elapsed
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One gateway of a side-by-side run: its state, its ledger (None: SQLite in its data
+    dir), and the `src` folder it runs from (None: this checkout's)."""
+
+    label: str
+    state: str
+    ledger: str | None = None
+    src: str | None = None
+
+
 def start_gateway(
-    state: str, up_port: int, tmp: str, prefix: str
+    variant: Variant, up_port: int, tmp: str, prefix: str
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     config = Path(tmp) / f"gw-{port}.yaml"
+    ledger = f'ledger: "{variant.ledger}"' if variant.ledger else ""
     config.write_text(f"""
 tiers:
   - {{name: small, kind: openai, base_url: "http://127.0.0.1:{up_port}/v1", model: fast,
      typical_latency_ms: 1, input_price_per_m: 0.1, output_price_per_m: 0.1}}
   - {{name: large, kind: openai, base_url: "http://127.0.0.1:{up_port}/v1", model: fast,
      typical_latency_ms: 1, input_price_per_m: 1, output_price_per_m: 1}}
-state: "{state}"
+state: "{variant.state}"
+{ledger}
 gateway:
   state_prefix: "{prefix}"
   key_limits: {{requests_per_minute: 100000000, tokens_per_minute: 1000000000,
@@ -89,6 +110,9 @@ gateway:
 """)
     data = Path(tmp) / str(port)
     data.mkdir()
+    env = {**os.environ, "TIERROUTE_API_KEYS": KEY, "PYTHONPATH": variant.src or str(SRC)}
+    for name in ("TIERROUTE_STATE_URL", "TIERROUTE_LEDGER_URL"):
+        env.pop(name, None)  # the config says where each variant keeps them
     gateway = subprocess.Popen(
         [
             sys.executable,
@@ -105,7 +129,7 @@ gateway:
             "warning",
         ],
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "TIERROUTE_API_KEYS": KEY},
+        env=env,
     )
     return gateway, f"http://127.0.0.1:{port}"
 
@@ -117,73 +141,97 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def compare(requests: int, redis_url: str, rounds: int) -> None:
-    """Both gateways run at once; each case alternates between them `rounds` times and
-    keeps the median of each figure, so load from elsewhere hits both alike."""
+def side_by_side(
+    variants: list[tuple[Variant, Variant]], requests: int, rounds: int, cases: str = "all"
+) -> None:
+    """Each pair is (reference, candidate), e.g. memory vs Redis state of one checkout. All
+    gateways run at once; each case alternates between them `rounds` times and keeps the
+    median of each figure, so load from elsewhere hits them alike. Prints, per case and
+    gateway, p50/p99 (ms), req/s and gateway CPU ms per request, and for each candidate
+    what it adds to its reference's p50 and p99. `cases`: "all", or "stack" (repeated
+    prompt at c=1 and c=64, fresh prompts at c=64)."""
     up_port = free_port()
     prefix = f"tierroute-bench-{uuid.uuid4().hex[:8]}:"
     upstream = subprocess.Popen([sys.executable, str(HERE / "fast_upstream.py"), str(up_port)])
+    flat = [v for pair in variants for v in pair]
+    procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        memory, m_url = start_gateway("memory", up_port, tmp, prefix)
-        shared, r_url = start_gateway(redis_url, up_port, tmp, prefix)
         try:
+            urls = []
+            for v in flat:
+                proc, url = start_gateway(v, up_port, tmp, prefix + f"{len(procs)}:")
+                procs.append(proc)
+                urls.append(url)
             wait_up(f"http://127.0.0.1:{up_port}/healthz", upstream)
-            wait_up(m_url + "/healthz", memory)
-            wait_up(r_url + "/healthz", shared)
+            for url, proc in zip(urls, procs, strict=True):
+                wait_up(url + "/healthz", proc)
             print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-            print(
-                f"{'case (limited key)':<26} {'memory p50':>10} {'redis p50':>9} {'added':>6} "
-                f"{'memory p99':>10} {'redis p99':>9} {'memory r/s':>10} {'redis r/s':>9} "
-                f"{'mem CPU ms':>10} {'redis CPU':>9}"
-            )
-            for concurrency in (1, 64):
-                for fresh in (False, True):
-                    n = requests if concurrency > 1 else max(200, requests // 4)
-                    figures: dict[str, list[tuple[float, float, float, float]]] = {
-                        "m": [],
-                        "r": [],
-                    }
-                    for _ in range(rounds):
-                        for name, url, proc in (("m", m_url, memory), ("r", r_url, shared)):
-                            cpu = cpu_s(proc.pid)
-                            lat, rps = asyncio.run(
-                                measure(url + "/v1/chat/completions", n, concurrency, fresh)
-                            )
-                            # gateway CPU per request, warm-up requests included
-                            per = (cpu_s(proc.pid) - cpu) * 1000 / (n + 50)
-                            figures[name].append(
-                                (
-                                    float(np.percentile(lat, 50)),
-                                    float(np.percentile(lat, 99)),
-                                    rps,
-                                    per,
-                                )
-                            )
-                    m = np.median(np.array(figures["m"]), axis=0)
-                    r = np.median(np.array(figures["r"]), axis=0)
-                    label = f"c={concurrency}, {'fresh prompts' if fresh else 'repeated prompt'}"
+            all_cases = [(1, False), (1, True), (64, False), (64, True)]
+            if cases == "stack":
+                all_cases = [(1, False), (64, False), (64, True)]
+            for concurrency, fresh in all_cases:
+                n = requests if concurrency > 1 else max(200, requests // 4)
+                figures: list[list[tuple[float, float, float, float]]] = [[] for _ in flat]
+                for _ in range(rounds):
+                    for i, (url, proc) in enumerate(zip(urls, procs, strict=True)):
+                        cpu = cpu_s(proc.pid)
+                        lat, rps = asyncio.run(
+                            measure(url + "/v1/chat/completions", n, concurrency, fresh)
+                        )
+                        per = (cpu_s(proc.pid) - cpu) * 1000 / (n + 50)  # warm-up included
+                        p50, p99 = np.percentile(lat, 50), np.percentile(lat, 99)
+                        figures[i].append((float(p50), float(p99), rps, per))
+                med = [np.median(np.array(f), axis=0) for f in figures]
+                label = f"c={concurrency}, {'fresh prompts' if fresh else 'repeated prompt'}"
+                print(f"\n{label} (limited key; medians of {rounds} rounds)")
+                print(
+                    f"  {'gateway':<34} {'p50 ms':>7} {'p99 ms':>7} {'req/s':>7} "
+                    f"{'CPU ms':>7} {'added p50':>9} {'added p99':>9}"
+                )
+                for i, v in enumerate(flat):
+                    m = med[i]
+                    added = ""
+                    if i % 2:  # a candidate: against its reference
+                        ref = med[i - 1]
+                        added = f"{m[0] - ref[0]:+9.2f} {m[1] - ref[1]:+9.2f}"
                     print(
-                        f"{label:<26} {m[0]:10.2f} {r[0]:9.2f} {r[0] - m[0]:6.2f} "
-                        f"{m[1]:10.2f} {r[1]:9.2f} {m[2]:10.0f} {r[2]:9.0f} "
-                        f"{m[3]:10.2f} {r[3]:9.2f}"
+                        f"  {v.label:<34} {m[0]:7.2f} {m[1]:7.2f} {m[2]:7.0f} {m[3]:7.2f} {added}"
                     )
-            print(f"load average after: {os.getloadavg()[0]:.1f}")
+            print(f"\nload average after: {os.getloadavg()[0]:.1f}")
         finally:
-            for proc in (memory, shared, upstream):
+            for proc in [*procs, upstream]:
                 proc.terminate()
+            for proc in [*procs, upstream]:
                 proc.wait(30)
     import redis
 
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=prefix + "*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    for v in flat:
+        if v.state.startswith("redis"):
+            client = redis.Redis.from_url(v.state)
+            keys = list(client.scan_iter(match=prefix + "*", count=1000))
+            if keys:
+                client.delete(*keys)
+            client.close()
+
+
+def compare(requests: int, redis_url: str, rounds: int, baseline_src: str | None = None) -> None:
+    """In-process state vs Redis, this checkout (and `baseline_src`'s, side by side)."""
+    pairs = [(Variant("memory", "memory"), Variant("redis", redis_url))]
+    if baseline_src:
+        pairs.append(
+            (
+                Variant("memory (baseline)", "memory", src=baseline_src),
+                Variant("redis (baseline)", redis_url, src=baseline_src),
+            )
+        )
+    side_by_side(pairs, requests, rounds)
 
 
 def micro(redis_url: str, n: int = 2000) -> None:
-    """The request path's state calls alone, in one process: the limit check (acquire) and
-    a decision-cache read, p50 and p99 in microseconds, in-process vs Redis."""
+    """The request path's state calls alone, in one process, in-process vs Redis, p50 and
+    p99 in microseconds: the limit check (acquire), a decision-cache read, both issued
+    together (what a limited key's request with a possible shared-cache hit does), and
+    64 concurrent limit checks (the time per check, as at c=64)."""
     from tierroute.keys import KeyPolicy
     from tierroute.state import Ask, open_state
 
@@ -193,17 +241,30 @@ def micro(redis_url: str, n: int = 2000) -> None:
     async def timings(url: str | None) -> dict[str, tuple[float, float]]:
         state = open_state(url, prefix)
         await state.start()
+        ask = Ask(10, 1e-6)
+
+        async def call(name: str, i: int) -> None:
+            if name == "acquire":
+                await state.acquire(policy, ask, time.time())
+            elif name == "cache_get":
+                await state.cache_get(f"k{i % 100}")
+            elif name == "acquire+cache":
+                await asyncio.gather(
+                    state.acquire(policy, ask, time.time()), state.cache_get(f"k{i % 100}")
+                )
+            else:  # 64 at once, per check
+                await asyncio.gather(*(state.acquire(policy, ask, time.time()) for _ in range(64)))
+
         out = {}
         try:
-            for name in ("acquire", "cache_get"):
+            for name in ("acquire", "cache_get", "acquire+cache", "acquire c=64"):
                 samples = []
-                for i in range(n):
+                rounds = n if name != "acquire c=64" else max(20, n // 64)
+                for i in range(rounds):
                     t0 = time.perf_counter()
-                    if name == "acquire":
-                        await state.acquire(policy, Ask(10, 1e-6), time.time())
-                    else:
-                        await state.cache_get(f"k{i % 100}")
-                    samples.append((time.perf_counter() - t0) * 1e6)
+                    await call(name, i)
+                    per = 64 if name == "acquire c=64" else 1
+                    samples.append((time.perf_counter() - t0) * 1e6 / per)
                 out[name] = (float(np.percentile(samples, 50)), float(np.percentile(samples, 99)))
         finally:
             await state.aclose()
@@ -211,9 +272,9 @@ def micro(redis_url: str, n: int = 2000) -> None:
 
     memory = asyncio.run(timings(None))
     shared = asyncio.run(timings(redis_url))
-    print(f"{'state call':<12} {'memory p50 us':>13} {'redis p50 us':>12} {'redis p99 us':>12}")
+    print(f"{'state call':<14} {'memory p50 us':>13} {'redis p50 us':>12} {'redis p99 us':>12}")
     for name in memory:
-        print(f"{name:<12} {memory[name][0]:13.1f} {shared[name][0]:12.1f} {shared[name][1]:12.1f}")
+        print(f"{name:<14} {memory[name][0]:13.1f} {shared[name][0]:12.1f} {shared[name][1]:12.1f}")
     import redis
 
     client = redis.Redis.from_url(redis_url)
@@ -228,9 +289,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--baseline-src", help="also run gateways from this src folder (e.g. main's), side by side"
+    )
+    parser.add_argument("--skip-micro", action="store_true")
     args = parser.parse_args()
-    micro(args.redis)
-    compare(args.requests, args.redis, args.rounds)
+    if not args.skip_micro:
+        micro(args.redis)
+    compare(args.requests, args.redis, args.rounds, args.baseline_src)
 
 
 if __name__ == "__main__":

@@ -341,3 +341,134 @@ def test_a_virtual_keys_own_policy_wins_over_key_limits() -> None:
     own = policy(requests_per_minute=1)
     assert key_policy(settings, "k1", SimpleNamespace(caller=SimpleNamespace(policy=own))) is own
     assert key_policy(parse_settings({"tiers": tiers}, "test"), "abc") is None
+
+
+# ------------------------------------------------------------------ round trips
+
+
+def test_heartbeat_counts_the_replicas_alive(kind: str) -> None:
+    async def body(state: SharedState) -> None:
+        assert await state.heartbeat("a", 0.3) == 1
+        if not state.shared:
+            assert await state.heartbeat("b", 0.3) == 1  # nothing else sees this state
+            return
+        assert await state.heartbeat("b", 0.3) == 2
+        assert await state.heartbeat("a", 0.3) == 2  # a renewal, not a third
+        await state.leave("b")
+        assert await state.heartbeat("a", 0.3) == 1
+        assert await state.heartbeat("b", 0.3) == 2
+        await asyncio.sleep(0.4)  # b's heartbeat lapses
+        assert await state.heartbeat("a", 0.3) == 1
+
+    with_state(kind, body)
+
+
+@needs_redis
+def test_commands_issued_together_share_one_round_trip() -> None:
+    """A request's limit check and its cache read go in one pipeline, and 64 concurrent
+    requests' limit checks in one too; each still gets its own answer."""
+
+    async def body(state: SharedState) -> None:
+        batch = state._batch  # type: ignore[attr-defined]
+        pol = policy(requests_per_minute=40)
+        now = (time.time() // 60) * 60 + 1
+        await state.cache_put("k", "v", 60)
+        before = batch.pipelines
+        verdict, cached = await asyncio.gather(
+            state.acquire(pol, Ask(1, 0.0), now), state.cache_get("k")
+        )
+        assert verdict.admitted and cached == "v"
+        assert batch.pipelines == before + 1
+        before = batch.pipelines
+        verdicts = await asyncio.gather(*(state.acquire(pol, Ask(1, 0.0), now) for _ in range(64)))
+        assert batch.pipelines == before + 1
+        # the limit holds inside one pipeline: 1 before, 39 more admitted, 25 refused
+        assert sum(v.admitted for v in verdicts) == 39
+        assert all(v.refused == 1 for v in verdicts if not v.admitted)
+
+    with_state("redis", body)
+
+
+@needs_redis_server
+def test_scripts_flushed_from_redis_are_sent_again(tmp_path: Path) -> None:
+    """After a restart or SCRIPT FLUSH Redis no longer knows a script by its SHA: the
+    state sends its text once and carries on."""
+    import redis
+
+    async def go() -> None:
+        with own_redis(tmp_path) as server:
+            state = open_state(server.url, unique_prefix())
+            await state.start()
+            pol = policy(requests_per_minute=3)
+            now = (time.time() // 60) * 60 + 1
+            try:
+                assert (await state.acquire(pol, Ask(1, 0.0), now)).admitted
+                client = redis.Redis.from_url(server.url)
+                client.script_flush()
+                client.close()
+                assert (await state.acquire(pol, Ask(1, 0.0), now)).admitted
+                assert (await state.acquire(pol, Ask(1, 0.0), now)).admitted
+                assert (await state.acquire(pol, Ask(1, 0.0), now)).refused == 1
+                assert state.problem() is None  # a missing script is no outage
+            finally:
+                await state.aclose()
+
+    asyncio.run(go())
+
+
+@needs_redis
+def test_the_shared_decision_cache_is_read_only_when_another_replica_could_have_written_it(
+    tmp_path: Path,
+) -> None:
+    from tierroute.gateway.engine import Engine, Hints
+    from tierroute.gateway.settings import parse_settings
+    from tierroute.gateway.sync import attach_state, detach_state
+    from tierroute.ledger import Ledger
+    from tierroute.routers import make_router
+
+    prefix = unique_prefix()
+    tiers = [
+        {"name": n, "kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": n}
+        for n in ("small", "large")
+    ]
+    # beats far apart: the test beats itself, so no background beat adds commands
+    gateway = {"state_prefix": prefix, "state_sync_s": 10}
+    config = {"tiers": tiers, "state": REDIS_URL, "gateway": gateway}
+    settings = parse_settings(config, "test")
+    router = make_router("rules")
+
+    def ask(text: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": text}]
+
+    async def go() -> None:
+        a = Engine(settings, router, {}, Ledger(tmp_path / "a.db"))
+        b = Engine(settings, router, {}, Ledger(tmp_path / "b.db"))
+        await attach_state(a)
+        try:
+            assert a.sync is not None and a.sync.alone
+            assert a.look_ahead(ask("first prompt")) is None  # nobody else could have it
+            reads = a.state._batch.commands  # type: ignore[attr-defined]
+            assert not (await a.route(ask("first prompt"), Hints(), 16)).cache_hit
+            await asyncio.sleep(0.05)  # the write after routing is not awaited
+            assert a.state._batch.commands == reads + 1  # the write; no read  # type: ignore[attr-defined]
+            await attach_state(b)  # b's first beat sees a; a sees b on its next beat
+            assert b.sync is not None and not b.sync.alone
+            await a.sync.beat()
+            assert not a.sync.alone
+            # what a routed before b came is in the shared cache: b reads it, no embedding
+            items = b._batcher.items
+            ahead = b.look_ahead(ask("first prompt"))
+            assert ahead is not None
+            hit = await b.route(ask("first prompt"), Hints(), 16, ahead=ahead)
+            assert hit.cache_hit and b._batcher.items == items
+            assert b.look_ahead(ask("first prompt")) is None  # now a local hit
+            await detach_state(b)  # b leaves: a is alone again on its next beat
+            await a.sync.beat()
+            assert a.sync.alone
+        finally:
+            await detach_state(a)
+            a.close()
+            b.close()
+            drop_prefix(prefix)
+
+    asyncio.run(go())

@@ -45,7 +45,14 @@ from tierroute.errors import InputError, LedgerError
 from tierroute.gateway import passthrough
 from tierroute.gateway.admission import gate, key_policy
 from tierroute.gateway.auth import authenticate
-from tierroute.gateway.engine import AllTiersFailed, Engine, Outcome, Routed, new_request_id
+from tierroute.gateway.engine import (
+    AllTiersFailed,
+    Engine,
+    Lookahead,
+    Outcome,
+    Routed,
+    new_request_id,
+)
 from tierroute.gateway.learner import Learner
 from tierroute.gateway.limits import settle
 from tierroute.gateway.metrics import Metrics
@@ -465,12 +472,14 @@ def create_app(
         }
         return JSONResponse(body, headers=_decision_headers(routed, None, [], None, ""))
 
-    async def _route(call: ChatCall, pressure: float = 0.0) -> Routed:
+    async def _route(
+        call: ChatCall, pressure: float = 0.0, ahead: Lookahead | None = None
+    ) -> Routed:
         forced = None if call.model == "auto" else call.model
         max_tokens = call.request.limit or settings.max_tokens_default
         try:
             return await engine().route(
-                call.request.messages, call.hints, max_tokens, forced, pressure
+                call.request.messages, call.hints, max_tokens, forced, pressure, ahead
             )
         except InputError as exc:
             raise ApiError(400, str(exc), param="messages") from None
@@ -668,9 +677,11 @@ def create_app(
             request.state.caller.scope,
         )
         policy = key_policy(settings, key_id, request.state)
+        # The shared decision-cache read, started first, shares the limit check's round trip.
+        ahead = e.look_ahead(call.request.messages) if call.model == "auto" else None
         ticket = await gate(settings, e.state, policy, call)
         try:
-            routed = await _route(call, ticket.pressure if ticket is not None else 0.0)
+            routed = await _route(call, ticket.pressure if ticket is not None else 0.0, ahead)
         except ApiError:
             if ticket is not None:  # not answered: its reservation goes back
                 await settle(e.state, ticket, 0, 0.0)

@@ -46,6 +46,11 @@ class DecisionCache(Generic[V]):
         self.hits += 1
         return item[1]
 
+    def peek(self, key: str) -> bool:
+        """Whether `key` would hit now, without counting a hit or a miss."""
+        item = self._items.get(key)
+        return item is not None and self.clock() - item[0] <= self.ttl_s
+
     def put(self, key: str, value: V) -> None:
         self._items[key] = (self.clock(), value)
         self._items.move_to_end(key)

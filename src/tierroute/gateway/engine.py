@@ -55,6 +55,7 @@ from tierroute.backends.base import (
 from tierroute.cascade import Cascade, Draft
 from tierroute.controller import ThresholdChange, ThresholdController
 from tierroute.conversation import estimate_tokens, routing_text
+from tierroute.errors import InputError
 from tierroute.gateway.batcher import MicroBatcher, explain_batch
 from tierroute.gateway.cache import DecisionCache, cache_key
 from tierroute.gateway.choose import ModelChooser
@@ -107,6 +108,15 @@ class Routed:
     # The request's routing text, made once here and reused by the ledger and cost estimates.
     text: str = ""
     forced: bool = False  # the client named the tier
+
+
+@dataclass
+class Lookahead:
+    """A shared decision-cache read started before the limit check (`Engine.look_ahead`),
+    for the routing text whose cache key is `key`."""
+
+    key: str
+    read: asyncio.Task[Explanation | None]
 
 
 class AllTiersFailed(Exception):
@@ -261,8 +271,37 @@ class Engine:
 
     # ------------------------------------------------------------------ deciding
 
-    async def explain(self, text: str) -> tuple[Explanation, bool]:
-        """The router's explanation of a routing text, from the decision cache if it can."""
+    def _shared_cache(self) -> StateSync | None:
+        """The sync to read the shared decision cache through, or None where a read cannot
+        hit: no shared state, this replica's router swapped by its learner (it no longer
+        shares explanations), or no other replica alive to have written one."""
+        sync = self.sync
+        if sync is None or self._swapped or sync.alone:
+            return None
+        return sync
+
+    def look_ahead(self, messages: Any) -> Lookahead | None:
+        """Start reading the shared decision cache for these messages now, so the read goes
+        to the shared store with the limit check that precedes routing, in one round trip
+        (hand the result to `route`). None when there is nothing worth reading: a local
+        hit, a read that cannot hit, or messages `route` will refuse."""
+        sync = self._shared_cache()
+        if sync is None:
+            return None
+        try:
+            key = cache_key(routing_text(messages))
+        except InputError:
+            return None
+        if self.cache.peek(key):
+            return None
+        read = asyncio.get_running_loop().create_task(sync.cache_get(key))
+        # A request refused by its limits never awaits it: its error is then nobody's.
+        read.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return Lookahead(key, read)
+
+    async def explain(self, text: str, ahead: Lookahead | None = None) -> tuple[Explanation, bool]:
+        """The router's explanation of a routing text, from the decision cache if it can
+        (`ahead`: the shared read already started for it)."""
         key = cache_key(text)
         cached = self.cache.get(key)
         if cached is not None:
@@ -270,10 +309,13 @@ class Engine:
             self.metrics.cache_hit_rate.set(self.cache.hit_rate)
             return cached, True
         router = self.router
-        # A replica whose learner swapped its router no longer shares its explanations.
-        sync = self.sync if not self._swapped else None
+        sync = self._shared_cache()
         if sync is not None:
-            shared = await sync.cache_get(key)  # another replica routed it already
+            # another replica may have routed it already
+            if ahead is not None and ahead.key == key:
+                shared = await ahead.read
+            else:
+                shared = await sync.cache_get(key)
             if shared is not None and router is self.router:
                 self.cache.put(key, shared)
                 self.metrics.cache_hits.inc()
@@ -283,8 +325,9 @@ class Engine:
         explanation = await self._batcher.submit((router, text))
         if router is self.router:  # not one swapped out meanwhile
             self.cache.put(key, explanation)
-            if sync is not None:
-                sync.cache_put(key, explanation)
+            # written even by a lone replica: one that joins later finds it
+            if self.sync is not None and not self._swapped:
+                self.sync.cache_put(key, explanation)
         self.metrics.cache_hit_rate.set(self.cache.hit_rate)
         return explanation, False
 
@@ -312,8 +355,10 @@ class Engine:
         max_tokens: int,
         forced: str | None = None,
         pressure: float = 0.0,
+        ahead: Lookahead | None = None,
     ) -> Routed:
-        """`pressure`: how far the key's budget pressure lowers its score (gateway/limits.py)."""
+        """`pressure`: how far the key's budget pressure lowers its score (gateway/limits.py);
+        `ahead`: the shared decision-cache read `look_ahead` started for these messages."""
         start = time.perf_counter()
         policy = self.settings.policy
         text = routing_text(messages)
@@ -325,7 +370,7 @@ class Engine:
             )
             cache_hit = False
         else:
-            explanation, cache_hit = await self.explain(text)
+            explanation, cache_hit = await self.explain(text, ahead)
             self._calibrate(explanation.score)
             offset = self.personaliser.shift(hints.tenant) if self.personaliser else 0.0
             label = f"tenant {hints.tenant}"

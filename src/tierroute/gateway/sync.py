@@ -4,10 +4,16 @@ The request path stays local where exactness is not needed: breakers, latencies,
 threshold and tenants' offsets are local mirrors, refreshed by one pipelined read every
 `gateway.state_sync_s` (0.25 s by default); latencies, the controller's scores and the
 settlements of limited keys' requests are written in the same beat, batched. On the
-request path itself the shared store sees: a decision-cache read on a local miss and a
-write after routing (not awaited), a breaker failure or recovery when one happens (not
-awaited), a limited key's check, and a claim before a half-open probe, so one replica in
-all sends it.
+request path itself the shared store sees: a limited key's check, and on a local miss a
+decision-cache read issued with it (one round trip for both: state/redis.py sends what
+is issued in one turn of the event loop as one pipeline) and a write after routing (not
+awaited); a breaker failure or recovery when one happens (not awaited); and a claim
+before a half-open probe, so one replica in all sends it. At most one round trip is
+awaited per request, and none for an unlimited key's repeated prompt.
+
+Each beat also says this replica is alive (a heartbeat that expires after four beats).
+While it is the only replica alive, a local miss skips the shared read: no other replica
+wrote an entry it could find (its own writes are in its local cache too).
 
 The controller: every replica pushes its routing scores to one shared list; the replica
 holding the leader lease (renewed each beat, it expires after four beats without renewal)
@@ -67,6 +73,7 @@ class StateSync:
         self.interval_s = interval_s
         self.holder = uuid.uuid4().hex
         self.leader = False
+        self.replicas = 1  # alive, this one included, as of the last beat
         self._latency: dict[str, list[float]] = {}
         self._scores: list[float] = []
         self._settles: list[tuple[KeyPolicy, Ask, Verdict, int, float]] = []
@@ -83,7 +90,15 @@ class StateSync:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    @property
+    def alone(self) -> bool:
+        """No other replica alive: the shared decision cache holds nothing this one's
+        local cache lacks (bar what it evicted, or wrote before a restart)."""
+        return self.replicas <= 1
+
     async def cache_get(self, key: str) -> Explanation | None:
+        if self.alone:
+            return None
         text = await self.state.cache_get(key)
         return load_explanation(text) if text is not None else None
 
@@ -153,6 +168,7 @@ class StateSync:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._flush()
+        await self.state.leave(self.holder)
 
     async def _run(self) -> None:
         while True:
@@ -175,6 +191,7 @@ class StateSync:
         lease, read back everything shared and mirror it locally."""
         e = self.engine
         await self._flush()
+        self.replicas = await self.state.heartbeat(self.holder, self.interval_s * 4)
         if e.controller is not None:
             was = self.leader
             self.leader = await self.state.lease(self.holder, self.interval_s * 4)

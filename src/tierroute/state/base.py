@@ -3,8 +3,9 @@
 What replicas share: the decision cache, each tier's breaker (failures, when it opened,
 who probes it when half-open) and recent latencies, the controller's leader lease and its
 published threshold, the scores the controller learns from, tenants' feedback counts for
-personalisation, and per-key rate-limit and spend counters. `memory.py` keeps all of it in
-the process (one replica, the default); `redis.py` keeps it in Redis for many.
+personalisation, per-key rate-limit and spend counters, and which replicas are alive.
+`memory.py` keeps all of it in the process (one replica, the default); `redis.py` keeps it
+in Redis for many.
 """
 
 from __future__ import annotations
@@ -102,6 +103,14 @@ class SharedState(Protocol):
     async def push_scores(self, scores: list[float], cap: int) -> None: ...
 
     async def drain_scores(self, limit: int) -> list[float]: ...
+
+    # replicas
+    async def heartbeat(self, holder: str, ttl_s: float) -> int:
+        """Say replica `holder` is alive for `ttl_s` more seconds; how many replicas are
+        alive, this one included (one when nothing is shared)."""
+
+    async def leave(self, holder: str) -> None:
+        """Replica `holder` stops: the others stop counting it at once."""
 
     # controller
     async def lease(self, holder: str, ttl_s: float) -> bool:

@@ -104,6 +104,12 @@ class MemoryState:
             out.append(self._scores.popleft())
         return out
 
+    async def heartbeat(self, holder: str, ttl_s: float) -> int:
+        return 1  # nothing else sees this state
+
+    async def leave(self, holder: str) -> None:
+        return None
+
     async def lease(self, holder: str, ttl_s: float) -> bool:
         now = time.monotonic()
         if self._lease is None or self._lease[0] == holder or self._lease[1] < now:

@@ -2,15 +2,20 @@
 
 Every key starts with a prefix (`tierroute:` unless configured), so several gateways, or
 tests, can share one Redis. Limits are checked and counted in one Lua script (atomic, one
-round trip); breaker failures likewise. When Redis cannot be reached the state logs one
-line, answers from a MemoryState of this process (limits then hold per replica), reports
-the problem for /healthz, and pings once a second until Redis answers again.
+round trip); breaker failures likewise. The request path's commands (limit checks, cache
+reads and writes, breaker updates, settlements) are not sent one by one: those issued in
+the same turn of the event loop go together in one pipeline (`_Coalescer`), so a request's
+limit check and its decision-cache read cost one round trip, and 64 concurrent requests'
+commands a few. When Redis cannot be reached the state logs one line, answers from a
+MemoryState of this process (limits then hold per replica), reports the problem for
+/healthz, and pings once a second until Redis answers again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from typing import Any
@@ -83,6 +88,17 @@ end
 return 0
 """
 
+# KEYS: the replicas' sorted set. ARGV: holder, ttl ms. Scores are expiry times on
+# Redis's clock (replicas' clocks may disagree); returns how many replicas are alive.
+_HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return redis.call('ZCARD', KEYS[1])
+"""
+
 # KEYS: counts hash, version. ARGV: tenant, n, bad, ... (pairs of fields)
 _SEED = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -90,6 +106,80 @@ for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('INCR', KEYS[2])
 return 1
 """
+
+
+class _Coalescer:
+    """Sends the commands issued during one turn of the event loop in one pipeline.
+
+    `call` queues a command and returns a future of its reply; the queue goes out when the
+    loop next runs its callbacks, so concurrent coroutines that each issue a command before
+    awaiting share one round trip (and one pooled connection) instead of taking one each.
+    A command's error (NOSCRIPT, WRONGTYPE) is its own; a connection's failure is every
+    command's of that pipeline.
+    """
+
+    def __init__(self, client: Any, command_error: type[Exception]) -> None:
+        self._client = client
+        self._command_error = command_error  # redis.ResponseError: one command's own
+        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._scheduled = False
+        self._sending: set[asyncio.Task[None]] = set()
+        self.pipelines = 0  # round trips so far, and the commands they carried (for tests)
+        self.commands = 0
+
+    def call(self, *args: Any) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((args, future))
+        if not self._scheduled:
+            # The task's first step runs once the callbacks ready now have run: whatever
+            # they queue meanwhile goes in the same pipeline.
+            self._scheduled = True
+            task = loop.create_task(self._send())
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+        return future
+
+    async def _send(self) -> None:
+        self._scheduled = False
+        batch, self._queue = self._queue, []
+        batch = [(args, f) for args, f in batch if not f.done()]  # callers that gave up
+        if not batch:
+            return
+        self.pipelines += 1
+        self.commands += len(batch)
+        replies: list[Any]
+        try:
+            if len(batch) == 1:  # a lone command skips building a pipeline
+                try:
+                    replies = [await self._client.execute_command(*batch[0][0])]
+                except self._command_error as exc:
+                    replies = [exc]
+            else:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for args, _ in batch:
+                        pipe.execute_command(*args)
+                    replies = await pipe.execute(raise_on_error=False)
+        except asyncio.CancelledError:
+            for _, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:  # the connection's failure: every caller's
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if future.done():
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    async def aclose(self) -> None:
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
 
 
 def redact(url: str) -> str:
@@ -144,16 +234,20 @@ class RedisState:
             OSError,
             asyncio.TimeoutError,
         )
+        self._noscript: type[BaseException] = __import__("redis").exceptions.NoScriptError
         self._down: str | None = None
         self._task: asyncio.Task[None] | None = None
+        self._batch = _Coalescer(self._redis, __import__("redis").ResponseError)
+        # Scripts run by EVALSHA through the coalescer, by EVAL once when Redis lacks one.
         self._scripts = {
-            name: self._redis.register_script(text)
+            name: (hashlib.sha1(text.encode()).hexdigest(), text)
             for name, text in (
                 ("acquire", _ACQUIRE),
                 ("settle", _SETTLE),
                 ("failure", _FAILURE),
                 ("lease", _LEASE),
                 ("seed", _SEED),
+                ("heartbeat", _HEARTBEAT),
             )
         }
 
@@ -178,6 +272,7 @@ class RedisState:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self._batch.aclose()
         await self._redis.aclose()
 
     def _lost(self, exc: BaseException) -> None:
@@ -210,6 +305,15 @@ class RedisState:
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
+    async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a Lua script in the next pipeline: by its SHA, or its text the first time
+        this Redis sees it (after a restart or SCRIPT FLUSH)."""
+        sha, text = self._scripts[name]
+        try:
+            return await self._batch.call("EVALSHA", sha, len(keys), *keys, *args)
+        except self._noscript:
+            return await self._batch.call("EVAL", text, len(keys), *keys, *args)
+
     async def _try(self, op: Any, fallback: Any) -> Any:
         """Run `op()` against Redis, or `fallback()` locally while Redis is down."""
         if self._down is None:
@@ -223,14 +327,15 @@ class RedisState:
 
     async def cache_get(self, key: str) -> str | None:
         result: str | None = await self._try(
-            lambda: self._redis.get(self._k("cache", key)), lambda: self.local.cache_get(key)
+            lambda: self._batch.call("GET", self._k("cache", key)),
+            lambda: self.local.cache_get(key),
         )
         return result
 
     async def cache_put(self, key: str, value: str, ttl_s: float) -> None:
         ms = max(1, int(ttl_s * 1000))
         await self._try(
-            lambda: self._redis.set(self._k("cache", key), value, px=ms),
+            lambda: self._batch.call("SET", self._k("cache", key), value, "PX", ms),
             lambda: self.local.cache_put(key, value, ttl_s),
         )
 
@@ -239,7 +344,7 @@ class RedisState:
     async def breaker_failure(self, tier: str, threshold: int, now: float) -> BreakerView:
         async def op() -> BreakerView:
             keys = [self._k("breaker", tier), self._k("probe", tier)]
-            failures, opened = await self._scripts["failure"](keys=keys, args=[threshold, now])
+            failures, opened = await self._script("failure", keys, [threshold, repr(now)])
             return BreakerView(int(failures), float(opened) if opened else None)
 
         view: BreakerView = await self._try(
@@ -249,7 +354,7 @@ class RedisState:
 
     async def breaker_success(self, tier: str) -> None:
         await self._try(
-            lambda: self._redis.delete(self._k("breaker", tier), self._k("probe", tier)),
+            lambda: self._batch.call("DEL", self._k("breaker", tier), self._k("probe", tier)),
             lambda: self.local.breaker_success(tier),
         )
 
@@ -257,7 +362,7 @@ class RedisState:
         ms = max(1, int(ttl_s * 1000))
 
         async def op() -> bool:
-            return bool(await self._redis.set(self._k("probe", tier), "1", nx=True, px=ms))
+            return bool(await self._batch.call("SET", self._k("probe", tier), "1", "PX", ms, "NX"))
 
         claimed: bool = await self._try(op, lambda: self.local.claim_probe(tier, ttl_s))
         return claimed
@@ -319,12 +424,28 @@ class RedisState:
         result: list[float] = await self._try(op, lambda: self.local.drain_scores(limit))
         return result
 
+    # ------------------------------------------------------------ replicas
+
+    async def heartbeat(self, holder: str, ttl_s: float) -> int:
+        async def op() -> int:
+            ms = max(1, int(ttl_s * 1000))
+            return int(await self._script("heartbeat", [self._k("replicas")], [holder, ms]))
+
+        alive: int = await self._try(op, lambda: self.local.heartbeat(holder, ttl_s))
+        return alive
+
+    async def leave(self, holder: str) -> None:
+        await self._try(
+            lambda: self._batch.call("ZREM", self._k("replicas"), holder),
+            lambda: self.local.leave(holder),
+        )
+
     # ------------------------------------------------------------ controller
 
     async def lease(self, holder: str, ttl_s: float) -> bool:
         async def op() -> bool:
             ms = max(1, int(ttl_s * 1000))
-            return bool(await self._scripts["lease"](keys=[self._k("leader")], args=[holder, ms]))
+            return bool(await self._script("lease", [self._k("leader")], [holder, ms]))
 
         held: bool = await self._try(op, lambda: self.local.lease(holder, ttl_s))
         return held
@@ -364,8 +485,8 @@ class RedisState:
             n_args = [x for t, c in counts.items() for x in (t, repr(c[0]))]
             bad_args = [x for t, c in counts.items() for x in (t, repr(c[1]))]
             # bad first: n's existence is what says "already seeded"
-            await self._scripts["seed"](keys=[self._k("offsets", "bad"), version], args=bad_args)
-            await self._scripts["seed"](keys=[self._k("offsets", "n"), version], args=n_args)
+            await self._script("seed", [self._k("offsets", "bad"), version], bad_args)
+            await self._script("seed", [self._k("offsets", "n"), version], n_args)
 
         if counts:
             await self._try(op, lambda: self.local.offsets_seed(counts))
@@ -401,7 +522,7 @@ class RedisState:
                 c.to_next_month,
             ]
             keys = self._limit_keys(policy.key_id, c)
-            refused, wait, day, month = await self._scripts["acquire"](keys=keys, args=args)
+            refused, wait, day, month = await self._script("acquire", keys, args)
             return Verdict(int(refused), int(wait), float(day), float(month), c.window)
 
         verdict: Verdict = await self._try(op, lambda: self.local.acquire(policy, ask, now))
@@ -416,15 +537,17 @@ class RedisState:
         c = Clock.at(time.time())
 
         async def op() -> None:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for policy, ask, verdict, tokens, cost_usd in items:
-                    keys = self._limit_keys(policy.key_id, c, verdict.window)
-                    await self._scripts["settle"](
-                        keys=[keys[2], keys[6], keys[4], keys[5]],
-                        args=[tokens - ask.tokens, repr(ask.cost_usd), repr(cost_usd)],
-                        client=pipe,
+            calls = []
+            for policy, ask, verdict, tokens, cost_usd in items:
+                keys = self._limit_keys(policy.key_id, c, verdict.window)
+                calls.append(
+                    self._script(
+                        "settle",
+                        [keys[2], keys[6], keys[4], keys[5]],
+                        [tokens - ask.tokens, repr(ask.cost_usd), repr(cost_usd)],
                     )
-                await pipe.execute()
+                )
+            await asyncio.gather(*calls)  # issued together: one pipeline
 
         if items:
             await self._try(op, lambda: self.local.settle_many(items))
