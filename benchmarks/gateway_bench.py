@@ -350,7 +350,7 @@ def stack(
             )
             for (tag, src), db in zip(srcs, databases, strict=True)
         ]
-        side_by_side(pairs, requests, rounds, cases="stack")
+        side_by_side(pairs, requests, rounds, [(1, False), (64, False), (64, True)])
 
 
 def local_tiers() -> None:

@@ -141,15 +141,20 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+ALL_CASES = [(1, False), (1, True), (64, False), (64, True)]  # (concurrency, fresh prompts)
+
+
 def side_by_side(
-    variants: list[tuple[Variant, Variant]], requests: int, rounds: int, cases: str = "all"
+    variants: list[tuple[Variant, Variant]],
+    requests: int,
+    rounds: int,
+    cases: list[tuple[int, bool]] = ALL_CASES,
 ) -> None:
     """Each pair is (reference, candidate), e.g. memory vs Redis state of one checkout. All
     gateways run at once; each case alternates between them `rounds` times and keeps the
     median of each figure, so load from elsewhere hits them alike. Prints, per case and
     gateway, p50/p99 (ms), req/s and gateway CPU ms per request, and for each candidate
-    what it adds to its reference's p50 and p99. `cases`: "all", or "stack" (repeated
-    prompt at c=1 and c=64, fresh prompts at c=64)."""
+    what it adds to its reference's p50 and p99."""
     up_port = free_port()
     prefix = f"tierroute-bench-{uuid.uuid4().hex[:8]}:"
     upstream = subprocess.Popen([sys.executable, str(HERE / "fast_upstream.py"), str(up_port)])
@@ -166,10 +171,7 @@ def side_by_side(
             for url, proc in zip(urls, procs, strict=True):
                 wait_up(url + "/healthz", proc)
             print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-            all_cases = [(1, False), (1, True), (64, False), (64, True)]
-            if cases == "stack":
-                all_cases = [(1, False), (64, False), (64, True)]
-            for concurrency, fresh in all_cases:
+            for concurrency, fresh in cases:
                 n = requests if concurrency > 1 else max(200, requests // 4)
                 figures: list[list[tuple[float, float, float, float]]] = [[] for _ in flat]
                 for _ in range(rounds):
