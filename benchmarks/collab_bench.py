@@ -65,18 +65,57 @@ def _pct(x: float | None) -> str:
     return "never" if x is None or x != x else f"{x:.1%}"
 
 
+def diagnose(r: Any, seed: int) -> dict[str, Any]:
+    """Print and return the oracle, bootstrap intervals and hull segments of one result."""
+    from dataclasses import asdict
+
+    from tierroute.eval.nmodel_check import bootstrap, closest_columns, oracle, segments
+
+    o = oracle(r)
+    ref = (
+        ""
+        if o.cost_at_reference_share is None
+        else (f"; reference's quality at {_pct(o.cost_at_reference_share)} of its cost")
+    )
+    print(
+        f"  oracle (knows every score): above the hull on {o.share:.1%}, mean margin "
+        f"{o.mean_margin:+.4f}, best {o.best_quality:.4f}; best single's quality at "
+        f"{_pct(o.cost_at_best_quality_share)} of its cost{ref}"
+    )
+    boot = bootstrap(r, seed=seed)
+    print(
+        "  bootstrap 90% (200 resamples of the test rows, router fixed): "
+        + "; ".join(f"{k} {v}" for k, v in boot.items() if k != "mean_margin")
+        + f"; mean_margin [{boot['mean_margin'].low:+.4f}, {boot['mean_margin'].high:+.4f}]"
+    )
+    segs = segments(r)
+    for s in segs:
+        print(
+            f"  hull segment {_short(s.cheaper)} -> {_short(s.dearer)}: {s.range_share:.0%} "
+            f"of the range, router above on {s.above:.0%}; scores differ on {s.differ:.0%} "
+            f"of rows, AUC of P(dearer)-P(cheaper) there {s.auc:.3f}"
+        )
+    a, b, differ = closest_columns(r)
+    print(f"  the two most alike columns, {_short(a)} and {_short(b)}, differ on {differ:.0%}")
+    return {
+        "oracle": asdict(o),
+        "bootstrap": {k: asdict(v) for k, v in boot.items()},
+        "segments": [asdict(s) for s in segs],
+        "closest_columns": {"models": [a, b], "differ": differ},
+    }
+
+
 def offline(args: argparse.Namespace) -> None:
     """The N-model table and plots over the shared outcome files."""
     from tierroute.embed import Embedder, EmbeddingCache
     from tierroute.encoder import TextEncoder
     from tierroute.eval.nmodel import (
-        RECIPES,
         calibrated,
         evaluate_nmodel,
-        factor_fitter,
         length_cost,
         load_tables,
         mean_cost,
+        recipe_fitter,
         report_lines,
     )
     from tierroute.eval.plot import plot_nmodel
@@ -84,7 +123,7 @@ def offline(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     encoder = TextEncoder(Embedder(), EmbeddingCache())
-    fitter = factor_fitter(encoder, **RECIPES[args.router])
+    fitter = recipe_fitter(encoder, args.router)
     if args.calibrate:
         fitter = calibrated(fitter)
     cost_model = mean_cost if args.cost_model == "mean" else length_cost
@@ -100,10 +139,13 @@ def offline(args: argparse.Namespace) -> None:
                 table, fitter, seed=args.seed, cost_model=cost_model, pareto=args.pareto
             )
             took = time.perf_counter() - start
-            print("\n".join(report_lines(r)) + f"\n  ({took:.0f}s)\n", flush=True)
+            print("\n".join(report_lines(r)) + f"\n  ({took:.0f}s)", flush=True)
+            d = r.as_dict()
+            if args.diagnose:
+                d["diagnosis"] = diagnose(r, args.seed)
+            print(flush=True)
             slug = "".join(c if c.isalnum() else "-" for c in table.label).strip("-")
             plot_nmodel(r, out / f"nmodel-{slug}.png")
-            d = r.as_dict()
             docs.append(d)
             ref = d["cost_at_reference_quality_share"]
             pair = " + ".join(_short(m) for m in d["best_pair"]["models"])
@@ -149,7 +191,17 @@ def main() -> None:
     )
     parser.add_argument("--live", action="store_true", help="the collaboration strategies, live")
     parser.add_argument("--out", default="bench-out")
-    parser.add_argument("--router", choices=("default", "irt", "mf"), default="default")
+    parser.add_argument(
+        "--router",
+        choices=("default", "factor", "irt", "mf"),
+        default="default",
+        help="default: factor router blended with knn per-model rates; factor: rank 2 alone",
+    )
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="also the oracle, bootstrap intervals and what the router knows per hull segment",
+    )
     parser.add_argument("--files", nargs="+", choices=list(FILES), default=list(FILES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
