@@ -442,16 +442,22 @@ def length_cost(prompts: Sequence[str], cost: FloatArray) -> Callable[[Sequence[
     return predict
 
 
+CANDIDATES = ("all", "pareto", "hull")
+
+
 def out_of_fold(
     table: ModelTable,
     fitter: Fitter,
     folds: list[Index],
     cost_model: CostModel | None = None,
-    pareto: bool = False,
+    candidates: str = "all",
 ) -> tuple[Index, FloatArray, FloatArray, npt.NDArray[np.bool_]]:
     """(tested rows, P per tested row and model, expected cost per tested row and model,
-    from the training rows' costs, and which models the router may choose: all, or with
-    `pareto` only those no other model beat on the training rows at no more cost)."""
+    from the training rows' costs, and which models the router may choose: `candidates`
+    "all"; "pareto", those no other model beat on the training rows at no more cost;
+    "hull", those on the training rows' convex hull)."""
+    if candidates not in CANDIDATES:
+        raise DataError(f"candidates must be one of {', '.join(CANDIDATES)}, not '{candidates}'")
     tested = np.concatenate(folds)
     probs = np.empty((len(tested), len(table.models)))
     expected = np.empty_like(probs)
@@ -464,10 +470,12 @@ def out_of_fold(
         probs[at : at + len(test)] = predict([table.prompts[i] for i in test])
         expect = (cost_model or length_cost)([table.prompts[i] for i in train], table.cost[train])
         expected[at : at + len(test)] = expect([table.prompts[i] for i in test])
-        if pareto:
-            allowed[at : at + len(test)] = pareto_front(
-                table.quality[train].mean(axis=0), table.cost[train].mean(axis=0)
-            )
+        train_q, train_c = table.quality[train].mean(axis=0), table.cost[train].mean(axis=0)
+        if candidates == "pareto":
+            allowed[at : at + len(test)] = pareto_front(train_q, train_c)
+        elif candidates == "hull":
+            on_hull = single_model_hull(table.models, train_q, train_c).models
+            allowed[at : at + len(test)] = np.isin(table.models, on_hull)
         at += len(test)
     return tested, probs, expected, allowed
 
@@ -513,16 +521,17 @@ def evaluate_nmodel(
     n_folds: int = 5,
     seed: int = 0,
     cost_model: CostModel | None = None,
-    pareto: bool = False,
+    candidates: str = "all",
 ) -> NModelResult:
     """The N-model router's curve on held-out rows against the single models, the best
     pair and the hull. `cost_model` (default `length_cost`) is what the router expects
-    each model to cost; `pareto` lets it choose only models on the training rows' Pareto
-    front. Both, and `calibrated`, were compared in 3-fold CV inside RouterBench's training
+    each model to cost; `candidates` which models it may choose (see `out_of_fold`).
+    Both, and `calibrated`, were compared in 3-fold CV inside RouterBench's training
     split: length_cost gained a little (mean margin +0.0215 vs +0.0208 with mean_cost),
-    pareto (+0.0158) and per-model calibration (+0.0188) lost."""
+    Pareto candidates (+0.0158), hull candidates (+0.0156) and per-model calibration
+    (+0.0188) lost."""
     folds, how = folds_of(table, n_folds, seed)
-    tested, probs, expected, allowed = out_of_fold(table, fitter, folds, cost_model, pareto)
+    tested, probs, expected, allowed = out_of_fold(table, fitter, folds, cost_model, candidates)
     quality, cost = table.quality[tested], table.cost[tested]
     single_q, single_c = quality.mean(axis=0), cost.mean(axis=0)
     hull = single_model_hull(table.models, single_q, single_c)
