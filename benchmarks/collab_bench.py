@@ -12,8 +12,9 @@ question source) and Arena-Hard (40 model/judge columns, one table per judge, gr
 5-fold CV by topic cluster), the router (default: the factor router's P blended with
 each model's success rate among the nearest training prompts) choosing argmax
 P(m answers x) - lambda * cost_m over a sweep of lambda, against every single model, the
-best two-model router and the convex hull of the single models. Files without dollar costs are priced
-by src/tierroute/eval/prices.py (list prices; open weights by parameter count). Writes
+best two-model router and the convex hull of the single models. Files without dollar
+costs are priced by src/tierroute/eval/prices.py (list prices; open weights by parameter
+count). Writes
 OUT/nmodel.md, OUT/nmodel.json and one PNG per table, and prints the tables. About two
 minutes with cached embeddings (the first run embeds MMLU-Pro's 12k prompts: ~6 min).
 --diagnose adds, per table, the oracle's curve (every score known), bootstrap intervals
