@@ -1,9 +1,10 @@
 """Offline evaluation of routing among every model of a file (issue 13, item 3).
 
-For one outcome file: a factor router (routers/factor.py) learns every model's chance
-of answering each prompt on the training rows; on held-out rows each prompt goes to
-argmax_m P(m answers x) - lambda * cost_m, and lambda is swept from 0 (the model
-predicted best) to where the cheapest model always wins. That curve of (mean cost,
+For one outcome file: a router learns every model's chance of answering each prompt on
+the training rows (by default the factor router of routers/factor.py blended with each
+model's success rate among the nearest training prompts, `RECIPES`); on held-out rows
+each prompt goes to argmax_m P(m answers x) - lambda * cost_m, and lambda is swept from
+0 (the model predicted best) to where the cheapest model always wins. That curve of (mean cost,
 mean quality) is set against
 
 - every single model's point, and their upper convex hull (the "zero router": a random
