@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tierroute.errors import DataError
 from tierroute.eval.hull import cost_at_quality, frontier, gap, single_model_hull
 from tierroute.eval.nmodel import (
     ModelTable,
@@ -122,6 +123,30 @@ def test_probabilities_that_know_nothing_never_beat_the_hull() -> None:
 
     r = evaluate_nmodel(table, flat, n_folds=4)
     assert r.vs_hull.share == 0.0  # it can only take whole models: the hull's corners
+
+
+def test_hull_candidates_leave_out_a_model_under_the_training_hull() -> None:
+    base = toy_table()
+    n = len(base)
+    # "mid" costs 5, answers the easy rows only: under the cheap -> dear segment
+    table = ModelTable(
+        **{
+            **base.__dict__,
+            "models": ["cheap", "mid", "dear"],
+            "quality": np.column_stack([base.quality[:, 0], base.quality[:, 0], np.ones(n)]),
+            "cost": np.column_stack([np.full(n, 1.0), np.full(n, 5.0), np.full(n, 10.0)]),
+        }
+    )
+
+    def likes_mid(prompts, target, models):  # type: ignore[no-untyped-def]
+        return lambda texts: np.tile([0.1, 0.99, 0.1], (len(texts), 1))
+
+    everyone = evaluate_nmodel(table, likes_mid, n_folds=4)
+    assert np.any(everyone.choices == 1)  # the router's favourite, when all may be chosen
+    hull_only = evaluate_nmodel(table, likes_mid, n_folds=4, candidates="hull")
+    assert not np.any(hull_only.choices == 1)
+    with pytest.raises(DataError, match="candidates must be one of"):
+        evaluate_nmodel(table, likes_mid, n_folds=4, candidates="best")
 
 
 def test_auc_by_hand() -> None:
