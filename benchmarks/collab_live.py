@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -442,6 +443,7 @@ async def live_async(args: argparse.Namespace) -> str:
             "All tasks\n\n" + table(rows, {"arith", "code"}),
             "Arithmetic\n\n" + table(rows, {"arith"}),
             "Code\n\n" + table(rows, {"code"}),
+            judge_summary(rows),
             *([sweep] if sweep else []),
         ]
     )
@@ -450,6 +452,31 @@ async def live_async(args: argparse.Namespace) -> str:
         for a in answers:
             f.write(json.dumps(a) + "\n")
     return report
+
+
+_PICKED = re.compile(r"judge picks (.+?) of (\d+) distinct")
+
+
+def judge_summary(rows: list[Row]) -> str:
+    """What the SmolLM2 judge did: how often it was asked (the three answers differed),
+    how often it named the first one shown (the greedy answer), and how often it found a
+    right answer when one of the three was right (the oracle row)."""
+    judge = next(r for r in rows if r.name.startswith("best-of-3 by SmolLM2 judge, accept"))
+    oracle = next(r for r in rows if r.name.startswith("best-of-3, oracle"))
+    asked = [i for i, note in enumerate(judge.notes) if "judge" in note.split("best_of_n")[-1]]
+    picks = [_PICKED.search(judge.notes[i]) for i in asked]
+    first = sum(1 for m in picks if m is not None and m.group(1) == "small")
+    unread = sum(1 for m in picks if m is None)
+    findable = [i for i in asked if oracle.correct[i]]
+    found = sum(judge.correct[i] for i in findable)
+    agreed = sum("answers agree" in note for note in judge.notes)
+    return (
+        f"Judge: the three small answers agreed on {agreed} of {len(judge.notes)} tasks (no "
+        f"judge call); it was asked on {len(asked)}, named the first answer shown (the "
+        f"greedy one) {first} times and no candidate {unread} times; on the {len(findable)} "
+        f"asked tasks where one of the three answers was right it returned a right one "
+        f"{found} times."
+    )
 
 
 async def sweep_thresholds(tasks: list[Task], memos: dict[str, Memo], large: Row) -> str:
