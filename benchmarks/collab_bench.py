@@ -16,6 +16,7 @@ OUT/nmodel.md, OUT/nmodel.json and one PNG per table, and prints the tables. Abo
 minutes with cached embeddings (the first run embeds MMLU-Pro's 12k prompts: ~6 min).
 
     python benchmarks/collab_bench.py --live [--arith 32] [--code 16] [--threads 1]
+        [--thresholds logprob=0.7,best=0.75,judge=0.9] [--sweep]
 
 --live measures the collaboration strategies of tierroute.collab (cross-model agreement,
 draft and review, best-of-n) against each single tier and the two-tier cascade, with the

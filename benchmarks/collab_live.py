@@ -22,9 +22,17 @@ of `tierroute.collab` (the gateway's code):
     best-of-3 by logprob, accept all   3 small answers (greedy + 2 sampled at 0.7),
                                        the best mean token logprob returned
     best-of-3 by logprob >= T          the same, escalating below T
+    best-of-3 by SmolLM2 judge         the same 3 answers; SmolLM2 picks one (JudgeScorer),
+                                       accept all, and escalating below T
+    best-of-3, oracle pick             a right answer among the 3 when there is one: the
+                                       bound of any scorer (not a method)
 
-How it is measured: each distinct model call runs once (a memo), and each strategy is
-charged the measured time and tokens of the calls it makes, as in cascade_bench. A task's
+Thresholds (T) are set with --thresholds; --sweep prints every threshold's accuracy and
+cost, to tune on one --seed and report on another.
+
+How it is measured (benchmarks/measured.py, shared with cascade_bench): each distinct
+model call runs once (a memo), and each strategy is charged the measured time and tokens
+of the calls it makes; accuracy comes with its 95% Wilson interval. A task's
 latency is the sum of its strategy's calls, made one after another. Cost uses per-token
 prices per model, documented in the output: by default the embedded gateway.yaml's notional
 prices (USD per M tokens, small 0.01 in / 0.02 out, large 0.10 / 0.20), and a second column
