@@ -209,6 +209,88 @@ def difficulty_ceiling(test: Any) -> float:
     return apgr(routing_curve(difficulty, test.small, test.large))
 
 
+# Guessing floors of the multiple-choice files (1 / options), per subset where they differ:
+# the c of a 3PL item-response model. Open-ended and pairwise files have none.
+GUESS_FLOORS: dict[str, dict[str, float]] = {
+    MMLU: {"*": 0.25},
+    PRO: {"*": 0.1},
+    RB: {"arc-challenge": 0.25, "winogrande": 0.5, "*": 0.0},
+}
+
+
+def guess_floor(test: Any) -> np.ndarray:
+    """Each row's guessing floor, from its file's (or subset's) number of options."""
+    floors = next((v for k, v in GUESS_FLOORS.items() if test.path.endswith(k)), {"*": 0.0})
+    return np.array([floors.get(s, floors["*"]) for s in test.field("subset")])
+
+
+def _other_models(test: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the file's other models' scores, small's, large's), all mapped to [0, 1]."""
+    from tierroute.data import canonical_model
+
+    table = test.model_scores()
+    pair = {canonical_model(test.small_model), canonical_model(test.large_model)}
+    others = [j for j, m in enumerate(table.models) if m not in pair]
+    scores, small, large = table.scores[:, others], test.small, test.large
+    if min(np.nanmin(table.scores), small.min(), large.min()) < 0:  # verdicts in [-1, 1]
+        scores, small, large = (scores + 1) / 2, (small + 1) / 2, (large + 1) / 2
+    return scores, small, large
+
+
+def pair_aware_ceilings(test: Any) -> dict[str, float]:
+    """APGR of scores that know what the *pair* differs on, not only how hard a prompt is.
+
+    - "pair-aware ceiling (IRT)": a 2PL item-response model (3PL with the guessing floor
+      on multiple-choice files) fitted on the file's other models gives each prompt a
+      difficulty b_x and discrimination a_x; the pair's abilities are those matching its
+      overall success rates on the file (two numbers, what a tier's configured `prior`
+      says); the score is the expected gain P(large right) - P(small right), which peaks
+      between the two abilities. A large model whose scores never vary is the verdicts'
+      reference (AlpacaEval): its P is that constant.
+    - "pair-aware ceiling (1PL)": the same with every a_x = 1 (only b_x per prompt).
+    - "model-profile ceiling": mean score of the 3 other models nearest the large one's
+      success rate minus that of the 3 nearest the small one's.
+    nan where the file has no other models (MMLU)."""
+    from tierroute.eval import irt
+    from tierroute.eval.metrics import apgr, routing_curve
+
+    scores, small, large = _other_models(test)
+    if scores.shape[1] == 0:
+        return dict.fromkeys(PAIR_CEILINGS, float("nan"))
+
+    def score_apgr(s: np.ndarray) -> float:
+        return apgr(routing_curve(s, test.small, test.large))
+
+    floor = guess_floor(test)
+    out = {}
+    for name, discrimination in (("IRT", True), ("1PL", False)):
+        _, a, b = irt.fit_items(scores, floor, discrimination=discrimination)
+        p_small = irt.probability(irt.ability_for_rate(small.mean(), a, b, floor), a, b, floor)
+        p_large = irt.probability(irt.ability_for_rate(large.mean(), a, b, floor), a, b, floor)
+        if np.ptp(large) == 0:
+            p_large = np.full(len(large), large[0])
+        out[f"pair-aware ceiling ({name})"] = score_apgr(p_large - p_small)
+    means = np.nanmean(scores, axis=0)
+    near_large = np.argsort(np.abs(means - large.mean()))[:3]
+    near_small = np.argsort(np.abs(means - small.mean()))[:3]
+    profile_large = _row_mean(scores[:, near_large]) if np.ptp(large) else large
+    profile = profile_large - _row_mean(scores[:, near_small])
+    out["model-profile ceiling"] = score_apgr(profile)
+    return out
+
+
+PAIR_CEILINGS = (
+    "pair-aware ceiling (IRT)",
+    "pair-aware ceiling (1PL)",
+    "model-profile ceiling",
+)
+
+
+def _row_mean(scores: np.ndarray) -> np.ndarray:
+    counts = np.sum(~np.isnan(scores), axis=1)
+    return np.where(counts > 0, np.nansum(scores, axis=1) / np.maximum(counts, 1), 0.5)
+
+
 def _old_default(train: list[tuple[LooFile, Any]], encoder: Any) -> Any:
     """The recipe shipped before issue 9: irt on MMLU + RouterBench, Mixtral -> GPT-4."""
     from tierroute.data import concat_outcomes, load_outcomes
@@ -302,13 +384,15 @@ def leave_one_out(recipes: list[str], out: Path, rule_prior: float, only: list[s
 
     encoder = TextEncoder(Embedder(), EmbeddingCache())
     held = [f for f in LOO_FILES if (DATA / f.file).is_file() and (not only or f.name in only)]
-    bases = ["random", "oracle", "difficulty ceiling"]
+    bases = ["random", "oracle", "difficulty ceiling", *PAIR_CEILINGS]
     cells: dict[str, dict[str, float]] = {name: {} for name in [*bases, *recipes]}
     pairs = {}
     for f in held:
         test, train = loo_parts(f, held)
         pairs[f.name] = f"{f.small} -> {f.large}, {len(test):,} rows"
         cells["difficulty ceiling"][f.name] = difficulty_ceiling(test)
+        for base, value in pair_aware_ceilings(test).items():
+            cells[base][f.name] = value
         for name in recipes:
             start = time.perf_counter()
             router = RECIPES[name](train, encoder)
