@@ -8,7 +8,10 @@
 training a shipped router) a recipe is trained on every other licence-ok file and tested
 on the one left out, for that file's strongest model against a clearly weaker one
 (LOO_FILES). MMLU-Pro's ori_mmlu* rows are MMLU questions: they are dropped from MMLU-Pro
-whenever MMLU is on the other side. Writes bench-out/leave_one_out.md.
+whenever MMLU is on the other side. Writes bench-out/leave_one_out.md. Beside the
+recipes: the difficulty ceiling and the pair-aware ceilings (an item-response model's
+expected gain for the pair, a model-profile gap), which need no embedding: `--recipes`
+with no name prints only those. `--sample N` cuts every file to N random rows.
 
 Writes bench-out/quality.md (markdown tables) and PNG plots, and prints the tables.
 
@@ -485,7 +488,13 @@ def leave_one_out(
         "file (AlpacaEval never), tested on this one for the pair below. random and oracle "
         f"are APGR on the same rows. Rule prior weight {rule_prior:g}. difficulty ceiling: "
         "the APGR of each prompt's measured difficulty (1 - mean score of the file's "
-        "models other than the pair), about the best a difficulty score can do.\n\n"
+        "models other than the pair), about the best a difficulty score can do. "
+        "pair-aware ceilings: what a score that knows each prompt's item-response "
+        "parameters (fitted on the other models) or the other models' profile near each "
+        "of the pair can do (`pair_aware_ceilings`). irt-gain: irt-files-structure scored "
+        "by the pair's expected gain, abilities from the file's first 100 labels."
+        + (f" On at most {sample:,} random rows of each file." if sample else "")
+        + "\n\n"
         f"{pair_lines}\n\n{table}\n"
     )
     (out / "leave_one_out.md").write_text(text)
