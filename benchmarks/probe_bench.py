@@ -1,7 +1,22 @@
 """Does the small local model's own view of a prompt predict who needs the large tier?
 
     nice -n 10 python benchmarks/probe_bench.py features [--rows 1500] [--budget 2400]
-    python benchmarks/probe_bench.py eval [--out bench-out]
+    python benchmarks/probe_bench.py eval [--out bench-out] [--shipped-for-rb]
+    python benchmarks/probe_bench.py cost [--prompts 10] [--max-tokens 128]
+
+Cost: about 0.3 CPU-seconds per 32-token prompt on a quiet core (SmolLM2 Q4_1, 1 thread;
+several CPU-seconds when the machine is oversubscribed), so a full sample (5,802 prompts) is
+roughly half an hour of one quiet core; `--budget` bounds a run and several workers can
+share the queue.
+
+First run (2026-11-29, machine oversubscribed at load 20-35 on 2 cores, six niced workers for
+50 minutes): only 109 prompts got features (~21 per file), so the LOO table is noise: mean
+APGR probe 0.441, stacked 0.429, default recipe 0.459 on those rows; stacked - default
+-0.028, 95% bootstrap -0.165 .. +0.081. No evidence it helps, none that it cannot. Cost, side
+by side in one run (`cost --prompts 2 --max-tokens 128`, same load): default router CPU p50
+19 ms per prompt, probe 6.6 s (~340x); even on a quiet core a 32-token probe is ~0.3 s of
+CPU, 60x route_bench's 5 ms chat p50 target, so as a router input it would only fit fused
+with the small tier's own prefill (which reuses the KV cache when the request stays small).
 
 Issue 9's hypothesis: prompts SmolLM2-135M-Instruct finds surprising, or is unsure how to
 answer, are the ones small models fail, and since that is a relation between a prompt and a
@@ -264,11 +279,11 @@ def main() -> None:
     feats = sub.add_parser("features", help="compute and cache the probe features")
     feats.add_argument("--rows", type=int, default=1500, help="rows per file at most")
     feats.add_argument("--budget", type=float, default=2400.0, help="seconds at most")
-    feats.add_argument("--max-tokens", type=int, default=128)
+    feats.add_argument("--max-tokens", type=int, default=32)
     feats.add_argument("--threads", type=int, default=1)
     ev = sub.add_parser("eval", help="leave-one-dataset-out on the cached rows")
     ev.add_argument("--rows", type=int, default=1500)
-    ev.add_argument("--max-tokens", type=int, default=128)
+    ev.add_argument("--max-tokens", type=int, default=32)
     ev.add_argument("--out", default="bench-out")
     ev.add_argument("--min-rows", type=int, default=50, help="skip files with fewer rows")
     ev.add_argument("--no-default", action="store_true", help="skip the default's recipe")
