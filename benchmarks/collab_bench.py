@@ -22,6 +22,7 @@ of the figures over the test rows, and per hull segment whether the router's P
 difference ranks the rows where the dearer model does better (tierroute.eval.nmodel_check).
 
     python benchmarks/collab_bench.py --live [--arith 32] [--code 16] [--threads 1]
+        [--thresholds logprob=0.7,best=0.75,judge=0.9] [--sweep]
 
 --live measures the collaboration strategies of tierroute.collab (cross-model agreement,
 draft and review, best-of-n) against each single tier and the two-tier cascade, with the

@@ -729,7 +729,7 @@ class Engine:
         async def ask(req: ChatRequest, tier: str | None = None) -> ChatResult:
             # A collaboration strategy may ask another tier (a partner, a reviewer).
             name = small if tier is None else tier
-            if name != small and not self._available(name):
+            if name != small and not await self._available(name):
                 raise BackendError(f"tier {name} is unavailable (breaker open)", retryable=True)
             result = await self._on_tier(
                 name, lambda t, timeout: self._complete_on(t, req, timeout)
