@@ -139,14 +139,18 @@ def test_requests_per_minute_count_across_endpoints(
 
 def test_tokens_per_minute_are_settled_to_real_usage(tmp_path: Path, upstream: str) -> None:
     """A completion reserves prompt + max_tokens and is settled to what the tier used: an
-    unsettled reservation would refuse the third request of 250 asked tokens under 600."""
+    unsettled reservation would refuse the fourth request of 250 asked tokens under 600.
+    A prompt of ~700 real tokens then uses the minute up."""
     ledger = Ledger(tmp_path / "ledger.db")
     secret, _ = KeyStore(ledger).create("tpm", tokens_per_minute=600)
     with gateway(settings_for(upstream), ledger) as client:
         for _ in range(6):
             r = spend(client, "/v1/completions", secret, max_tokens=250)
             assert r.status_code == 200, r.text
-        assert spend(client, "/v1/completions", secret, max_tokens=700).status_code == 429
+        long = spend(client, "/v1/completions", secret, prompt="word " * 560, max_tokens=1)
+        assert long.status_code == 200, long.text
+        refused = spend(client, "/v1/completions", secret)
+        assert refused.status_code == 429 and refused.json()["error"]["type"] == "tokens"
 
 
 def test_a_budget_reservation_is_settled_to_the_real_cost(tmp_path: Path, upstream: str) -> None:
@@ -240,14 +244,15 @@ def test_the_decision_cache_does_not_tell_one_key_what_another_asked(
     store = KeyStore(ledger)
     alice, _ = store.create("alice")
     mallory, _ = store.create("mallory")
+    eve, _ = store.create("eve")
     secret_prompt = {"model": "auto", "messages": [{"role": "user", "content": "Acme buys Foo"}]}
     with gateway(settings_for(upstream), ledger) as client:
         first = client.post("/v1/chat/completions", json=secret_prompt, headers=bearer(alice))
         assert first.headers["x-tierroute-cache"] == "miss"
         again = client.post("/v1/chat/completions", json=secret_prompt, headers=bearer(alice))
         assert again.headers["x-tierroute-cache"] == "hit"  # a key's own repeats still hit
-        for path in ("/v1/route", "/v1/chat/completions"):
-            probe = client.post(path, json=secret_prompt, headers=bearer(mallory))
+        for path, key in (("/v1/route", mallory), ("/v1/chat/completions", eve)):
+            probe = client.post(path, json=secret_prompt, headers=bearer(key))
             assert probe.headers["x-tierroute-cache"] == "miss", path
 
 
