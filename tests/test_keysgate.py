@@ -23,6 +23,7 @@ import yaml
 
 from tests.conftest import fast_upstream
 from tests.postgres import ADMIN_URL, HOST, PORT, needs_postgres
+from tests.redis_helpers import REDIS_URL, drop_prefix, needs_redis
 from tierroute.gateway.settings import GatewaySettings, parse_settings
 from tierroute.keys import KeyStore
 from tierroute.ledger import Ledger
@@ -37,7 +38,9 @@ def upstream() -> Iterator[str]:
         yield url
 
 
-def settings_for(upstream: str, gateway: dict[str, Any] | None = None) -> GatewaySettings:
+def settings_for(
+    upstream: str, gateway: dict[str, Any] | None = None, state: str | None = None
+) -> GatewaySettings:
     remote = {"kind": "openai", "base_url": upstream, "model": "fast"}
     doc = {
         "router": "random",
@@ -50,6 +53,7 @@ def settings_for(upstream: str, gateway: dict[str, Any] | None = None) -> Gatewa
             "api_keys_sha256": [hashlib.sha256(ADMIN.encode()).hexdigest()],
             **(gateway or {}),
         },
+        **({"state": state} if state is not None else {}),
     }
     return parse_settings(yaml.safe_load(yaml.safe_dump(doc)), "test config")
 
@@ -135,6 +139,31 @@ def test_requests_per_minute_count_across_endpoints(
         assert refused.status_code == 429, refused.text
         assert refused.json()["error"]["type"] == "requests"
         assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+@needs_redis
+def test_a_keys_limit_holds_across_replicas_and_endpoints_on_redis(
+    tmp_path: Path, upstream: str
+) -> None:
+    prefix = f"tierroute-keysgate-{secrets.token_hex(6)}:"
+    settings = settings_for(upstream, {"state_prefix": prefix}, state=REDIS_URL)
+    admin = Ledger(tmp_path / "ledger.db")
+    secret, _ = KeyStore(admin).create("shared", requests_per_minute=3)
+    try:
+        with (
+            gateway(settings, Ledger(tmp_path / "ledger.db")) as one,
+            gateway(settings, Ledger(tmp_path / "ledger.db")) as two,
+        ):
+            assert one.get("/healthz").json()["status"] == "ok"  # on Redis, not local state
+            assert spend(one, "/v1/chat/completions", secret).status_code == 200
+            assert spend(two, "/v1/completions", secret).status_code == 200
+            assert spend(one, "/v1/embeddings", secret).status_code == 200
+            refused = spend(two, "/v1/embeddings", secret)
+            assert refused.status_code == 429, refused.text
+            assert spend(one, "/v1/completions", secret).status_code == 429
+    finally:
+        admin.close()
+        drop_prefix(prefix)
 
 
 def test_tokens_per_minute_are_settled_to_real_usage(tmp_path: Path, upstream: str) -> None:

@@ -424,7 +424,13 @@ def create_app(
                 code="ledger_unavailable",
             )
 
-    @app.get("/healthz")
+    @app.get(
+        "/healthz",
+        responses={
+            200: {"description": "This replica answers requests (`status`: ok or degraded)"},
+            503: {"description": "This replica refuses every request (`serving`: false)"},
+        },
+    )
     async def healthz() -> JSONResponse:
         """200 while this replica answers requests, degraded or not (the body says which
         and why); 503 only when it refuses every request, so that a load balancer moves
