@@ -167,11 +167,11 @@ def load_router(path: str | Path, encoder_factory: Callable[[], Encoder] = TextE
 
 
 def _embedding_settings(model_id: str) -> tuple[int, str] | None:
-    """(max tokens, precision) from a model id such as `NAME@digest/len256/int8`."""
+    """(max tokens, precision) from a model id such as `NAME@digest/len256/int8-rows`."""
     parts = model_id.rsplit("/", 2)
     if len(parts) != 3 or not parts[1].startswith("len") or not parts[1][3:].isdigit():
         return None
-    return int(parts[1][3:]), parts[2]
+    return int(parts[1][3:]), parts[2].removesuffix("-rows")
 
 
 def _serving_factory(
