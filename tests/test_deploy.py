@@ -115,6 +115,17 @@ def test_prometheus_scrapes_every_replica(compose: dict[str, Any]) -> None:
     assert mounts(services["prometheus"])["/etc/prometheus/prometheus.yml"] == "./prometheus.yml"
 
 
+def test_metrics_are_open_to_prometheus_only(compose: dict[str, Any]) -> None:
+    """The replicas serve /metrics without a key (Prometheus has none) only because the
+    load balancer, the one published port, does not pass /metrics on."""
+    assert deploy_config()["gateway"]["public_metrics"] is True
+    conf = (DEPLOY / "nginx.conf").read_text()
+    hidden = re.search(r"location = /metrics \{\s*return 404;", conf)
+    assert hidden is not None and conf.index("location = /metrics") < conf.index("location / {")
+    for name in GATEWAYS:  # no replica publishes a port of its own
+        assert "ports" not in compose["services"][name]
+
+
 def deploy_config() -> dict[str, Any]:
     doc = load("gateway.yaml")
     assert isinstance(doc, dict)
