@@ -4,6 +4,7 @@
         [--only overhead batching replicas stack local]
     python benchmarks/gateway_bench.py --state redis://127.0.0.1:6379/0   (state_bench.py)
     python benchmarks/gateway_bench.py --only stack [--baseline-src MAIN_CHECKOUT/src]
+    python benchmarks/gateway_bench.py --baseline ../main/src [--rounds 3] [--seconds 10]
 
 1. Overhead: latency through tierroute minus latency straight to the same fast local
    upstream (benchmarks/fast_upstream.py), p50 and p99, at concurrency 1 and 64, measured
@@ -180,9 +181,15 @@ gateway:
 
 
 @contextlib.contextmanager
-def gateways(up_port: int, count: int = 1, batch: int = 32) -> Iterator[list[str]]:
+def gateways(
+    up_port: int, count: int = 1, batch: int = 32, src: str | None = None
+) -> Iterator[list[str]]:
     """`count` gateway processes (each its own data dir) in front of the fast upstream;
-    yields their chat completions URLs."""
+    yields their chat completions URLs. `src`: run the tierroute package found there
+    (another checkout's src folder) instead of this one."""
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "gw.yaml"
@@ -195,7 +202,7 @@ def gateways(up_port: int, count: int = 1, batch: int = 32) -> Iterator[list[str
                 command = [sys.executable, "-m", "tierroute.cli", "serve", "--config"]
                 command += [str(config), "--port", str(port), "--data-dir", str(data)]
                 command += ["--log-level", "warning"]
-                procs.append(subprocess.Popen(command, stderr=subprocess.DEVNULL))
+                procs.append(subprocess.Popen(command, stderr=subprocess.DEVNULL, env=env))
             for port, proc in zip(ports, procs, strict=True):
                 wait_up(f"http://127.0.0.1:{port}/healthz", proc)
             yield [f"http://127.0.0.1:{port}/v1/chat/completions" for port in ports]
@@ -297,6 +304,47 @@ def cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process and its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def against_baseline(baseline: str, rounds: int, seconds: int) -> None:
+    """Fresh prompts through this checkout's gateway and through `baseline`'s (another
+    checkout's src folder, e.g. main's), both up at once and measured alternately with wrk,
+    so that other jobs on the machine weigh on both alike: c=64 req/s and c=1 p50, and the
+    gateway's CPU per request."""
+    if not shutil.which("wrk"):
+        raise SystemExit("--baseline needs wrk (apt-get install wrk)")
+    here = str(HERE.parent / "src")
+    print(f"\nfresh prompts, baseline {baseline} (old) vs {here} (new), alternating:")
+    print(
+        f"{'round':<6} {'code':<4} {'c=64 req/s':>10} {'c=64 p50':>9} {'CPU ms/req':>10} "
+        f"{'c=1 p50':>8}"
+    )
+    figures: dict[str, list[tuple[float, float]]] = {"old": [], "new": []}
+    with (
+        fast_upstream() as up_port,
+        gateways(up_port, src=baseline) as old,
+        gateways(up_port, src=here) as new,
+    ):
+        for urls in (old, new):
+            wrk(urls, 64, True, seconds=3)  # warm up: first batches, thread pools
+        for r in range(rounds):
+            for label, urls in (("old", old), ("new", new)):
+                pid = gateway_pid(urls[0])
+                before = cpu_s(pid)
+                p50, _, rps = wrk(urls, 64, True, seconds)
+                per_request = (cpu_s(pid) - before) * 1000 / max(1.0, rps * seconds)
+                one, _, _ = wrk(urls, 1, True, max(3, seconds // 2))
+                figures[label].append((rps, one))
+                print(
+                    f"{r + 1:<6} {label:<4} {rps:10.0f} {p50:9.1f} {per_request:10.2f} {one:8.2f}"
+                )
+    old_rps = np.median([f[0] for f in figures["old"]])
+    new_rps = np.median([f[0] for f in figures["new"]])
+    print(
+        f"median c=64 req/s: old {old_rps:.0f}, new {new_rps:.0f} (x{new_rps / old_rps:.2f}); "
+        f"median c=1 p50: old {np.median([f[1] for f in figures['old']]):.2f} ms, "
+        f"new {np.median([f[1] for f in figures['new']]):.2f} ms"
+    )
 
 
 def replicas(requests: int) -> None:
@@ -426,7 +474,18 @@ def main() -> None:
     parser.add_argument(
         "--state", metavar="REDIS_URL", help="only compare in-process and Redis state (state_bench)"
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="SRC",
+        help="only compare fresh prompts with another checkout's src folder (old code), "
+        "alternately with wrk",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="--baseline: alternations")
+    parser.add_argument("--seconds", type=int, default=10, help="--baseline: wrk seconds a run")
     args = parser.parse_args()
+    if args.baseline:
+        against_baseline(args.baseline, args.rounds, args.seconds)
+        return
     if args.state:
         from state_bench import compare
 

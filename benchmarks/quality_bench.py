@@ -425,8 +425,27 @@ def sample_rows(o: Any, n: int) -> Any:
     return o.subset(np.sort(np.random.default_rng(0).choice(len(o), n, replace=False)))
 
 
+def served(router: Any, encoder: Any) -> Any:
+    """A twin of a trained router reading `encoder`'s embeddings: what `load_router` builds
+    when the router is served at another embedding precision or token limit."""
+    twin = type(router)(encoder, **router.get_params())
+    twin.set_state(router.get_state())
+    return twin
+
+
+def parse_variant(spec: str) -> tuple[str, int]:
+    """'int8' or 'int8/128': a serving precision and token limit (default 256)."""
+    precision, _, tokens = spec.partition("/")
+    return precision, int(tokens or 256)
+
+
 def leave_one_out(
-    recipes: list[str], out: Path, rule_prior: float, only: list[str], sample: int = 0
+    recipes: list[str],
+    out: Path,
+    rule_prior: float,
+    only: list[str],
+    sample: int = 0,
+    serve: tuple[str, ...] = (),
 ) -> None:
     from tierroute.embed import Embedder, EmbeddingCache
     from tierroute.encoder import TextEncoder
@@ -434,11 +453,25 @@ def leave_one_out(
     from tierroute.eval.metrics import apgr, routing_curve
     from tierroute.routers.random_router import RandomRouter
 
-    encoder = TextEncoder(Embedder(), EmbeddingCache())
+    encoder = TextEncoder(Embedder(precision="fp32"), EmbeddingCache())
+    # Serving variants: each recipe is trained on fp32 embeddings, as the shipped router
+    # was, then scored on the test file with the variant's embeddings.
+    variants = {
+        spec: TextEncoder(
+            Embedder(precision=parse_variant(spec)[0], max_length=parse_variant(spec)[1]),
+            EmbeddingCache(),
+        )
+        for spec in serve
+    }
     held = [f for f in LOO_FILES if (DATA / f.file).is_file() and (not only or f.name in only)]
     bases = ["random", "oracle", "difficulty ceiling", *PAIR_CEILINGS]
-    cells: dict[str, dict[str, float]] = {name: {} for name in [*bases, *recipes]}
+    rows = [
+        *recipes,
+        *(f"{r} served {v}" for r in recipes if r not in PAIR_RECIPES for v in variants),
+    ]
+    cells: dict[str, dict[str, float]] = {name: {} for name in [*bases, *rows]}
     pairs = {}
+    agreement: list[str] = []
     for f in held:
         test, train = loo_parts(f, held)
         test, train = sample_rows(test, sample), [(g, sample_rows(o, sample)) for g, o in train]
@@ -453,15 +486,36 @@ def leave_one_out(
             cells[base][f.name] = value
         for name in recipes:
             start = time.perf_counter()
+            trained = None
             if name in PAIR_RECIPES:
                 difficulty = RECIPES[PAIR_RECIPES[name]](train, encoder)
                 router = PairGain(difficulty, *first_label_rates(test))
             else:
-                router = RECIPES[name](train, encoder)
+                router = trained = RECIPES[name](train, encoder)
             if rule_prior and name != "rules":
                 router = with_rule_prior(router, encoder, rule_prior)
             ev = evaluate(name, test, fixed=router)
             cells[name][f.name] = ev.figures["apgr"]
+            for spec, other in variants.items() if trained is not None else ():
+                if name == "rules":
+                    twin = RECIPES[name](train, other)
+                else:
+                    twin = served(trained, other)
+                    if rule_prior:
+                        twin = with_rule_prior(twin, other, rule_prior)
+                ev_v = evaluate(name, test, fixed=twin)
+                cells[f"{name} served {spec}"][f.name] = ev_v.figures["apgr"]
+                a, b = encoder.encode(test.prompts), other.encode(test.prompts)
+                cos = np.sum(a * b, axis=1)
+                sa, sb = router.score_texts(test.prompts), twin.score_texts(test.prompts)
+                line = (
+                    f"{f.name} {name} fp32 vs {spec}: cosine mean {cos.mean():.4f} min "
+                    f"{cos.min():.4f}; score |diff| mean {np.abs(sa - sb).mean():.4f} max "
+                    f"{np.abs(sa - sb).max():.4f}, corr {np.corrcoef(sa, sb)[0, 1]:.4f}; APGR "
+                    f"{ev.figures['apgr']:.3f} -> {ev_v.figures['apgr']:.3f}"
+                )
+                agreement.append(line)
+                print(line, flush=True)
             print(
                 f"held out {f.name}: {name} APGR {ev.figures['apgr']:.3f} (random "
                 f"{ev.baselines['random']['apgr']:.3f}, oracle {ev.baselines['oracle']['apgr']:.3f}"
@@ -481,6 +535,10 @@ def leave_one_out(
             + f" | {_summary(np.mean, values)} | {_summary(np.min, values)} |"
         )
     table = "\n".join(lines)
+    if agreement:
+        table += "\n\nServed variants against fp32 on each test file:\n\n" + "\n".join(
+            f"- {line}" for line in agreement
+        )
     pair_lines = "\n".join(f"- {n}: {p}" for n, p in pairs.items())
     out.mkdir(parents=True, exist_ok=True)
     text = (
@@ -527,6 +585,15 @@ def main() -> None:
         help="leave-one-out over these files only (default: all)",
     )
     parser.add_argument(
+        "--serve",
+        nargs="*",
+        default=[],
+        metavar="PRECISION[/TOKENS]",
+        help="leave-one-out: also score each recipe, trained on fp32 embeddings, with these "
+        "serving embeddings (e.g. int8 int8/128): rows 'RECIPE served int8', plus cosine "
+        "and score agreement with fp32",
+    )
+    parser.add_argument(
         "--sample",
         type=int,
         default=0,
@@ -548,7 +615,9 @@ def main() -> None:
     parser.add_argument("--setups", nargs="*", help="only setups whose name contains one of these")
     args = parser.parse_args()
     if args.leave_one_out:
-        leave_one_out(args.recipes, Path(args.out), args.rule_prior, args.files, args.sample)
+        leave_one_out(
+            args.recipes, Path(args.out), args.rule_prior, args.files, args.sample, args.serve
+        )
         return
 
     from tierroute.artifact import open_router

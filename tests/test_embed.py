@@ -104,3 +104,60 @@ def test_interrupted_embedding_keeps_finished_chunks(tmp_path: Path, encoder) ->
     resumed = cache.embed(Counts(model_dir=real.model_dir), texts)
     assert sum(calls) == 6  # the first chunk of four was kept; only the rest is computed
     assert np.allclose(resumed, real.embed(texts), atol=1e-5)
+
+
+def test_int8_vectors_are_close_to_fp32_and_independent_of_their_batch(encoder) -> None:  # type: ignore[no-untyped-def]
+    # Activations are quantised per token (onnx_bert), not per batch: a prompt routed
+    # alone and in a micro-batch of others gets the same vector, hence the same decision.
+    fp32 = encoder.embedder.embed(TEXTS)
+    int8 = Embedder(precision="int8")
+    assert int8.model_id.endswith("/len256/int8-rows") and int8.model_id != encoder.model_id
+    batch = int8.embed(TEXTS)
+    one_by_one = np.stack([int8.embed([t])[0] for t in TEXTS])
+    assert np.allclose(batch, one_by_one, atol=1e-5)
+    assert np.allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)
+    cosine = np.sum(batch * fp32, axis=1)
+    assert cosine.min() > 0.98, cosine  # "hi": 0.989; AlpacaEval prompts: mean 0.998
+
+
+def test_default_router_is_served_at_the_precision_it_was_checked_at(
+    monkeypatch: pytest.MonkeyPatch,
+    encoder,  # type: ignore[no-untyped-def]
+) -> None:
+    from tierroute.artifact import default_router_dir, load_router, read_meta
+
+    meta = read_meta(default_router_dir())
+    monkeypatch.delenv("TIERROUTE_EMBED_PRECISION", raising=False)
+    served = load_router(default_router_dir()).router
+    assert served.encoder.model_id == meta["embed_served"]
+    # The environment still chooses: fp32, the embeddings it was trained on, is accepted.
+    monkeypatch.setenv("TIERROUTE_EMBED_PRECISION", "fp32")
+    trained = load_router(default_router_dir()).router
+    assert trained.encoder.model_id == meta["embed_model"]
+    text = "Prove that sqrt(2) is irrational."
+    assert abs(served.explain_text(text).score - trained.explain_text(text).score) < 0.05
+
+
+def test_a_router_without_embed_served_reads_its_training_embeddings(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    encoder,  # type: ignore[no-untyped-def]
+) -> None:
+    import json
+    import shutil
+
+    from tierroute.artifact import default_router_dir, load_router
+    from tierroute.errors import ArtifactError
+
+    folder = tmp_path / "router"
+    shutil.copytree(default_router_dir(), folder)
+    meta = json.loads((folder / "router.json").read_text())
+    del meta["embed_served"]
+    (folder / "router.json").write_text(json.dumps(meta))
+    monkeypatch.delenv("TIERROUTE_EMBED_PRECISION", raising=False)
+    router = load_router(folder).router
+    assert router.encoder.model_id == meta["embed_model"]  # fp32, not the served int8
+    # Asked for int8 explicitly, it refuses: its quality was never checked there.
+    monkeypatch.setenv("TIERROUTE_EMBED_PRECISION", "int8")
+    with pytest.raises(ArtifactError, match="retrain"):
+        load_router(folder)

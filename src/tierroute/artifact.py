@@ -10,6 +10,7 @@ prototypes.yaml the tagger's prototypes, when the router uses tag features
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -114,6 +115,7 @@ def load_router(path: str | Path, encoder_factory: Callable[[], Encoder] = TextE
 
     folder = Path(path)
     meta = read_meta(folder)
+    encoder_factory = _serving_factory(meta, encoder_factory)
     kind = meta.get("kind")
     params = dict(meta.get("params") or {})
     router: BaseRouter
@@ -144,7 +146,8 @@ def load_router(path: str | Path, encoder_factory: Callable[[], Encoder] = TextE
         raise ArtifactError(f"router '{folder}' is of kind '{kind}', which cannot be loaded")
     embed_model = meta.get("embed_model")
     encoder_now: Encoder | None = getattr(router, "encoder", None)
-    if embed_model and encoder_now is not None and encoder_now.model_id != embed_model:
+    allowed = {embed_model, meta.get("embed_served")}
+    if embed_model and encoder_now is not None and encoder_now.model_id not in allowed:
         raise ArtifactError(
             f"router '{folder}' was trained on embeddings of {embed_model}, but the installed "
             f"model is {encoder_now.model_id}; retrain it"
@@ -161,6 +164,60 @@ def load_router(path: str | Path, encoder_factory: Callable[[], Encoder] = TextE
     if meta.get("rule_prior"):
         router = _with_rule_prior(router, folder, meta["rule_prior"], encoder_factory)
     return Artifact(path=folder, router=router, meta=meta, train_ids=ids)
+
+
+def _embedding_settings(model_id: str) -> tuple[int, str] | None:
+    """(max tokens, precision) from a model id such as `NAME@digest/len256/int8-rows`."""
+    parts = model_id.rsplit("/", 2)
+    if len(parts) != 3 or not parts[1].startswith("len") or not parts[1][3:].isdigit():
+        return None
+    return int(parts[1][3:]), parts[2].removesuffix("-rows")
+
+
+def _serving_factory(
+    meta: dict[str, Any], encoder_factory: Callable[[], Encoder]
+) -> Callable[[], Encoder]:
+    """The encoder factory a saved router is served with.
+
+    A router reads the embeddings it was trained on (`embed_model`), or those its folder
+    says its quality was checked on (`embed_served`, e.g. the same weights at int8:
+    about twice as fast; the default router's CARD.md has the comparison).
+    TIERROUTE_EMBED_PRECISION / TIERROUTE_EMBED_MAX_TOKENS, when set, choose instead, and
+    the check after loading refuses embeddings the router knows nothing of."""
+    from tierroute.embed import Embedder
+
+    wanted = meta.get("embed_served") or meta.get("embed_model")
+    settings = _embedding_settings(wanted) if isinstance(wanted, str) else None
+    if settings is None:
+        return encoder_factory
+    max_tokens, precision = settings
+    made: list[Encoder] = []
+
+    def factory() -> Encoder:
+        encoder = encoder_factory()
+        embedder = getattr(encoder, "embedder", None)
+        if not isinstance(encoder, TextEncoder) or not isinstance(embedder, Embedder):
+            return encoder  # a caller's own encoder: the model id check decides
+        if embedder.overrides is not None:
+            return encoder
+        env = os.environ
+        tokens = max_tokens if "TIERROUTE_EMBED_MAX_TOKENS" not in env else embedder.max_length
+        at = precision if "TIERROUTE_EMBED_PRECISION" not in env else embedder.precision
+        if (tokens, at) == (embedder.max_length, embedder.precision):
+            return encoder
+        if not made:  # one encoder per loaded router, shared by its parts (rule prior)
+            twin = Embedder(
+                embedder.model_dir,
+                max_length=tokens,
+                batch_size=embedder.batch_size,
+                token_budget=embedder.token_budget,
+                threads=embedder.threads,
+                precision=at,
+            )
+            made.append(TextEncoder(twin, encoder.disk_cache, encoder.memo_size))
+        return made[0]
+
+    return factory
 
 
 def _with_rule_prior(

@@ -124,8 +124,9 @@ class MicroBatcher(Generic[T, R]):
 
 def explain_batch(items: list[tuple[BaseRouter, str]]) -> list[Explanation | BaseException]:
     """The routers' explanations of the texts, one forward pass of the embedding model per
-    router for all its texts (`TextEncoder.prefetch`), then each explained from the memo.
-    One text's failure is its own; the embedding's failure is every text's."""
+    router for all its texts (`TextEncoder.prefetch`), then one `explain_texts` call per
+    router reading the memo. One text's failure is its own; the embedding's failure is
+    every text's."""
     by_router: dict[int, list[str]] = {}
     for router, text in items:
         by_router.setdefault(id(router), []).append(text)
@@ -138,10 +139,23 @@ def explain_batch(items: list[tuple[BaseRouter, str]]) -> list[Explanation | Bas
         prefetch = getattr(encoder, "prefetch", None)
         if texts and len(texts) > 1 and prefetch is not None:
             prefetch(texts)
-    out: list[Explanation | BaseException] = []
-    for router, text in items:
+    # Each router explains its texts in one call (vectorised features and scores); if that
+    # fails, text by text, so that one text's failure stays its own.
+    groups: dict[int, list[int]] = {}
+    for i, (router, _) in enumerate(items):
+        groups.setdefault(id(router), []).append(i)
+    out: dict[int, Explanation | BaseException] = {}
+    for indices in groups.values():
+        router = items[indices[0]][0]
         try:
-            out.append(router.explain_text(text))
-        except Exception as exc:
-            out.append(exc)
-    return out
+            texts = [items[i][1] for i in indices]
+            out.update(zip(indices, router.explain_texts(texts), strict=True))
+            continue
+        except Exception:
+            pass
+        for i in indices:
+            try:
+                out[i] = router.explain_text(items[i][1])
+            except Exception as exc:
+                out[i] = exc
+    return [out[i] for i in range(len(items))]

@@ -63,6 +63,11 @@ class BaseRouter(ABC):
     def explain_text(self, text: str) -> Explanation:
         return Explanation(score=float(self.score_texts([text])[0]))
 
+    def explain_texts(self, texts: Sequence[str]) -> list[Explanation]:
+        """`explain_text` of each text; routers whose work vectorises override it (the
+        gateway's routing micro-batch explains its texts in one call)."""
+        return [self.explain_text(text) for text in texts]
+
     @abstractmethod
     def score_texts(self, texts: Sequence[str]) -> Scores:
         """Scores in [0, 1] for a batch of routing texts."""

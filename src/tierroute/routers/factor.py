@@ -218,18 +218,30 @@ class FactorRouter(BaseRouter):
         return self.pair_scores(self.model_probabilities(texts))
 
     def explain_text(self, text: str) -> Explanation:
+        return self.explain_texts([text])[0]
+
+    def explain_texts(self, texts: Sequence[str]) -> list[Explanation]:
         if self.score_by == "difficulty":
-            score = float(self.difficulty_scores([text])[0])
-            return Explanation(score=score, reasons=(f"difficulty {score:.2f}",))
-        probs = self.model_probabilities([text])
-        score = float(self.pair_scores(probs)[0])
-        reasons = []
-        for role, model in (("small", self.small), ("large", self.large)):
-            column = self._column(model)
-            if column is not None:
-                # the router's reference models, not the configured tiers: say so by size only
-                reasons.append(f"P(a {role} model answers well) {probs[0, column]:.2f}")
-        return Explanation(score=score, reasons=tuple(reasons))
+            return [
+                Explanation(score=float(s), reasons=(f"difficulty {s:.2f}",))
+                for s in self.difficulty_scores(texts)
+            ]
+        probs = self.model_probabilities(texts)
+        scores = self.pair_scores(probs)
+        # the router's reference models, not the configured tiers: say so by size only
+        pair = (("small", self.small), ("large", self.large))
+        columns = [(role, self._column(model)) for role, model in pair]
+        return [
+            Explanation(
+                score=float(scores[i]),
+                reasons=tuple(
+                    f"P(a {role} model answers well) {probs[i, c]:.2f}"
+                    for role, c in columns
+                    if c is not None
+                ),
+            )
+            for i in range(len(texts))
+        ]
 
     # ------------------------------------------------------------------ state
 

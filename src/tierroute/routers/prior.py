@@ -39,13 +39,25 @@ class RulePriorRouter(BaseRouter):
         return self._combine(self.base.score_texts(texts), self.rules.score_texts(texts))
 
     def explain_text(self, text: str) -> Explanation:
-        learned = self.base.explain_text(text)
-        ruled = self.rules.explain_text(text)  # its score is the rules' score: not run twice
-        score = self._combine(np.array([learned.score]), np.array([ruled.score]))[0]
-        matched = tuple(f"{r} x{self.weight:g}" for r in ruled.reasons if r != "no rule matched")
-        return Explanation(
-            score=float(score),
-            reasons=(f"learned {learned.score:.2f}", *learned.reasons, *matched),
-            min_tiers=ruled.min_tiers,
-            tags={**learned.tags, **ruled.tags},
+        return self.explain_texts([text])[0]
+
+    def explain_texts(self, texts: Sequence[str]) -> list[Explanation]:
+        learned = self.base.explain_texts(texts)
+        ruled = self.rules.explain_texts(texts)  # their scores are the rules': not run twice
+        scores = self._combine(
+            np.array([e.score for e in learned]), np.array([e.score for e in ruled])
         )
+        out = []
+        for score, mine, rules in zip(scores, learned, ruled, strict=True):
+            matched = tuple(
+                f"{r} x{self.weight:g}" for r in rules.reasons if r != "no rule matched"
+            )
+            out.append(
+                Explanation(
+                    score=float(score),
+                    reasons=(f"learned {mine.score:.2f}", *mine.reasons, *matched),
+                    min_tiers=rules.min_tiers,
+                    tags={**mine.tags, **rules.tags},
+                )
+            )
+        return out

@@ -147,16 +147,23 @@ class RulesRouter(BaseRouter):
         )
 
     def explain_text(self, text: str) -> Explanation:
-        tags = self._tags([text])[0]
-        score, hits = self._evaluate(text, tags)
-        floors = [rule.min_tier for rule in hits if rule.min_tier]
-        reasons = tuple(f"rule {rule.name} ({rule.weight:+.1f})" for rule in hits)
-        return Explanation(
-            score=score,
-            reasons=reasons or ("no rule matched",),
-            min_tiers=tuple(floors),
-            tags=tags,
-        )
+        return self.explain_texts([text])[0]
+
+    def explain_texts(self, texts: Sequence[str]) -> list[Explanation]:
+        out = []
+        for text, tags in zip(texts, self._tags(texts), strict=True):
+            score, hits = self._evaluate(text, tags)
+            floors = [rule.min_tier for rule in hits if rule.min_tier]
+            reasons = tuple(f"rule {rule.name} ({rule.weight:+.1f})" for rule in hits)
+            out.append(
+                Explanation(
+                    score=score,
+                    reasons=reasons or ("no rule matched",),
+                    min_tiers=tuple(floors),
+                    tags=tags,
+                )
+            )
+        return out
 
     def get_params(self) -> dict[str, Any]:
         return {"rules": self.rules.source}
