@@ -470,7 +470,9 @@ def main() -> None:
     parser.add_argument(
         "--baseline-src", help="stack: also run gateways from this src folder, side by side"
     )
-    parser.add_argument("--rounds", type=int, default=3, help="stack: rounds per case")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="stack: rounds per case; --baseline: alternations"
+    )
     parser.add_argument(
         "--state", metavar="REDIS_URL", help="only compare in-process and Redis state (state_bench)"
     )
@@ -480,7 +482,6 @@ def main() -> None:
         help="only compare fresh prompts with another checkout's src folder (old code), "
         "alternately with wrk",
     )
-    parser.add_argument("--rounds", type=int, default=3, help="--baseline: alternations")
     parser.add_argument("--seconds", type=int, default=10, help="--baseline: wrk seconds a run")
     args = parser.parse_args()
     if args.baseline:
