@@ -11,9 +11,9 @@ One real `tierroute serve` with three tiers:
 
 Why a mimic beside the real server: llama_cpp.server cannot produce what most of these
 tests check. It answers n > 1 with one choice, calls a tool only when tool_choice names it
-(never with "auto"), sends no logprobs unless started with logits_all, and has no
-system_fingerprint; so it is used for what it does (JSON schema, forced tools, content
-parts) and the mimic for the rest.
+(never with "auto", which our local tier does in two steps), sends no logprobs unless
+started with logits_all, and has no system_fingerprint; so it is used for what it does
+(JSON schema, forced tools, content parts) and the mimic for the rest.
 """
 
 from __future__ import annotations
@@ -412,6 +412,86 @@ def test_a_forced_tool_call_comes_back_streamed_and_not(client: Any, tier: str) 
     assert finish in ("tool_calls", "stop")
 
 
+def test_a_local_tier_chooses_a_tool_itself_with_auto(client: Any) -> None:
+    """What agent frameworks send: tools with tool_choice "auto" (or none given). The
+    model first names the function or none, then answers as a call or in text."""
+    answer = client.chat.completions.create(
+        model="small", messages=ASK, tools=TOOLS, tool_choice="auto", max_tokens=40
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+    # The usage covers the choice step too: its prompt was read and its tokens sampled.
+    assert answer.usage.completion_tokens > len(call.function.arguments) // 8
+    stream = client.chat.completions.create(
+        model="small",
+        messages=ASK,
+        tools=TOOLS,
+        max_tokens=40,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    calls: dict[int, dict[str, str]] = {}
+    finish, heads = None, 0
+    for chunk in stream:
+        for c in chunk.choices:
+            finish = c.finish_reason or finish
+            assert not c.delta.content
+            for delta in c.delta.tool_calls or []:
+                heads += delta.id is not None  # OpenAI sends id and name once
+                got = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+                got["id"] += delta.id or ""
+                got["name"] += (delta.function.name or "") if delta.function else ""
+                got["arguments"] += (delta.function.arguments or "") if delta.function else ""
+    assert finish == "tool_calls" and heads == 1
+    assert calls[0]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
+    assert isinstance(json.loads(calls[0]["arguments"])["city"], str)
+
+
+def test_a_local_tier_answers_in_text_when_no_tool_fits(client: Any) -> None:
+    hello = [{"role": "user", "content": "Say hello."}]
+    answer = client.chat.completions.create(
+        model="small", messages=hello, tools=TOOLS, max_tokens=12, temperature=0
+    )
+    choice = answer.choices[0]
+    assert choice.message.content and not choice.message.tool_calls
+    assert choice.finish_reason in ("stop", "length")
+    text, finish = "", None
+    for chunk in client.chat.completions.create(
+        model="small", messages=hello, tools=TOOLS, max_tokens=12, temperature=0, stream=True
+    ):
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            finish = c.finish_reason or finish
+            assert not c.delta.tool_calls
+    assert text == choice.message.content and finish == choice.finish_reason
+    # An agent's next turn: the call it made and the tool's result come back.
+    follow = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21}'},
+    ]
+    answer = client.chat.completions.create(
+        model="small", messages=follow, tools=TOOLS, max_tokens=12
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason in ("stop", "length", "tool_calls")
+    assert bool(choice.message.content) != bool(choice.message.tool_calls)
+
+
 def test_the_real_remote_tier_gets_content_parts_and_json_mode(client: Any) -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     answer = client.chat.completions.create(
@@ -430,7 +510,7 @@ def test_the_real_remote_tier_gets_content_parts_and_json_mode(client: Any) -> N
             {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}, IMAGE]}]},
             "messages[0].content[1]",
         ),
-        ({"tools": TOOLS}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
         ({"n": 2, "stream": True}, "n"),
         ({"logprobs": True, "stream": True}, "logprobs"),
         ({"extra_body": {"x_vendor_option": 1}}, "x_vendor_option"),

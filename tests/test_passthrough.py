@@ -117,7 +117,8 @@ def test_content_parts_are_joined_for_text_only_tiers() -> None:
     ("extra", "param"),
     [
         ({"logit_bias": {"1": 2}}, "logit_bias"),
-        ({"tools": [TOOL]}, "tool_choice"),
+        ({"tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools"),
         (
             {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
             "tool_choice",
@@ -152,6 +153,49 @@ def test_a_local_tier_turns_schemas_and_forced_tools_into_grammars() -> None:
     assert local.tool is None and local.grammar is None and "tools" not in local.kwargs
     with pytest.raises(Unsupported, match="only without stream"):
         plan(ChatRequest(HI, extra={"logprobs": True}), "small", stream=True)
+
+
+def test_tool_choice_auto_first_asks_which_function_then_forces_it() -> None:
+    from tierroute.backends.local_params import choice_step, plan, resolved
+
+    tools = [TOOL, {"type": "function", "function": {"name": "g", "description": "Gets"}}]
+    convo = [
+        {"role": "system", "content": "Be brief."},
+        *HI,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "g", "arguments": '{"x": 1}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ]
+    for extra in ({"tools": tools}, {"tools": tools, "tool_choice": "auto"}):
+        local = plan(ChatRequest(convo, extra=extra), "small", stream=True)
+        assert local.choose == ("f", "g") and local.choose_none
+        assert local.grammar is None and "tools" not in local.kwargs
+        # an earlier call reads as the model's own words: templates drop tool_calls
+        assert local.messages[2] == {
+            "role": "assistant",
+            "content": '{"name": "g", "arguments": {"x": 1}}',
+        }
+        messages, grammar, none = choice_step(local)
+        assert grammar == 'root ::= "f" | "g" | "none"' and none == "none"
+        assert messages[0]["content"].startswith("Be brief.\n\nFunctions:\n")
+        assert '{"name": "g", "description": "Gets"}' in messages[0]["content"]
+        assert messages[1:] == local.messages[1:]
+    local = plan(ChatRequest(HI, extra={"tools": tools, "tool_choice": "required"}), "s", False)
+    assert choice_step(local)[1] == 'root ::= "f" | "g"' and not local.choose_none
+    request = ChatRequest(HI, extra={"tools": tools})
+    assert resolved(request, "g", local).extra["tool_choice"] == {
+        "type": "function",
+        "function": {"name": "g"},
+    }
+    assert resolved(request, "none", local).extra["tool_choice"] == "none"
+    named_none = [{"type": "function", "function": {"name": "none"}}, TOOL]
+    local = plan(ChatRequest(HI, extra={"tools": named_none}), "s", False)
+    assert choice_step(local)[1:] == ('root ::= "none" | "f" | "no function"', "no function")
 
 
 def test_completions_and_embeddings_requests_are_checked() -> None:
