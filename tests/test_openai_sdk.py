@@ -213,6 +213,15 @@ def test_every_parameter_reaches_the_remote_tier_and_every_field_comes_back(clie
     assert answer.usage.completion_tokens_details.reasoning_tokens == 0
 
 
+def test_an_image_alone_is_routed_to_the_tier_that_can_see(client: Any) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": [IMAGE]}]
+    )
+    assert raw.headers["x-tierroute-tier"] == "mimic"  # the only tier with vision
+    assert "image without text" in raw.headers["x-tierroute-reason"]
+    assert received(raw.parse())["messages"][0]["content"] == [IMAGE]
+
+
 def test_no_limit_is_added_when_the_client_sets_none(client: Any) -> None:
     answer = client.chat.completions.create(model="mimic", messages=ASK[:1])
     got = received(answer)

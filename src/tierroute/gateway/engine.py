@@ -52,9 +52,11 @@ from tierroute.backends.base import (
     Poster,
     StreamDelta,
 )
+from tierroute.backends.content import non_text_part
 from tierroute.cascade import Cascade, Draft
 from tierroute.controller import ThresholdChange, ThresholdController
 from tierroute.conversation import estimate_tokens, routing_text
+from tierroute.errors import InputError
 from tierroute.gateway.batcher import MicroBatcher, explain_batch
 from tierroute.gateway.cache import DecisionCache, cache_key
 from tierroute.gateway.choose import ModelChooser
@@ -316,12 +318,32 @@ class Engine:
         """`pressure`: how far the key's budget pressure lowers its score (gateway/limits.py)."""
         start = time.perf_counter()
         policy = self.settings.policy
-        text = routing_text(messages)
+        images = non_text_part(messages) is not None
+        try:
+            text = routing_text(messages)
+        except InputError:
+            if not images:
+                raise
+            text = ""  # the latest user message is an image alone: no text to score
+        seeing = [t for t in policy.tiers if self._reads_images(t.name)] if images else []
         if forced is not None:
             decision = Decision(
                 score=float("nan"),
                 tier=policy.tier(forced),
                 reason=f"tier {forced} requested by the client",
+            )
+            cache_hit = False
+        elif not text:
+            if not seeing:
+                raise InputError(
+                    "the latest user message is an image with no text, and no tier here reads "
+                    "images (none has vision: true); add a text part or configure a vision tier"
+                )
+            decision = Decision(
+                score=float("nan"),
+                tier=seeing[0],
+                reason=f"an image without text (nothing to score): {seeing[0].name}, the "
+                "smallest tier with vision: true",
             )
             cache_hit = False
         else:
@@ -349,6 +371,12 @@ class Engine:
                 f"budget: {why}; using {tiers[index].name}"
                 + ("" if below else " (no tier meets the budget)")
             )
+        auto_images = images and forced is None and bool(seeing)
+        if auto_images and tiers[index] not in seeing:
+            above = [i for i in range(index + 1, len(tiers)) if tiers[i] in seeing]
+            below = [i for i in range(index - 1, -1, -1) if tiers[i] in seeing]
+            blind, index = tiers[index].name, (above or below)[0]
+            notes.append(f"images: {blind} cannot read them, using {tiers[index].name}")
         chosen = tiers[index]
         order = [chosen, *tiers[index + 1 :], *tiers[:index][::-1]]
         chain = [t.name for t in order]
@@ -358,6 +386,8 @@ class Engine:
             chain = await self._pick_models(
                 chain, decision, text, (prompt_tokens, max_tokens), hints, notes
             )
+        if auto_images:  # a tier (or model) without vision would refuse the image: 400
+            chain = [k for k in chain if self.settings.spec(k).vision]
         if notes:
             decision = Decision(
                 decision.score, chosen, "; ".join([decision.reason, *notes]), decision.tags
@@ -371,6 +401,10 @@ class Engine:
             text=text,
             forced=forced is not None,
         )
+
+    def _reads_images(self, tier: str) -> bool:
+        """Whether a tier (any of its models) has vision: true."""
+        return any(t.vision for t in self.settings.spec(tier).targets)
 
     async def _pick_models(
         self,
@@ -632,7 +666,10 @@ class Engine:
         config = self.settings.cascade
         if self.cascade is None or config is None or forced:
             return False
-        return config.scope == "all" or self._tier_of(routed.chain[0]) == self.tier_names[0]
+        small = self.tier_names[0]
+        if not any(self._tier_of(k) == small for k in routed.chain):
+            return False  # left out of the chain (e.g. it cannot read the request's image)
+        return config.scope == "all" or self._tier_of(routed.chain[0]) == small
 
     def _tier_of(self, key: str) -> str:
         """The tier of a chain entry (a tier, or one model of a tier of several)."""
