@@ -338,6 +338,54 @@ def test_completions_and_embeddings_pass_through(client: Any) -> None:
     assert vectors.model == "gpt-mimic" and vectors.usage.prompt_tokens == 2
 
 
+def test_local_embeddings_are_the_packaged_minilm_in_openai_shape(client: Any) -> None:
+    import numpy as np
+
+    from tierroute.embed import Embedder
+
+    texts = ["hello world", "The weather in Paris is mild today."]
+    raw = client.embeddings.with_raw_response.create(model="all-MiniLM-L6-v2", input=texts)
+    got = raw.parse()  # the SDK asks for base64 by default and decodes it
+    assert raw.headers["x-tierroute-tier"] == "embeddings"
+    assert got.model == "all-MiniLM-L6-v2" and [d.index for d in got.data] == [0, 1]
+    model = Embedder(precision="fp32", max_length=256)
+    expected = model.embed(texts)
+    vectors = np.array([d.embedding for d in got.data])
+    assert vectors.shape == (2, 384) and np.allclose(vectors, expected, atol=1e-6)
+    read = sum(len(ids) for ids in model.token_ids(texts))  # [CLS] and [SEP] included
+    assert got.usage.prompt_tokens == got.usage.total_tokens == read == 14
+    floats = client.embeddings.create(
+        model="all-MiniLM-L6-v2", input="hello world", encoding_format="float"
+    )
+    assert np.allclose(floats.data[0].embedding, expected[0], atol=1e-6)
+    # Token ids are the model's own (as its tokenizer gives them): the same vector.
+    ids = client.embeddings.create(model="all-MiniLM-L6-v2", input=[[101, 7592, 2088, 102]])
+    assert np.allclose(ids.data[0].embedding, expected[0], atol=1e-6)
+    assert ids.usage.prompt_tokens == 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"input": "x", "dimensions": 128}, "dimensions"),
+        ({"input": []}, "input"),
+        ({"input": ["a", ""]}, "input"),
+        ({"input": [[101, 99999]]}, "input[0]"),
+        ({"input": ["a", 3]}, "input"),
+        ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
+        ({"input": "x", "extra_body": {"truncate": True}}, "truncate"),
+    ],
+)
+def test_local_embeddings_refuse_what_they_cannot_do(
+    client: Any, kwargs: dict[str, Any], param: str
+) -> None:
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError) as caught:
+        client.embeddings.create(model="all-MiniLM-L6-v2", **kwargs)
+    assert caught.value.body["param"] == param
+
+
 def test_completions_and_embeddings_refusals_say_why(client: Any) -> None:
     from openai import BadRequestError
 

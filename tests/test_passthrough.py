@@ -217,3 +217,30 @@ def test_completions_and_embeddings_requests_are_checked() -> None:
     assert passthrough.body_for_tier(body) == {"id": "up", "model": "up-model", "x": 1}
     assert passthrough.answer(body, "ours", "m")["id"] == "ours"
     assert passthrough.usage({"usage": {"prompt_tokens": 2, "completion_tokens": "3"}}) == (2, 0)
+
+
+def test_local_embedding_names_are_checked_and_requests_parsed() -> None:
+    from tierroute.errors import ConfigError
+    from tierroute.gateway import embeddings
+    from tierroute.gateway.settings import parse_settings
+
+    tiers = [
+        {"name": "small", "kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"},
+        {"name": "large", "kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "n"},
+    ]
+    assert parse_settings({"tiers": tiers}, "t").embedding_models == ("all-MiniLM-L6-v2",)
+    off = parse_settings({"tiers": tiers, "gateway": {"embedding_models": []}}, "t")
+    assert off.embedding_models == ()
+    for clash in ("large", "n", "auto"):
+        with pytest.raises(ConfigError, match="embedding_models.*names a tier"):
+            parse_settings({"tiers": tiers, "gateway": {"embedding_models": [clash]}}, "t")
+    call = embeddings.parse({"model": "e", "input": [1, 2], "encoding_format": "base64"}, "e")
+    assert call.ids == [[1, 2]] and call.texts is None and call.base64
+    call = embeddings.parse({"model": "e", "input": "a", "user": "u", "dimensions": 384}, "e")
+    assert call.texts == ["a"] and not call.base64
+    with pytest.raises(ApiError) as caught:
+        embeddings.parse({"input": ["x"] * (embeddings.MAX_INPUTS + 1)}, "e")
+    assert caught.value.param == "input"
+    with pytest.raises(ApiError) as caught:
+        embeddings.parse({"input": [[1] * 300] * 1500}, "e")  # 1500 x 256 tokens read
+    assert caught.value.param == "input" and "300000" in caught.value.message

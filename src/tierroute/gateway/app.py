@@ -20,7 +20,9 @@ import asyncio
 import logging
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,9 +41,10 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from tierroute.backends.base import Backend, BackendError, StreamDelta
+from tierroute.backends.base import Backend, BackendError, ChatRequest, StreamDelta
 from tierroute.conversation import estimate_tokens
-from tierroute.errors import InputError, LedgerError
+from tierroute.errors import InputError, LedgerError, MissingDependencyError
+from tierroute.gateway import embeddings as local_embeddings
 from tierroute.gateway import passthrough
 from tierroute.gateway.admission import gate, key_policy
 from tierroute.gateway.auth import authenticate
@@ -61,6 +64,7 @@ from tierroute.gateway.schema import (
     answer_body,
     chunk_body,
     forwarded_chunk,
+    hints_from,
     parse_chat,
     parse_json,
     sse,
@@ -208,6 +212,8 @@ def create_app(
     # when two tiers serve one model; a tier of several models by any of them).
     aliases = {m.tier.model: s.name for s in reversed(settings.tiers) for m in (*s.models, s)}
     learners: dict[str, Learner] = {}
+    # The local embedding model and its one worker thread, made on the first request.
+    embedding: dict[str, Any] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -239,6 +245,8 @@ def create_app(
                 await engine.shadow.aclose()
             for backend in parts.backends.values():
                 await backend.aclose()
+            if "pool" in embedding:
+                embedding["pool"].shutdown(wait=True)
             # Rows it could not store are counted and logged by the ledger, not raised here.
             await parts.ledger.aclose(raise_failures=False)
 
@@ -597,10 +605,12 @@ def create_app(
         )
         return JSONResponse(error.body(), status_code=status, headers=headers)
 
-    async def passed_through(request: Request, path: str) -> Response:
+    async def passed_through(
+        request: Request, path: str, read: tuple[str | None, dict[str, Any]] | None = None
+    ) -> Response:
         """/v1/completions and /v1/embeddings (see gateway/passthrough.py)."""
         start = time.perf_counter()
-        key_id, doc = await read_json(request)
+        key_id, doc = read or await read_json(request)
         ledger_writable()
         e = engine()
         models = ["auto", *e.tier_names]
@@ -636,8 +646,54 @@ def create_app(
 
     @app.post("/v1/embeddings", responses={**_errors(*_BODY_ERRORS), **_UPSTREAM})
     async def embeddings(request: Request) -> Response:
-        """Embeddings from the remote tier `model` names (never routed)."""
-        return await passed_through(request, passthrough.EMBEDDINGS)
+        """Embeddings from the local all-MiniLM-L6-v2 when `model` is one of
+        `gateway.embedding_models`, else from the remote tier `model` names (never routed)."""
+        start = time.perf_counter()
+        key_id, doc = await read_json(request)
+        model = doc.get("model")
+        if not isinstance(model, str) or model not in settings.embedding_models:
+            return await passed_through(request, passthrough.EMBEDDINGS, (key_id, doc))
+        ledger_writable()
+        call = local_embeddings.parse(doc, model)
+        user = doc.get("user")
+        hints = hints_from(doc.get("metadata"), headers_of(request), user)
+        tenant = _tenant_or_key(
+            ChatCall(model, ChatRequest([]), False, False, hints), request.state.caller.scope
+        ).hints.tenant
+        e = engine()
+        if "model" not in embedding:
+            embedding["model"] = local_embeddings.shared_embedder(e.router)
+            embedding["pool"] = ThreadPoolExecutor(1, thread_name_prefix="tierroute-embed")
+        loop = asyncio.get_running_loop()
+        try:
+            vectors, tokens = await loop.run_in_executor(
+                embedding["pool"], local_embeddings.embed, embedding["model"], call
+            )
+        except MissingDependencyError as exc:
+            raise ApiError(
+                503,
+                f"The local embedding model is not available here ({exc}).",
+                type="api_error",
+                code="embedding_model_missing",
+            ) from None
+        request_id = f"embd-{uuid.uuid4().hex}"
+        latency_ms = (time.perf_counter() - start) * 1000
+        e.ledger.record(
+            local_embeddings.ledger_row(
+                request_id, e.clock(), model, tokens, latency_ms, key_id, tenant
+            )
+        )
+        tier = local_embeddings.TIER
+        e.metrics.requests.labels(tier, "200").inc()
+        e.metrics.latency.labels(tier).observe(latency_ms / 1000)
+        e.metrics.tokens.labels(tier, "prompt").inc(tokens)
+        headers = {
+            "X-Tierroute-Tier": tier,
+            "X-Tierroute-Reason": f"'{model}' is the local embedding model",
+            "X-Tierroute-Request-Id": request_id,
+            "X-Tierroute-Cost-Usd": f"{0:.8f}",
+        }
+        return JSONResponse(local_embeddings.body(call, vectors, tokens), headers=headers)
 
     @app.post(
         "/v1/chat/completions",
