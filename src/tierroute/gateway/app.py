@@ -684,9 +684,9 @@ def create_app(
             )
         )
         tier = local_embeddings.TIER
-        e.metrics.requests.labels(tier, "200").inc()
-        e.metrics.latency.labels(tier).observe(latency_ms / 1000)
-        e.metrics.tokens.labels(tier, "prompt").inc(tokens)
+        e.metrics.requests.labels(tier, model, "200").inc()
+        e.metrics.latency.labels(tier, model).observe(latency_ms / 1000)
+        e.metrics.tokens.labels(tier, model, "prompt").inc(tokens)
         headers = {
             "X-Tierroute-Tier": tier,
             "X-Tierroute-Reason": f"'{model}' is the local embedding model",
