@@ -232,7 +232,7 @@ def test_local_embedding_names_are_checked_and_requests_parsed() -> None:
     off = parse_settings({"tiers": tiers, "gateway": {"embedding_models": []}}, "t")
     assert off.embedding_models == ()
     for clash in ("large", "n", "auto"):
-        with pytest.raises(ConfigError, match="embedding_models.*names a tier"):
+        with pytest.raises(ConfigError, match=r"embedding_models.*names a tier"):
             parse_settings({"tiers": tiers, "gateway": {"embedding_models": [clash]}}, "t")
     call = embeddings.parse({"model": "e", "input": [1, 2], "encoding_format": "base64"}, "e")
     assert call.ids == [[1, 2]] and call.texts is None and call.base64
