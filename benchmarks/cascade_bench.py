@@ -38,11 +38,15 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from measured import Memo, Meter, Row, accuracy
 
 from tierroute.backends.base import ChatRequest, ChatResult
 from tierroute.backends.llamacpp import LlamaCppBackend
@@ -178,73 +182,6 @@ def make_problems(n: int, seed: int) -> list[Problem]:
     return [make_problem(rng, i % 4 + 1, i) for i in range(n)]
 
 
-# ---------------------------------------------------------------- calls, measured once
-
-
-@dataclass(frozen=True)
-class Call:
-    result: ChatResult
-    seconds: float
-
-
-class Memo:
-    """One tier's backend; each distinct request runs once, later askers get the record."""
-
-    def __init__(self, tier: str, backend: LlamaCppBackend, timeout: float) -> None:
-        self.tier = tier
-        self.backend = backend
-        self.timeout = timeout
-        self.calls: dict[str, Call] = {}
-
-    async def __call__(self, request: ChatRequest) -> Call:
-        key = json.dumps(
-            [request.messages, request.max_tokens, request.temperature, request.extra],
-            sort_keys=True,
-        )
-        if key not in self.calls:
-            start = time.perf_counter()
-            result = await self.backend.complete(request, self.timeout)
-            self.calls[key] = Call(result, time.perf_counter() - start)
-            print(
-                f"  {self.tier:<5} {self.calls[key].seconds:5.1f}s "
-                f"{result.completion_tokens:3d} tok {final_answer(result.text)!s:>6}",
-                file=sys.stderr,
-                flush=True,
-            )
-        return self.calls[key]
-
-
-@dataclass
-class Meter:
-    """What one query cost its strategy: time and tokens per tier."""
-
-    seconds: float = 0.0
-    tokens: dict[str, list[int]] = field(default_factory=lambda: {"small": [0, 0], "large": [0, 0]})
-
-    def ask(self, memo: Memo) -> Callable[[ChatRequest], Awaitable[ChatResult]]:
-        async def ask(request: ChatRequest) -> ChatResult:
-            call = await memo(request)
-            self.seconds += call.seconds
-            self.tokens[memo.tier][0] += call.result.prompt_tokens
-            self.tokens[memo.tier][1] += call.result.completion_tokens
-            return call.result
-
-        return ask
-
-    def cost(self, small: Tier, large: Tier) -> float:
-        return small.cost(*self.tokens["small"]) + large.cost(*self.tokens["large"])
-
-
-@dataclass
-class Row:
-    name: str
-    correct: list[bool] = field(default_factory=list)
-    to_large: list[bool] = field(default_factory=list)
-    meters: list[Meter] = field(default_factory=list)
-    levels: list[int] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
 # ---------------------------------------------------------------- strategies
 
 
@@ -271,27 +208,37 @@ async def run_strategy(
     for problem in problems:
         meter = Meter()
         answer, large, note = await strategy(problem, request_for(problem, max_tokens), meter)
-        row.correct.append(final_answer(answer.text) == str(problem.answer))
-        row.to_large.append(large)
-        row.meters.append(meter)
-        row.levels.append(problem.level)
-        row.notes.append(note)
+        right = final_answer(answer.text) == str(problem.answer)
+        row.add(right, large, meter, problem.level, note)
     return row
 
 
-def single(memo: Memo, large: bool) -> Strategy:
+Memos = dict[str, Memo]  # "small" and "large"
+
+
+def single(memos: Memos, tier: str) -> Strategy:
     async def run(problem: Problem, request: ChatRequest, meter: Meter) -> Any:
-        return await meter.ask(memo)(request), large, ""
+        return await meter.asker(memos)(request, tier), tier == "large", ""
 
     return run
 
 
-def cascade(small: Memo, large: Memo, verifier: Verifier, threshold: float) -> Strategy:
+async def run_cascade(engine: Cascade, memos: Memos, request: ChatRequest, meter: Meter) -> Any:
+    ask = meter.asker(memos)
+
+    async def large(request: ChatRequest) -> ChatResult:
+        result: ChatResult = await ask(request, "large")
+        return result
+
+    result = await engine.run(ask, large, request)
+    return result.answer, result.escalated, result.draft.note
+
+
+def cascade(memos: Memos, verifier: Verifier, threshold: float) -> Strategy:
     engine = Cascade(verifier, threshold)
 
     async def run(problem: Problem, request: ChatRequest, meter: Meter) -> Any:
-        result = await engine.run(meter.ask(small), meter.ask(large), request)
-        return result.answer, result.escalated, result.draft.note
+        return await run_cascade(engine, memos, request, meter)
 
     return run
 
@@ -312,16 +259,15 @@ class OracleVerifier:
         return Verdict(1.0 if right else 0.0, "right" if right else "wrong")
 
 
-def oracle_cascade(small: Memo, large: Memo) -> Strategy:
+def oracle_cascade(memos: Memos) -> Strategy:
     async def run(problem: Problem, request: ChatRequest, meter: Meter) -> Any:
         engine = Cascade(OracleVerifier(problem.answer), 0.5)
-        result = await engine.run(meter.ask(small), meter.ask(large), request)
-        return result.answer, result.escalated, result.draft.note
+        return await run_cascade(engine, memos, request, meter)
 
     return run
 
 
-def routed(small: Memo, large: Memo, route: Route, policy: Policy) -> Strategy:
+def routed(memos: Memos, route: Route, policy: Policy) -> Strategy:
     """The policy's tier for the router's explanation; any tier above the smallest is
     the large one here."""
 
@@ -330,7 +276,7 @@ def routed(small: Memo, large: Memo, route: Route, policy: Policy) -> Strategy:
         decision = policy.decide(explanation)
         to_large = decision.tier.name != policy.tiers[0].name
         meter.seconds += ms / 1000
-        answer = await meter.ask(large if to_large else small)(request)
+        answer = await meter.asker(memos)(request, "large" if to_large else "small")
         return answer, to_large, f"score {explanation.score:.3f}"
 
     return run
@@ -378,9 +324,9 @@ def auroc(confidence: list[float], correct: list[bool]) -> float:
     return wins / (len(pos) * len(neg))
 
 
-def table(rows: list[Row], small: Tier, large: Tier) -> str:
+def table(rows: list[Row], tiers: dict[str, Tier]) -> str:
     all_large = next(r for r in rows if r.name == "always large")
-    base_cost = sum(m.cost(small, large) for m in all_large.meters)
+    base_cost = sum(m.cost(tiers) for m in all_large.meters)
     lines = [
         "| strategy | accuracy | to large (escalated) | cost USD / 1k queries "
         "| cost vs always-large | small tokens / query | large tokens / query "
@@ -389,12 +335,12 @@ def table(rows: list[Row], small: Tier, large: Tier) -> str:
     ]
     for r in rows:
         n = len(r.correct)
-        cost = sum(m.cost(small, large) for m in r.meters)
+        cost = sum(m.cost(tiers) for m in r.meters)
         secs = [m.seconds for m in r.meters]
-        small_tok = sum(sum(m.tokens["small"]) for m in r.meters) / n
-        large_tok = sum(sum(m.tokens["large"]) for m in r.meters) / n
+        small_tok = sum(m.tokens_of("small") for m in r.meters) / n
+        large_tok = sum(m.tokens_of("large") for m in r.meters) / n
         lines.append(
-            f"| {r.name} | {sum(r.correct) / n:.1%} ({sum(r.correct)}/{n}) "
+            f"| {r.name} | {accuracy(sum(r.correct), n)} "
             f"| {sum(r.to_large) / n:.1%} | {cost / n * 1000:.5f} "
             f"| {cost / base_cost:.0%} | {small_tok:.0f} | {large_tok:.0f} "
             f"| {statistics.median(secs):.1f} | {statistics.fmean(secs):.1f} |"
@@ -403,13 +349,13 @@ def table(rows: list[Row], small: Tier, large: Tier) -> str:
 
 
 def level_table(rows: list[Row]) -> str:
-    levels = sorted(set(rows[0].levels))
+    levels = sorted(set(rows[0].groups))
     head = " | ".join(f"L{lv} right (to large)" for lv in levels)
     lines = [f"| strategy | {head} |", "|---|" + "---|" * len(levels)]
     for r in rows:
         cells = []
         for lv in levels:
-            idx = [i for i, x in enumerate(r.levels) if x == lv]
+            idx = [i for i, x in enumerate(r.groups) if x == lv]
             right = sum(r.correct[i] for i in idx)
             up = sum(r.to_large[i] for i in idx)
             cells.append(f"{right}/{len(idx)} ({up})")
@@ -435,10 +381,10 @@ async def main_async(args: argparse.Namespace) -> str:
     }
     for backend in backends.values():
         backend.load()
-    small = Memo("small", backends["small"], 600)
-    large = Memo("large", backends["large"], 600)
+    memos = {tier: Memo(tier, backend, 600) for tier, backend in backends.items()}
+    small = memos["small"]
 
-    rows = [await run_strategy("always small", problems, args.max_tokens, single(small, False))]
+    rows = [await run_strategy("always small", problems, args.max_tokens, single(memos, "small"))]
     mean, minimum = LogprobVerifier("mean"), LogprobVerifier("min")
     agree = AgreementVerifier(args.samples, 0.7)
     configs: list[tuple[str, Verifier, float]] = [
@@ -453,18 +399,18 @@ async def main_async(args: argparse.Namespace) -> str:
                 f"cascade: {label} >= {threshold:g}",
                 problems,
                 args.max_tokens,
-                cascade(small, large, verifier, threshold),
+                cascade(memos, verifier, threshold),
             )
         )
     rows.insert(
-        1, await run_strategy("always large", problems, args.max_tokens, single(large, True))
+        1, await run_strategy("always large", problems, args.max_tokens, single(memos, "large"))
     )
     rows.append(
         await run_strategy(
             "cascade: oracle verifier (upper bound)",
             problems,
             args.max_tokens,
-            oracle_cascade(small, large),
+            oracle_cascade(memos),
         )
     )
 
@@ -490,9 +436,7 @@ async def main_async(args: argparse.Namespace) -> str:
     for i, (label, chosen) in enumerate(routing):
         rows.insert(
             2 + i,
-            await run_strategy(
-                label, problems, args.max_tokens, routed(small, large, route, chosen)
-            ),
+            await run_strategy(label, problems, args.max_tokens, routed(memos, route, chosen)),
         )
 
     # How well each logprob statistic separates right from wrong small answers.
@@ -527,7 +471,7 @@ async def main_async(args: argparse.Namespace) -> str:
             for r in rows:
                 record[r.name] = {"right": r.correct[i], "large": r.to_large[i], "note": r.notes[i]}
             f.write(json.dumps(record) + "\n")
-    fresh = {m.tier: len(m.calls) for m in (small, large)}
+    fresh = {m.tier: len(m.calls) for m in memos.values()}
     report = "\n".join(
         [
             f"# Cascade vs routing: {len(problems)} arithmetic word problems (seed {args.seed})",
@@ -542,7 +486,7 @@ async def main_async(args: argparse.Namespace) -> str:
             "tokens count every call a strategy makes (a cascade's small answers and samples "
             "too). Latency per query is the sum of its calls' measured times.",
             "",
-            table(rows, small_tier, large_tier),
+            table(rows, {"small": small_tier, "large": large_tier}),
             "",
             "Right answers and (queries sent to the large tier) by difficulty level, "
             f"{len(problems) // 4} problems each: L1 one step with one-digit numbers, L2 one "

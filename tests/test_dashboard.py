@@ -89,7 +89,7 @@ def test_controller_moves_the_threshold_and_logs_why(gateway: Server) -> None:
     assert changes, "36 requests with a 20% target should have moved the 0.5 threshold"
     assert all(abs(c["new"] - c["old"]) <= 0.1 + 1e-9 for c in changes)
     assert "vs target 20.0%" in changes[0]["reason"]
-    metrics = httpx.get(gateway.url + "/metrics").text
+    metrics = httpx.get(gateway.url + "/metrics", headers=AUTH).text
     assert f"tierroute_threshold {changes[-1]['new']}" in metrics
     assert data["summary"]["requests"] == 36
     assert sum(data["quality"][t]["n"] for t in data["tiers"]) == 8
@@ -107,7 +107,7 @@ def test_shadow_judgements_are_recorded_and_exported(gateway: Server) -> None:
         time.sleep(0.5)
     assert judged and {tier for _, tier, _ in judged} == {"small"}
     assert all(v in (0.0, 1.0, None) for _, _, v in judged)
-    metrics = httpx.get(gateway.url + "/metrics").text
+    metrics = httpx.get(gateway.url + "/metrics", headers=AUTH).text
     assert "tierroute_shadow_judgements_total{outcome=" in metrics
     if any(v is not None for _, _, v in judged):
         assert 'tierroute_estimated_quality{stat="ci95_high",tier="small"}' in metrics

@@ -5,6 +5,7 @@ validation, and the dashboard's queries name metrics that /metrics really export
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -112,6 +113,17 @@ def test_prometheus_scrapes_every_replica(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert sorted(targets) == sorted(f"{g}:{gateway_port(services[g])}" for g in GATEWAYS)
     assert mounts(services["prometheus"])["/etc/prometheus/prometheus.yml"] == "./prometheus.yml"
+
+
+def test_metrics_are_open_to_prometheus_only(compose: dict[str, Any]) -> None:
+    """The replicas serve /metrics without a key (Prometheus has none) only because the
+    load balancer, the one published port, does not pass /metrics on."""
+    assert deploy_config()["gateway"]["public_metrics"] is True
+    conf = (DEPLOY / "nginx.conf").read_text()
+    hidden = re.search(r"location = /metrics \{\s*return 404;", conf)
+    assert hidden is not None and conf.index("location = /metrics") < conf.index("location / {")
+    for name in GATEWAYS:  # no replica publishes a port of its own
+        assert "ports" not in compose["services"][name]
 
 
 def deploy_config() -> dict[str, Any]:
@@ -235,3 +247,63 @@ def test_docker_compose_accepts_the_file() -> None:
         check=True,
         timeout=60,
     )
+
+
+def _docker_compose_runs() -> bool:
+    """A Docker daemon answers and compose v2 is installed."""
+    if shutil.which("docker") is None:
+        return False
+    for command in (["docker", "info"], ["docker", "compose", "version"]):
+        try:
+            if subprocess.run(command, capture_output=True, timeout=20).returncode != 0:
+                return False
+        except subprocess.TimeoutExpired:
+            return False
+    return True
+
+
+def test_the_offline_override_rebuilds_every_registry_image_but_grafana(
+    compose: dict[str, Any],
+) -> None:
+    offline = load("compose.offline.yaml")["services"]
+    for name in compose["services"]:
+        if name.startswith("gateway"):
+            assert offline[name]["build"]["args"]["PYTHON_IMAGE"] == "tierroute-offline/python"
+            assert mounts(offline[name])["/etc/tierroute/gateway.yaml"] == "./offline/gateway.yaml"
+        elif name == "grafana":  # no Debian package: off unless its profile is asked for
+            assert offline[name]["profiles"] == ["grafana"]
+        else:
+            assert offline[name]["image"].startswith("tierroute-offline/"), name
+            assert offline[name]["build"]["target"] == {"lb": "nginx"}.get(name, name)
+
+
+def test_the_offline_gateway_config_is_the_shipped_one_on_a_local_upstream() -> None:
+    script = (DEPLOY / "offline" / "run.sh").read_text()
+    shipped = (DEPLOY / "gateway.yaml").read_text()
+    assert "s#https://api.openai.com/v1#http://upstream:9000/v1#" in script
+    offline = yaml.safe_load(
+        shipped.replace("https://api.openai.com/v1", "http://upstream:9000/v1")
+    )
+    parse_settings(offline, "deploy/offline/gateway.yaml")
+    remote = [t for t in offline["tiers"] if t.get("kind") == "openai"]
+    assert remote and all(t["base_url"] == "http://upstream:9000/v1" for t in remote)
+
+
+@pytest.mark.skipif(
+    not _docker_compose_runs(),
+    reason="no Docker daemon with compose v2 here: deploy/offline/run.sh starts the stack "
+    "where there is one (the tests above check the files)",
+)
+def test_the_stack_starts_answers_and_keeps_its_books_with_a_replica_killed() -> None:
+    """deploy/offline/run.sh for real: three replicas, nginx, PostgreSQL, Redis, Prometheus;
+    the script exits non-zero unless the ledger holds the answered requests' rows (but the
+    killed replica's unflushed batch), Redis holds state and Prometheus scrapes."""
+    done = subprocess.run(
+        ["bash", str(DEPLOY / "offline" / "run.sh")],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, "REQUESTS": "200"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "== ok" in done.stdout

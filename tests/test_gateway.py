@@ -32,6 +32,7 @@ needs_llama = pytest.mark.skipif(
 pytestmark = needs_llama
 
 KEY = "sk-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def free_port() -> int:
@@ -302,7 +303,7 @@ def test_models_health_metrics(servers: tuple[Server, Server]) -> None:
     gateway, _ = servers
     assert [m.id for m in client(gateway).models.list().data] == ["auto", "small", "large"]
     assert httpx.get(gateway.url + "/healthz").json()["status"] == "ok"
-    metrics = httpx.get(gateway.url + "/metrics").text
+    metrics = httpx.get(gateway.url + "/metrics", headers=AUTH).text
     for name in (
         "tierroute_requests_total",
         "tierroute_request_latency_seconds_bucket",
@@ -463,7 +464,7 @@ def test_upstream_dies_mid_stream_then_fallback_and_breaker(
         model="large", messages=HELLO, max_tokens=4
     )
     assert raw.headers["x-tierroute-fallback"] == "large,small"
-    metrics = httpx.get(gateway.url + "/metrics").text
+    metrics = httpx.get(gateway.url + "/metrics", headers=AUTH).text
     assert 'tierroute_fallbacks_total{from_tier="large",to_tier="small"}' in metrics
 
     # 5. SIGTERM: graceful shutdown, every row committed, the broken stream recorded

@@ -259,7 +259,7 @@ def test_slow_clients_are_timed_out_and_hang_ups_are_quiet(gateway: Server) -> N
 
 
 def _chat_200s(server: Server) -> float:
-    metrics = httpx.get(server.url + "/metrics").text
+    metrics = httpx.get(server.url + "/metrics", headers={"authorization": f"Bearer {KEY_A}"}).text
     found = re.findall(r'^tierroute_requests_total\{[^}]*status="200"[^}]*\} (\S+)$', metrics, re.M)
     return sum(float(v) for v in found)
 

@@ -192,9 +192,13 @@ def test_virtual_keys_authenticate_book_spend_and_revoke_within_seconds(
                 assert r.status_code == 200, r.text
                 ids.append(r.json()["id"])
             assert ask(http, 9, key="sk-config-key").status_code == 200  # config keys too
+            # the whole gateway's data is the operator's: a virtual key is refused
             dash = http.get("/v1/dashboard/data", headers={"authorization": f"Bearer {secret}"})
+            assert dash.status_code == 403, dash.text
+            admin = {"authorization": "Bearer sk-config-key"}
+            dash = http.get("/v1/dashboard/data", headers=admin)
             assert dash.status_code == 200 and dash.json(), dash.text  # read from PostgreSQL
-            metrics = http.get("/metrics").text
+            metrics = http.get("/metrics", headers=admin).text
             spend = [
                 line
                 for line in metrics.splitlines()

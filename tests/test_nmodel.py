@@ -9,14 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tierroute.errors import DataError
 from tierroute.eval.hull import cost_at_quality, frontier, gap, single_model_hull
 from tierroute.eval.nmodel import (
     ModelTable,
+    blend,
     evaluate_nmodel,
     factor_fitter,
+    knn_fitter,
     load_tables,
     near_duplicate_key,
 )
+from tierroute.eval.nmodel_check import auc, bootstrap, closest_columns, oracle, segments
 from tierroute.eval.prices import price_of
 
 from .conftest import EASY, HARD, SHARED, run_cli
@@ -119,6 +123,90 @@ def test_probabilities_that_know_nothing_never_beat_the_hull() -> None:
 
     r = evaluate_nmodel(table, flat, n_folds=4)
     assert r.vs_hull.share == 0.0  # it can only take whole models: the hull's corners
+
+
+def test_hull_candidates_leave_out_a_model_under_the_training_hull() -> None:
+    base = toy_table()
+    n = len(base)
+    # "mid" costs 5, answers the easy rows only: under the cheap -> dear segment
+    table = ModelTable(
+        **{
+            **base.__dict__,
+            "models": ["cheap", "mid", "dear"],
+            "quality": np.column_stack([base.quality[:, 0], base.quality[:, 0], np.ones(n)]),
+            "cost": np.column_stack([np.full(n, 1.0), np.full(n, 5.0), np.full(n, 10.0)]),
+        }
+    )
+
+    def likes_mid(prompts, target, models):  # type: ignore[no-untyped-def]
+        return lambda texts: np.tile([0.1, 0.99, 0.1], (len(texts), 1))
+
+    everyone = evaluate_nmodel(table, likes_mid, n_folds=4)
+    assert np.any(everyone.choices == 1)  # the router's favourite, when all may be chosen
+    hull_only = evaluate_nmodel(table, likes_mid, n_folds=4, candidates="hull")
+    assert not np.any(hull_only.choices == 1)
+    with pytest.raises(DataError, match="candidates must be one of"):
+        evaluate_nmodel(table, likes_mid, n_folds=4, candidates="best")
+
+
+def test_auc_by_hand() -> None:
+    positive = np.array([False, True, False, True])
+    assert auc(a(0.1, 0.4, 0.35, 0.8), positive) == 1.0  # every positive above every negative
+    assert auc(a(0.1, 0.3, 0.35, 0.8), positive) == 0.75  # 0.3 is under 0.35: 3 of 4 pairs
+    assert auc(a(1.0, 1.0), np.array([True, False])) == 0.5  # a tie counts half
+    assert np.isnan(auc(a(1.0, 2.0), np.array([True, True])))
+
+
+def test_diagnosis_of_a_router_that_knows_nothing() -> None:
+    table = toy_table()
+
+    def flat(prompts, target, models):  # type: ignore[no-untyped-def]
+        return lambda texts: np.tile(target.mean(axis=0), (len(texts), 1))
+
+    r = evaluate_nmodel(table, flat, n_folds=4)
+    o = oracle(r)
+    hard_share = float(np.mean(table.quality[:, 0] == 0.0))
+    # the oracle pays dear only on the hard rows; the flat router never leaves the hull
+    assert o.cost_at_best_quality_share == pytest.approx((1 - hard_share) * 0.1 + hard_share)
+    assert o.share == pytest.approx(1.0) and o.best_quality == 1.0
+    (seg,) = segments(r)
+    assert (seg.cheaper, seg.dearer) == ("cheap", "dear")
+    assert seg.range_share == pytest.approx(1.0) and seg.above == 0.0
+    assert seg.differ == pytest.approx(hard_share)
+    assert np.isnan(seg.auc)  # dear wins wherever they differ: nothing to rank against
+    assert closest_columns(r) == ("cheap", "dear", pytest.approx(hard_share))
+    boot = bootstrap(r, n=30)
+    # folds that switch models at different lambdas mix rows, which a resample can favour
+    assert boot["above_hull_share"].low == 0.0 == r.vs_hull.share
+    # a flat router reaches the best quality only by sending every row to the dear model
+    assert boot["cost_at_best_quality_share"].low == pytest.approx(1.0)
+    assert "cost_at_reference_share" not in boot
+
+
+def test_bootstrap_interval_holds_the_point_figure_of_a_router_that_knows() -> None:
+    table = toy_table()
+    truth = dict(zip(table.prompts, table.quality, strict=True))
+
+    def knows(prompts, target, models):  # type: ignore[no-untyped-def]
+        return lambda texts: np.array([truth[t] for t in texts])
+
+    r = evaluate_nmodel(table, knows, n_folds=4)
+    boot = bootstrap(r, n=50, seed=1)["cost_at_best_quality_share"]
+    assert boot.low <= r.cost_at_best_quality_share <= boot.high and boot.never == 0.0
+    assert boot.low < boot.high  # the hard rows' share moves with the resample
+
+
+def test_knn_rates_follow_the_neighbours_and_blend_averages_logits(encoder) -> None:  # type: ignore[no-untyped-def]
+    table = toy_table()
+    target = table.target()
+    knn = knn_fitter(encoder, k=5, temperature=0.05, prior=1.0)
+    predict = knn(table.prompts, target, table.models)(EASY[:3] + HARD[:3])
+    # near an easy prompt the cheap model's rate is high, near a hard one low;
+    # the dear model answers everything
+    assert predict[:3, 0].min() > 0.5 > predict[3:, 0].max()
+    assert predict[:, 1].min() > 0.95
+    half = blend(knn, knn, 0.5)(table.prompts, target, table.models)(EASY[:3] + HARD[:3])
+    assert half == pytest.approx(predict, abs=1e-9)
 
 
 def test_near_duplicates_share_a_group() -> None:

@@ -23,7 +23,8 @@ name, and a verdict may carry the answer to return instead of the first one.
     CrossModelVerifier  a second, different small model answers too; kept when the two
                         final answers agree
     ReviewVerifier      a larger tier checks the draft: "KEEP", or its corrected answer
-    BestOfNVerifier     n small answers; the one with the best mean token logprob
+    BestOfNVerifier     n small answers; the one with the best mean token logprob, or
+                        the one a (small) judge model picks
 
 `Cascade.draft` runs the small tier and the verifier; `Cascade.run` adds the escalation.
 The gateway uses `draft` with its own fallbacks and budgets (tierroute.gateway.engine).
@@ -58,6 +59,8 @@ SmallOnly = Callable[[ChatRequest], Awaitable[ChatResult]]
 
 VERIFIERS = ("logprob", "agreement", "logprob+agreement", "cross", "review", "best_of_n")
 STATS = ("mean", "min")
+SCORERS = ("logprob", "judge")  # best_of_n: how the returned answer is chosen
+MAX_SAMPLES = 16
 SCOPES = ("small", "all")
 
 # A number as written in an answer: thousands groups only with commas ("1,234", not "6, 5").
@@ -250,6 +253,10 @@ class CascadeConfig:
     partner_tier: str | None = None
     reviewer_tier: str | None = None  # review: the tier that checks the draft; None: largest
     review_max_tokens: int = 128  # review: "KEEP" is ~2 tokens, a correction needs room
+    scorer: str = "logprob"  # best_of_n: best mean token logprob, or a judge model's pick
+    judge_tier: str | None = None  # best_of_n judge: the tier that judges; None: the smallest
+    judge_max_tokens: int = 8  # the judge replies with a candidate's number
+    judge_max_chars: int = 800  # each candidate is clipped to this (the question to twice it)
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -270,9 +277,15 @@ class CascadeConfig:
             )
         if isinstance(self.samples, bool) or not isinstance(self.samples, int):
             raise ConfigError(f"samples must be a whole number, not {self.samples!r}")
+        if self.samples > MAX_SAMPLES:
+            raise ConfigError(
+                f"samples must be at most {MAX_SAMPLES} (each is a model call), not {self.samples}"
+            )
+        if self.scorer not in SCORERS:
+            raise ConfigError(f"scorer must be one of {', '.join(SCORERS)}, not {self.scorer!r}")
         LogprobVerifier(self.logprob_stat)  # each raises a ConfigError for a bad setting
         AgreementVerifier(self.samples, float(self.sample_temperature))
-        for key in ("partner_tier", "reviewer_tier"):
+        for key in ("partner_tier", "reviewer_tier", "judge_tier"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 64):
                 raise ConfigError(f"{key} must be a tier name, not {value!r}")
@@ -281,6 +294,10 @@ class CascadeConfig:
         n = self.review_max_tokens
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 4096:
             raise ConfigError(f"review_max_tokens must be a whole number in [1, 4096], not {n!r}")
+        for key, low, high in (("judge_max_tokens", 1, 64), ("judge_max_chars", 64, 8000)):
+            n = getattr(self, key)
+            if isinstance(n, bool) or not isinstance(n, int) or not low <= n <= high:
+                raise ConfigError(f"{key} must be a whole number in [{low}, {high}], not {n!r}")
 
     def check_tiers(self, tiers: Sequence[str]) -> None:
         """Raise a ConfigError unless the named tiers exist where they make sense: a
@@ -295,6 +312,10 @@ class CascadeConfig:
             raise ConfigError(
                 f"reviewer_tier {self.reviewer_tier!r} must name a tier larger than the "
                 f"smallest ({', '.join(tiers[1:])})"
+            )
+        if self.judge_tier is not None and self.judge_tier not in tiers:
+            raise ConfigError(
+                f"judge_tier {self.judge_tier!r} must name one of the tiers ({', '.join(tiers)})"
             )
 
     @property
@@ -315,8 +336,13 @@ class CascadeConfig:
                 raise ConfigError("verifier review needs reviewer_tier (or the gateway's tiers)")
             return collab.ReviewVerifier(reviewer, self.review_max_tokens)
         if self.verifier == "best_of_n":
+            scorer: collab.Scorer = collab.LogprobScorer()
+            if self.scorer == "judge":
+                scorer = collab.JudgeScorer(
+                    self.judge_tier, self.judge_max_tokens, self.judge_max_chars
+                )
             return collab.BestOfNVerifier(
-                self.samples, float(self.sample_temperature), self.partner_tier
+                self.samples, float(self.sample_temperature), self.partner_tier, scorer
             )
         logprob = LogprobVerifier(self.logprob_stat)
         if self.verifier == "logprob":

@@ -285,13 +285,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_eval_all_models(args: argparse.Namespace) -> int:
     """Route among every model of each file; see tierroute.eval.nmodel."""
-    from tierroute.eval.nmodel import (
-        RECIPES,
-        evaluate_nmodel,
-        factor_fitter,
-        load_tables,
-        report_lines,
-    )
+    from tierroute.eval.nmodel import evaluate_nmodel, load_tables, recipe_fitter, report_lines
 
     if not args.data:
         raise InputError("--models all needs --data FILE (repeat it for several files)")
@@ -300,7 +294,7 @@ def cmd_eval_all_models(args: argparse.Namespace) -> int:
             "--models all routes among every model of each file with the factor router: "
             "drop --small, --large and --where, and use --router irt or mf"
         )
-    fitter = factor_fitter(_encoder_factory(batch=True)(), **RECIPES[args.router])
+    fitter = recipe_fitter(_encoder_factory(batch=True)(), args.router)
     results = []
     for path in args.data:
         for table in load_tables(path):

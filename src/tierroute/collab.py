@@ -14,16 +14,21 @@ carry the answer to return instead of the first one (a combiner).
                         complete correction is returned as the answer; a truncated or
                         empty reply escalates.
     BestOfNVerifier     n small answers (the first, n-1 samples, and the partner's when
-                        set), each with token logprobs; the one with the best mean token
-                        logprob is returned, confidence exp(that mean).
+                        set); a scorer picks the one returned:
+        LogprobScorer   the best mean token logprob, confidence exp(that mean)
+        JudgeScorer     a (small) judge model is shown the question and the distinct
+                        answers, each clipped, and replies with a candidate's number;
+                        confidence exp(the mean token logprob of that reply). No judge
+                        call when every candidate says the same thing (confidence 1).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from tierroute.backends.base import BackendError, ChatRequest, ChatResult
 from tierroute.cascade import (
@@ -226,37 +231,224 @@ class ReviewVerifier:
         return Verdict(1.0, f"review: {self.reviewer} corrected the draft ({cost})", reply)
 
 
-class BestOfNVerifier:
-    """The small answer with the best mean token logprob among n candidates."""
+@dataclass(frozen=True)
+class Candidate:
+    result: ChatResult
+    who: str  # "small", "sample 2", or the partner tier's name
 
-    name = "best_of_n"
 
-    def __init__(self, samples: int = 3, temperature: float = 0.7, partner: str | None = None):
-        self._sampler = AgreementVerifier(samples, temperature)  # its checks and seeds
+@dataclass(frozen=True)
+class Pick:
+    index: int | None  # into the candidates; None: none could be chosen (the first stands)
+    confidence: float  # in [0, 1]
+    reason: str
+
+
+class Scorer(Protocol):
+    """How best-of-n chooses among its candidates."""
+
+    name: str
+
+    def prepare(self, request: ChatRequest) -> ChatRequest:
+        """The request each candidate is asked with (e.g. asking for token logprobs)."""
+        ...
+
+    async def pick(self, request: ChatRequest, candidates: Sequence[Candidate], ask: Ask) -> Pick:
+        """The best candidate for `request`; may ask a tier (a judge) through `ask`."""
+        ...
+
+
+class LogprobScorer:
+    """The candidate with the best mean token logprob; confidence exp(that mean)."""
+
+    name = "logprob"
+
+    def __init__(self) -> None:
         self._logprob = LogprobVerifier("mean")
-        self.samples = samples
-        self.partner = partner
 
     def prepare(self, request: ChatRequest) -> ChatRequest:
         return self._logprob.prepare(request)
 
+    async def pick(self, request: ChatRequest, candidates: Sequence[Candidate], ask: Ask) -> Pick:
+        scored = [_mean_logprob(c.result) for c in candidates]
+        best = max(range(len(scored)), key=lambda i: scored[i])
+        if scored[best] == -math.inf:
+            return Pick(None, 0.0, f"none of {len(scored)} answers has token logprobs")
+        who = candidates[best].who
+        reason = f"{who} of {len(scored)}, mean token logprob {scored[best]:.2f}"
+        return Pick(best, math.exp(scored[best]), reason)
+
+
+JUDGE_SYSTEM = (
+    "You are shown a question and numbered candidate answers. Decide which candidate is "
+    "correct. Reply with the number of the correct candidate only."
+)
+# "Candidate 2", "#2", "answer 2", "option (2)": a number after a marker is preferred over
+# any other number in the reply (which may be a candidate's own answer, e.g. "42").
+_PICK_MARKED = re.compile(r"(?:candidate|answer|option|number|#)\s*[:#]?\s*\(?(\d+)\)?", re.I)
+_PICK_ANY = re.compile(r"(?<![\w.])(\d+)(?![\w]|\.\d)")
+_ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth")
+_PICK_ORDINAL = re.compile(r"\b(" + "|".join(_ORDINALS) + r")\b", re.IGNORECASE)
+
+
+def parse_pick(text: str, n: int) -> int | None:
+    """The candidate a judge's reply names, 0-based, or None when it names none of 1..n:
+    a number after "candidate"/"answer"/"option"/"#" first, then the first number in
+    range, then "first", "second", ..."""
+    for pattern in (_PICK_MARKED, _PICK_ANY):
+        for match in pattern.finditer(text):
+            k = int(match.group(1))
+            if 1 <= k <= n:
+                return k - 1
+    ordinal = _PICK_ORDINAL.search(text)
+    if ordinal is not None:
+        k = _ORDINALS.index(ordinal.group(1).lower()) + 1
+        if k <= n:
+            return k - 1
+    return None
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` within `limit` characters: its start and its end (where a final answer
+    sits) with " [...] " between them."""
+    text = text.strip()
+    if len(text) <= limit:
+        return text
+    gap = " [...] "
+    head = max(0, (limit - len(gap)) // 2)
+    tail = max(0, limit - len(gap) - head)
+    return text[:head] + gap + (text[-tail:] if tail else "")
+
+
+def judge_request(
+    request: ChatRequest, answers: Sequence[str], max_tokens: int, max_chars: int
+) -> ChatRequest:
+    """The judge's request: the question (clipped to 2 * max_chars) and the numbered
+    answers (each clipped to max_chars), so its length is bounded whatever the
+    candidates say; greedy, with token logprobs for the confidence."""
+    asked = "\n\n".join(
+        str(m.get("content", "")) for m in request.messages if m.get("role") == "user"
+    )
+    parts = [f"Question:\n{clip(asked, 2 * max_chars)}"]
+    parts += [f"Candidate {i}:\n{clip(a, max_chars)}" for i, a in enumerate(answers, 1)]
+    # No "1 to n" here: a small judge echoes it ("1 to 2"), which reads as a pick.
+    parts.append("Which candidate is correct? Reply with its number only.")
+    extra = {k: v for k, v in request.extra.items() if k not in ("logprobs", "top_logprobs")}
+    return replace(
+        request,
+        messages=[
+            {"role": "system", "content": JUDGE_SYSTEM},
+            {"role": "user", "content": "\n\n".join(parts)},
+        ],
+        max_tokens=max_tokens,
+        temperature=0.0,
+        extra={**extra, "logprobs": True, "top_logprobs": 1},
+    )
+
+
+class JudgeScorer:
+    """A judge model (the smallest tier when `tier` is None) picks among the distinct
+    candidates (compared by `answer_key`, with `probe` for code when given); confidence
+    exp(the mean token logprob of its reply), 1 when the judge tier gives no logprobs.
+    A reply that names no candidate, or a judge that fails, leaves the first answer
+    with confidence 0 (escalate)."""
+
+    name = "judge"
+
+    def __init__(
+        self,
+        tier: str | None = None,
+        max_tokens: int = 8,
+        max_chars: int = 800,
+        probe: CodeProbe | None = None,
+    ) -> None:
+        if not 1 <= max_tokens <= 64:
+            raise ConfigError(f"judge_max_tokens must be in [1, 64], not {max_tokens}")
+        if not 64 <= max_chars <= 8000:
+            raise ConfigError(f"judge_max_chars must be in [64, 8000], not {max_chars}")
+        self.tier = tier
+        self.max_tokens = max_tokens
+        self.max_chars = max_chars
+        self.probe = probe
+
+    def prepare(self, request: ChatRequest) -> ChatRequest:
+        return request
+
+    async def pick(self, request: ChatRequest, candidates: Sequence[Candidate], ask: Ask) -> Pick:
+        groups: dict[str, int] = {}  # answer key -> the first candidate saying it
+        for i, c in enumerate(candidates):
+            key = answer_key(c.result.text, self.probe)
+            if key is not None:
+                groups.setdefault(key, i)
+        if not groups:
+            return Pick(None, 0.0, f"all {len(candidates)} answers are empty")
+        distinct = list(groups.values())
+        if len(distinct) == 1:
+            key = next(iter(groups))
+            return Pick(distinct[0], 1.0, f"all {len(candidates)} answers agree on {_short(key)}")
+        texts = [candidates[i].result.text for i in distinct]
+        judge = self.tier or "the smallest tier"
+        try:
+            reply = await ask(
+                judge_request(request, texts, self.max_tokens, self.max_chars), self.tier
+            )
+        except BackendError as exc:
+            if not exc.retryable:
+                raise
+            return Pick(None, 0.0, f"judge {judge} failed ({exc})")
+        cost = f"judge {_tokens(reply)}"
+        k = parse_pick(reply.text, len(distinct))
+        if k is None:
+            said = _short(reply.text.strip() or None)
+            return Pick(
+                None, 0.0, f"the judge's reply {said} names none of {len(distinct)} ({cost})"
+            )
+        chosen = distinct[k]
+        confidence = math.exp(_mean_logprob(reply)) if reply.token_logprobs else 1.0
+        reason = (
+            f"judge picks {candidates[chosen].who} of {len(distinct)} distinct "
+            f"(of {len(candidates)}) ({cost})"
+        )
+        return Pick(chosen, confidence, reason)
+
+
+class BestOfNVerifier:
+    """n small answers (the first, samples, the partner's); `scorer` picks the one
+    returned (LogprobScorer by default)."""
+
+    name = "best_of_n"
+
+    def __init__(
+        self,
+        samples: int = 3,
+        temperature: float = 0.7,
+        partner: str | None = None,
+        scorer: Scorer | None = None,
+    ) -> None:
+        self._sampler = AgreementVerifier(samples, temperature)  # its checks and seeds
+        self.samples = samples
+        self.partner = partner
+        self.scorer: Scorer = scorer if scorer is not None else LogprobScorer()
+
+    def prepare(self, request: ChatRequest) -> ChatRequest:
+        return self.scorer.prepare(request)
+
     async def verify(
         self, request: ChatRequest, first: ChatResult, ask: Ask, threshold: float
     ) -> Verdict:
-        candidates = [(first, "small")]
+        candidates = [Candidate(first, "small")]
         for i in range(1, self.samples):
             sample = self.prepare(self._sampler.sample_request(request, i))
-            candidates.append((await ask(sample), f"sample {i}"))
+            candidates.append(Candidate(await ask(sample), f"sample {i}"))
         if self.partner is not None:
             other = await _helper(ask, self.prepare(request), self.partner)
             if not isinstance(other, str):  # a failed partner is one candidate fewer
-                candidates.append((other, self.partner))
-        scored = [(_mean_logprob(c), c, who) for c, who in candidates]
-        best, answer, who = max(scored, key=lambda s: s[0])
-        if best == -math.inf:
-            return Verdict(0.0, f"best_of_n: none of {len(scored)} answers has token logprobs")
-        reason = f"best_of_n: {who} of {len(scored)}, mean token logprob {best:.2f}"
-        return Verdict(math.exp(best), reason, None if answer is first else answer)
+                candidates.append(Candidate(other, self.partner))
+        pick = await self.scorer.pick(request, candidates, ask)
+        label = "best_of_n" if self.scorer.name == "logprob" else f"best_of_n ({self.scorer.name})"
+        answer = candidates[pick.index].result if pick.index is not None else first
+        confidence = min(1.0, max(0.0, pick.confidence))
+        return Verdict(confidence, f"{label}: {pick.reason}", None if answer is first else answer)
 
 
 def _mean_logprob(result: ChatResult) -> float:

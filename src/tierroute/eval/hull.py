@@ -121,6 +121,32 @@ def cost_at_quality(cost: FloatArray, quality: FloatArray, target: float) -> flo
     return float(xs[i - 1] + frac * (xs[i] - xs[i - 1]))
 
 
+def lambda_grid(expected_cost: FloatArray) -> FloatArray:
+    """The lambdas `multi_model_curve` sweeps: 0 (best predicted model), then 480 steps
+    geometric in lambda * (cost spread) from 1e-4 to 1e3, where the cheapest model wins."""
+    spread = float(expected_cost.max() - expected_cost.min()) or 1.0
+    # fine steps: where many prompts switch model at nearly one lambda, coarse steps leave
+    # a gap the curve can only bridge by mixing
+    out: FloatArray = np.concatenate(([0.0], np.geomspace(1e-4, 1e3, 480) / spread))
+    return out
+
+
+def multi_model_choices(probs: FloatArray, expected_cost: FloatArray) -> npt.NDArray[np.int64]:
+    """(lambdas, rows): the model each row goes to, argmax_m P_m - lambda * cost_m, for
+    every lambda of `lambda_grid`."""
+    return np.stack(
+        [np.argmax(probs - lam * expected_cost, axis=1) for lam in lambda_grid(expected_cost)]
+    )
+
+
+def curve_of(
+    choices: npt.NDArray[np.int64], quality: FloatArray, cost: FloatArray
+) -> tuple[FloatArray, FloatArray]:
+    """(mean cost, mean quality) per row of `choices` (lambdas, rows)."""
+    rows = np.arange(choices.shape[1])[None, :]
+    return cost[rows, choices].mean(axis=1), quality[rows, choices].mean(axis=1)
+
+
 def multi_model_curve(
     probs: FloatArray, quality: FloatArray, cost: FloatArray, expected_cost: FloatArray
 ) -> tuple[FloatArray, FloatArray]:
@@ -131,14 +157,4 @@ def multi_model_curve(
     is what the router expects each model to cost, per model or per row and model, from
     training data (what it knows before it sends the request). `quality` and `cost` are
     the measured outcomes."""
-    spread = float(expected_cost.max() - expected_cost.min()) or 1.0
-    # fine steps: where many prompts switch model at nearly one lambda, coarse steps leave
-    # a gap the curve can only bridge by mixing
-    lambdas = np.concatenate(([0.0], np.geomspace(1e-4, 1e3, 480) / spread))
-    rows = np.arange(len(probs))
-    xs, ys = [], []
-    for lam in lambdas:
-        choice = np.argmax(probs - lam * expected_cost, axis=1)
-        xs.append(float(cost[rows, choice].mean()))
-        ys.append(float(quality[rows, choice].mean()))
-    return np.array(xs), np.array(ys)
+    return curve_of(multi_model_choices(probs, expected_cost), quality, cost)

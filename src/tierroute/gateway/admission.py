@@ -37,12 +37,20 @@ def key_policy(
 
 
 async def gate(
-    settings: GatewaySettings, state: SharedState, policy: KeyPolicy | None, call: ChatCall
+    settings: GatewaySettings,
+    state: SharedState,
+    policy: KeyPolicy | None,
+    call: ChatCall,
+    output_tokens: int | None = None,
 ) -> Ticket | None:
-    """Admit the call under its key's limits (None: unlimited), or raise the 429."""
+    """Admit the call under its key's limits (None: unlimited), or raise the 429.
+    `output_tokens`: the most it can generate, when not its limit or the default (an
+    embedding generates none)."""
     if policy is None or not limited(policy):
         return None
-    max_tokens = call.request.max_tokens or settings.max_tokens_default
+    max_tokens = output_tokens
+    if max_tokens is None:
+        max_tokens = call.request.limit or settings.max_tokens_default
     ask = estimate_ask(call.request.messages, max_tokens, settings.tiers[-1].tier.cost)
     got = await admit(state, policy, ask, settings.budget_pressure)
     if isinstance(got, Ticket):

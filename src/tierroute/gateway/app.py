@@ -7,7 +7,16 @@
     POST /v1/route              the decision alone, nothing generated
     POST /v1/router/rollback    undo the continuous learner's last promotion (gateway.learning)
     GET  /healthz, /metrics     liveness; Prometheus metrics
+    GET  /dashboard, /v1/dashboard/data   the dashboard page and its data
+    POST /v1/feedback           rate one of the caller's own answers
     GET  /openapi.json, /docs   the schema
+
+Who may call what (gateway/auth.py): /healthz, /dashboard (a page without data),
+/openapi.json and /docs are open; the admin surfaces (rollback, dashboard data, /metrics
+unless `gateway.public_metrics`) need a config key; the rest take any key, and a virtual
+key reaches only its own requests. The endpoints that spend money (chat, completions,
+embeddings) pass through one seam, `paying`, that authorises, admits under the key's
+limits and budget, and books the spend to the key.
 
 Every answer carries X-Tierroute-Tier, -Score, -Reason, -Cost-Usd, -Fallback and
 -Request-Id headers (and -Cascade when the cascade ran); every error is an OpenAI error
@@ -47,10 +56,10 @@ from tierroute.errors import InputError, LedgerError, MissingDependencyError
 from tierroute.gateway import embeddings as local_embeddings
 from tierroute.gateway import passthrough
 from tierroute.gateway.admission import gate, key_policy
-from tierroute.gateway.auth import authenticate
+from tierroute.gateway.auth import Caller, authenticate, require_admin
 from tierroute.gateway.engine import AllTiersFailed, Engine, Outcome, Routed, new_request_id
 from tierroute.gateway.learner import Learner
-from tierroute.gateway.limits import settle
+from tierroute.gateway.limits import Ticket, settle
 from tierroute.gateway.metrics import Metrics
 from tierroute.gateway.schema import (
     ApiError,
@@ -221,7 +230,7 @@ def create_app(
         engine = Engine(settings, parts.router, parts.backends, parts.ledger, metrics)
         engine.metrics.watch_ledger(parts.ledger.health)
         if settings.virtual_keys:
-            auth["keys"] = Authoriser(KeyStore(parts.ledger))
+            auth["keys"] = Authoriser(KeyStore(parts.ledger), ttl_s=settings.key_cache_ttl_s)
         await attach_state(engine)
         state["engine"] = engine
         if settings.learning is not None:
@@ -321,6 +330,18 @@ def create_app(
         request.state.caller = caller
         return caller.key_id
 
+    async def admin(request: Request) -> None:
+        """Authorise the caller, then refuse (403) any but the operator's keys."""
+        await authorise(request)
+        require_admin(request.state.caller)
+
+    def cache_scope(request: Request) -> str | None:
+        """Whose decision cache entries the caller's requests may hit: its own key's (or
+        key tenant's), so that no key learns what another asked; everyone's when the
+        gateway is open."""
+        caller: Caller = request.state.caller
+        return caller.scope if caller.key_id is not None else None
+
     async def read_body(request: Request) -> bytes:
         limit = settings.max_body_bytes
         declared = request.headers.get("content-length")
@@ -368,6 +389,37 @@ def create_app(
     def headers_of(request: Request) -> dict[str, str]:
         return {k.lower(): v for k, v in request.headers.items()}
 
+    async def paying(
+        request: Request,
+        parse: Callable[[dict[str, Any]], ChatCall],
+        output_tokens: int | None = None,
+        read: tuple[str | None, dict[str, Any]] | None = None,
+    ) -> tuple[str | None, dict[str, Any], ChatCall, Ticket | None]:
+        """The one way into an endpoint that spends money: the caller authorised, its
+        body parsed (its tenant scoped to its key) and admitted under its key's limits
+        and budget (a 429 otherwise). The ticket is settled when the request is booked
+        (Engine.record), or given back by `routed_paid` / Engine.release when it is not.
+        `read`: the caller and body when the endpoint has read them already."""
+        key_id, doc = read or await read_json(request)
+        ledger_writable()
+        call = _tenant_or_key(parse(doc), request.state.caller.scope)
+        policy = key_policy(settings, key_id, request.state)
+        ticket = await gate(settings, engine().state, policy, call, output_tokens)
+        return key_id, doc, call, ticket
+
+    async def give_back(ticket: Ticket | None) -> None:
+        if ticket is not None:  # refused before any tier was asked: nothing spent
+            await settle(engine().state, ticket, 0, 0.0)
+
+    async def routed_paid(request: Request, call: ChatCall, ticket: Ticket | None) -> Routed:
+        """`_route` for an admitted call; a refusal there gives its reservation back."""
+        try:
+            pressure = ticket.pressure if ticket is not None else 0.0
+            return await _route(call, pressure, cache_scope(request))
+        except ApiError:
+            await give_back(ticket)
+            raise
+
     def ledger_writable() -> None:
         """With `on_ledger_failure: refuse`, no answer while its row could not be written."""
         if settings.on_ledger_failure != "refuse":
@@ -382,8 +434,19 @@ def create_app(
                 code="ledger_unavailable",
             )
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
+    @app.get(
+        "/healthz",
+        responses={
+            200: {"description": "This replica answers requests (`status`: ok or degraded)"},
+            503: {"description": "This replica refuses every request (`serving`: false)"},
+        },
+    )
+    async def healthz() -> JSONResponse:
+        """200 while this replica answers requests, degraded or not (the body says which
+        and why); 503 only when it refuses every request, so that a load balancer moves
+        traffic to a replica that can answer. Open breakers are every replica's outage
+        (the tiers are shared): they show as degraded, not as 503, since a gateway taken
+        out of rotation would turn its clear 502 into a load balancer's bare error."""
         e = engine()
         problems = e.health()
         ledger = e.ledger.health()
@@ -391,8 +454,11 @@ def create_app(
             problems.append(f"ledger: {ledger.problem}")
         elif not ledger.ok:
             problems.append("ledger: degraded")
+        # With on_ledger_failure: refuse, every request gets a 503 while rows cannot be written.
+        serving = settings.on_ledger_failure != "refuse" or ledger.writable
         body: dict[str, Any] = {
             "status": "degraded" if problems else "ok",
+            "serving": serving,
             "problems": problems,
             "tiers": {n: b.state for n, b in e.breakers.items()},  # and each model of a tier
             "ledger": {
@@ -404,10 +470,13 @@ def create_app(
         }
         if ledger.problem is not None:
             body["reason"] = ledger.problem
-        return body
+        return JSONResponse(body, status_code=200 if serving else 503)
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics_endpoint() -> Response:
+    @app.get("/metrics", response_class=PlainTextResponse, responses=_errors(401, 403))
+    async def metrics_endpoint(request: Request) -> Response:
+        # Per-key spend is no other key's business: the operator's keys, or a private scraper.
+        if not settings.public_metrics:
+            await admin(request)
         return Response(engine().metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/dashboard", response_class=HTMLResponse)
@@ -417,10 +486,10 @@ def create_app(
         page = resources.files("tierroute.resources").joinpath("dashboard.html").read_text()
         return Response(page, media_type="text/html; charset=utf-8")
 
-    @app.get("/v1/dashboard/data", responses=_errors(400, 401))
+    @app.get("/v1/dashboard/data", responses=_errors(400, 401, 403))
     async def dashboard_json(request: Request, since: str = "24h") -> JSONResponse:
-        # The page itself holds no data; its numbers are the whole gateway's, for key holders.
-        await authorise(request)
+        # The page itself holds no data; its numbers are the whole gateway's: the operator's.
+        await admin(request)
         from tierroute.gateway.dashboard import dashboard_data
         from tierroute.ledger import parse_since
 
@@ -459,7 +528,8 @@ def create_app(
             settings.max_tokens_default,
             aliases,
         )
-        routed = await _route(_tenant_or_key(call, request.state.caller.scope))
+        call = _tenant_or_key(call, request.state.caller.scope)
+        routed = await _route(call, scope=cache_scope(request))
         d = routed.decision
         body = {
             "tier": d.tier.name,
@@ -473,20 +543,20 @@ def create_app(
         }
         return JSONResponse(body, headers=_decision_headers(routed, None, [], None, ""))
 
-    async def _route(call: ChatCall, pressure: float = 0.0) -> Routed:
+    async def _route(call: ChatCall, pressure: float = 0.0, scope: str | None = None) -> Routed:
         forced = None if call.model == "auto" else call.model
         max_tokens = call.request.limit or settings.max_tokens_default
         try:
             return await engine().route(
-                call.request.messages, call.hints, max_tokens, forced, pressure
+                call.request.messages, call.hints, max_tokens, forced, pressure, scope
             )
         except InputError as exc:
             raise ApiError(400, str(exc), param="messages") from None
 
-    @app.post("/v1/router/rollback", responses=_errors(401, 404, 409))
+    @app.post("/v1/router/rollback", responses=_errors(401, 403, 404, 409))
     async def rollback(request: Request) -> JSONResponse:
         """Serve the router before the continuous learner's last promotion again."""
-        await authorise(request)
+        await admin(request)
         learner = learners.get("learner")
         if learner is None:
             raise ApiError(
@@ -610,20 +680,31 @@ def create_app(
     ) -> Response:
         """/v1/completions and /v1/embeddings (see gateway/passthrough.py)."""
         start = time.perf_counter()
-        key_id, doc = read or await read_json(request)
-        ledger_writable()
         e = engine()
         models = ["auto", *e.tier_names]
-        call = passthrough.parse(doc, path, models, aliases, headers_of(request))
-        call = _tenant_or_key(call, request.state.caller.scope)
-        routed = await _route(call)
-        outcome = Outcome(request_id=new_request_id(), routed=passthrough.tagged(routed, path))
-        passthrough.check_chain(outcome, e.backends, path)
+        key_id, doc, call, ticket = await paying(
+            request,
+            lambda doc: passthrough.parse(doc, path, models, aliases, headers_of(request)),
+            0 if path == passthrough.EMBEDDINGS else None,  # an embedding generates nothing
+            read,
+        )
+        routed = await routed_paid(request, call, ticket)
+        outcome = Outcome(
+            request_id=new_request_id(), routed=passthrough.tagged(routed, path), ticket=ticket
+        )
+        try:
+            passthrough.check_chain(outcome, e.backends, path)
+        except ApiError:
+            await give_back(ticket)
+            raise
         prompt = routed.text if settings.keep_prompts else None
         try:
             data = await e.post(outcome, path, passthrough.body_for_tier(doc))
         except (AllTiersFailed, BackendError) as exc:
             return failed(outcome, call, key_id, start, prompt, exc, stream=False)
+        except asyncio.CancelledError:
+            e.release(outcome)  # the client left: its reservation goes back
+            raise
         tier = e.settings.spec(outcome.booked_tier).tier
         p, c = passthrough.usage(data)
         e.record(
@@ -653,13 +734,15 @@ def create_app(
         model = doc.get("model")
         if not isinstance(model, str) or model not in settings.embedding_models:
             return await passed_through(request, passthrough.EMBEDDINGS, (key_id, doc))
-        ledger_writable()
         call = local_embeddings.parse(doc, model)
-        user = doc.get("user")
-        hints = hints_from(doc.get("metadata"), headers_of(request), user)
-        tenant = _tenant_or_key(
-            ChatCall(model, ChatRequest([]), False, False, hints), request.state.caller.scope
-        ).hints.tenant
+
+        def as_chat(doc: dict[str, Any]) -> ChatCall:  # what the key's limits count
+            hints = hints_from(doc.get("metadata"), headers_of(request), doc.get("user"))
+            text = "\n".join(call.texts or [])
+            request_ = ChatRequest([{"role": "user", "content": text}])
+            return ChatCall(model, request_, False, False, hints)
+
+        key_id, doc, chat_call, ticket = await paying(request, as_chat, 0, (key_id, doc))
         e = engine()
         if "model" not in embedding:
             embedding["model"] = local_embeddings.shared_embedder(e.router)
@@ -670,12 +753,19 @@ def create_app(
                 embedding["pool"], local_embeddings.embed, embedding["model"], call
             )
         except MissingDependencyError as exc:
+            await give_back(ticket)
             raise ApiError(
                 503,
                 f"The local embedding model is not available here ({exc}).",
                 type="api_error",
                 code="embedding_model_missing",
             ) from None
+        except BaseException:
+            await give_back(ticket)
+            raise
+        if ticket is not None:
+            await settle(e.state, ticket, tokens, 0.0)
+        tenant = chat_call.hints.tenant
         request_id = f"embd-{uuid.uuid4().hex}"
         latency_ms = (time.perf_counter() - start) * 1000
         e.ledger.record(
@@ -710,27 +800,18 @@ def create_app(
     )
     async def chat(request: Request) -> Response:
         start = time.perf_counter()
-        key_id, doc = await read_json(request)
-        ledger_writable()
         e = engine()
-        call = _tenant_or_key(
-            parse_chat(
+        key_id, _, call, ticket = await paying(
+            request,
+            lambda doc: parse_chat(
                 doc,
                 ["auto", *e.tier_names],
                 headers_of(request),
                 settings.max_tokens_default,
                 aliases,
             ),
-            request.state.caller.scope,
         )
-        policy = key_policy(settings, key_id, request.state)
-        ticket = await gate(settings, e.state, policy, call)
-        try:
-            routed = await _route(call, ticket.pressure if ticket is not None else 0.0)
-        except ApiError:
-            if ticket is not None:  # not answered: its reservation goes back
-                await settle(e.state, ticket, 0, 0.0)
-            raise
+        routed = await routed_paid(request, call, ticket)
         outcome = Outcome(request_id=new_request_id(), routed=routed, ticket=ticket)
         prompt = routed.text if settings.keep_prompts else None
         cascade = e.cascades(routed, forced=call.model != "auto")

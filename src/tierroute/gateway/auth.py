@@ -1,6 +1,10 @@
 """Who is calling: a key from the config (`api_keys_sha256`, TIERROUTE_API_KEYS: no limits)
 or, with `gateway.virtual_keys: true`, a key made by `tierroute keys create` (its limits in a
-KeyPolicy). With neither configured the gateway is open and every caller is anonymous."""
+KeyPolicy). With neither configured the gateway is open and every caller is anonymous.
+
+Config keys are the operator's: they alone reach the admin surfaces (router rollback, the
+dashboard's data, /metrics). Virtual keys are handed to tenants and reach their own
+requests only. On an open gateway every caller is trusted alike."""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ class Caller:
 
     key_id: str | None
     policy: KeyPolicy | None = None
+    admin: bool = False  # a config key, or anyone on an open gateway
 
     @property
     def scope(self) -> str | None:
@@ -42,12 +47,12 @@ async def authenticate(
 ) -> Caller:
     """The caller of a request with this Authorization header, or a 401 in OpenAI's format."""
     if not settings.api_key_hashes and authoriser is None:
-        return Caller(None)
+        return Caller(None, admin=True)
     secret = _bearer(authorization)
     if secret and len(secret) <= 512:  # a longer one is no key of ours: do not hash it
         digest = hash_secret(secret)
         if digest in settings.api_key_hashes:
-            return Caller(key_id(digest))
+            return Caller(key_id(digest), admin=True)
         if authoriser is not None:
             try:
                 policy = await authoriser.alookup(secret)
@@ -68,3 +73,16 @@ async def authenticate(
         type="authentication_error",
         code="invalid_api_key",
     )
+
+
+def require_admin(caller: Caller) -> None:
+    """403 in OpenAI's format unless the caller holds one of the operator's keys."""
+    if not caller.admin:
+        raise ApiError(
+            403,
+            "This endpoint shows or changes the whole gateway: it needs one of the "
+            "operator's keys (gateway.api_keys_sha256 or TIERROUTE_API_KEYS), not a "
+            "virtual key.",
+            type="permission_error",
+            code="admin_key_required",
+        )

@@ -18,8 +18,14 @@ def normalise(text: str) -> str:
     return _SPACE.sub(" ", text).strip().lower()
 
 
-def cache_key(text: str) -> str:
-    return hashlib.sha256(normalise(text).encode()).hexdigest()
+def cache_key(text: str, scope: str | None = None) -> str:
+    """The entry of a routing text. With a `scope` (the caller's key or tenant) the entry
+    is that caller's own: a hit on another key's entry would tell it that someone sent
+    this very prompt a moment ago (the X-Tierroute-Cache header, and the time it took)."""
+    normal = normalise(text)
+    if scope is not None:
+        normal = f"{scope}\x00{normal}"
+    return hashlib.sha256(normal.encode()).hexdigest()
 
 
 class DecisionCache(Generic[V]):

@@ -216,7 +216,8 @@ class Engine:
         self._ratings: OrderedDict[tuple[str, str], float] = OrderedDict()
         self.personaliser: Personaliser | None = None
         if settings.personalise is not None:
-            self.personaliser = Personaliser(settings.personalise)
+            self.personaliser = personaliser = Personaliser(settings.personalise)
+            self.metrics.personalised_tenants.set_function(lambda: personaliser.tenants)
             self._restore_personaliser()
         # One routing thread: the encoder's memo is not thread-safe, and onnxruntime
         # already uses both cores for one query; the event loop stays free meanwhile.
@@ -263,9 +264,10 @@ class Engine:
 
     # ------------------------------------------------------------------ deciding
 
-    async def explain(self, text: str) -> tuple[Explanation, bool]:
-        """The router's explanation of a routing text, from the decision cache if it can."""
-        key = cache_key(text)
+    async def explain(self, text: str, scope: str | None = None) -> tuple[Explanation, bool]:
+        """The router's explanation of a routing text, from the decision cache if it can;
+        `scope` (the caller's key or tenant) keeps one caller's entries from another."""
+        key = cache_key(text, scope)
         cached = self.cache.get(key)
         if cached is not None:
             self.metrics.cache_hits.inc()
@@ -324,8 +326,10 @@ class Engine:
         max_tokens: int,
         forced: str | None = None,
         pressure: float = 0.0,
+        scope: str | None = None,
     ) -> Routed:
-        """`pressure`: how far the key's budget pressure lowers its score (gateway/limits.py)."""
+        """`pressure`: how far the key's budget pressure lowers its score (gateway/limits.py).
+        `scope`: whose decision cache entries it may hit (None: everyone's, an open gateway)."""
         start = time.perf_counter()
         policy = self.settings.policy
         images = non_text_part(messages) is not None
@@ -357,7 +361,7 @@ class Engine:
             )
             cache_hit = False
         else:
-            explanation, cache_hit = await self.explain(text)
+            explanation, cache_hit = await self.explain(text, scope)
             self._calibrate(explanation.score)
             offset = self.personaliser.shift(hints.tenant) if self.personaliser else 0.0
             label = f"tenant {hints.tenant}"
@@ -783,7 +787,7 @@ class Engine:
         async def ask(req: ChatRequest, tier: str | None = None) -> ChatResult:
             # A collaboration strategy may ask another tier (a partner, a reviewer).
             name = small if tier is None else tier
-            if name != small and not self._available(name):
+            if name != small and not await self._available(name):
                 raise BackendError(f"tier {name} is unavailable (breaker open)", retryable=True)
             result = await self._on_tier(
                 name, lambda t, timeout: self._complete_on(t, req, timeout)
@@ -946,10 +950,14 @@ class Engine:
             and owner.tenant is not None
             and owner.tier != self.settings.tiers[-1].name
         ):
+            key = owner.api_key_id or ""  # whose cap of tenants it counts against
             if previous is None:
-                self.personaliser.observe(owner.tenant, rating)
+                learned = self.personaliser.observe(owner.tenant, rating, key)
             else:
-                self.personaliser.revise(owner.tenant, previous, rating)
+                learned = self.personaliser.revise(owner.tenant, previous, rating, key)
+            if not learned:
+                self.metrics.tenants_refused.inc()
+                return
             if self.sync is not None:
                 n, bad = (1.0, 1.0 - rating) if previous is None else (0.0, previous - rating)
                 self.sync.feedback(owner.tenant, n, bad)

@@ -151,6 +151,15 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=r,
         )
+        # How big the personalisation table is, and what its per-key cap turned away.
+        self.personalised_tenants = Gauge(
+            "tierroute_personalised_tenants", "Tenants with personalised routing", registry=r
+        )
+        self.tenants_refused = Counter(
+            "tierroute_personalise_tenants_refused",
+            "Ratings not learned: their key had brought personalise.max_tenants_per_key tenants",
+            registry=r,
+        )
         self._ledger = _LedgerCollector()
         r.register(self._ledger)
 

@@ -92,6 +92,8 @@ class GatewaySettings:
     client_timeout_s: float = 10.0
     api_key_hashes: frozenset[str] = field(default_factory=frozenset)
     virtual_keys: bool = False
+    key_cache_ttl_s: float = 5.0  # a revoked virtual key is refused everywhere within this
+    public_metrics: bool = False  # /metrics without a key (a scraper on a private network)
     controller: ControllerConfig | None = None
     shadow: ShadowConfig | None = None
     personalise: PersonaliseConfig | None = None
@@ -246,6 +248,12 @@ class GatewayFields(StrictModel):
     # Also accept the keys of `tierroute keys create` (in the ledger database); every
     # request then needs a key.
     virtual_keys: bool = False
+    # How long a replica trusts a virtual key it looked up: a revocation (or a new key)
+    # reaches every replica within this. 0 asks the database on every request.
+    key_cache_ttl_s: float = Field(5.0, ge=0, le=300)
+    # With keys configured /metrics needs a config key; true opens it to any scraper
+    # (per-key spend included): only where the port is reachable from a private network.
+    public_metrics: bool = False
     # Checked against their own dataclasses below, so each names its own keys.
     controller: Section = None
     shadow: Section = None
@@ -348,6 +356,8 @@ def parse_settings(doc: Any, source: str, lines: Lines | None = None) -> Gateway
         ledger_spill_max_rows=gw.ledger_spill_max_rows,
         api_key_hashes=frozenset(hashes),
         virtual_keys=gw.virtual_keys,
+        key_cache_ttl_s=gw.key_cache_ttl_s,
+        public_metrics=gw.public_metrics,
         controller=section("controller", ControllerConfig),
         shadow=section("shadow", ShadowConfig),
         personalise=section("personalise", PersonaliseConfig),
