@@ -74,11 +74,22 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def serve_command(config: Path, port: int, data: Path) -> list[str]:
+    """`tierroute serve` of `config` on `port`, its ledger in `data`, logging warnings only."""
+    command = [sys.executable, "-m", "tierroute.cli", "serve", "--config", str(config)]
+    return [*command, "--port", str(port), "--data-dir", str(data), "--log-level", "warning"]
+
+
 async def measure(
-    urls: list[str], n: int, concurrency: int, fresh: bool
+    urls: list[str],
+    n: int,
+    concurrency: int,
+    fresh: bool,
+    headers: dict[str, str] | None = None,
 ) -> tuple[list[float], float]:
     """Latencies (ms) of n chat requests at the given concurrency, spread round-robin over
-    `urls`, and requests/s. Fresh prompts carry a per-run salt: never a cache hit."""
+    `urls`, and requests/s. Fresh prompts carry a per-run salt: never a cache hit (also
+    across runs that share one Redis)."""
     salt = uuid.uuid4().hex[:8]
     latencies: list[float] = []
     dropped: list[int] = []
@@ -96,7 +107,7 @@ async def measure(
             async with sem:
                 start = time.perf_counter()
                 try:
-                    r = await http.post(urls[i % len(urls)], json=body)
+                    r = await http.post(urls[i % len(urls)], json=body, headers=headers)
                 except httpx.TransportError:
                     # A kept-alive connection the server closed as it was reused: counted
                     # and reported, not fatal (the server's keep-alive timeout races it).
@@ -199,9 +210,7 @@ def gateways(
             for i, port in enumerate(ports):
                 data = Path(tmp) / f"replica{i}"
                 data.mkdir()
-                command = [sys.executable, "-m", "tierroute.cli", "serve", "--config"]
-                command += [str(config), "--port", str(port), "--data-dir", str(data)]
-                command += ["--log-level", "warning"]
+                command = serve_command(config, port, data)
                 procs.append(subprocess.Popen(command, stderr=subprocess.DEVNULL, env=env))
             for port, proc in zip(ports, procs, strict=True):
                 wait_up(f"http://127.0.0.1:{port}/healthz", proc)

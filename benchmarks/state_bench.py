@@ -31,51 +31,22 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 sys.path.insert(0, str(HERE))
 
-from gateway_bench import free_port, wait_up  # noqa: E402
+import gateway_bench  # noqa: E402
+from gateway_bench import free_port, serve_command, wait_up  # noqa: E402
 
 KEY = "sk-bench"
 
 
 async def measure(url: str, n: int, concurrency: int, fresh: bool) -> tuple[list[float], float]:
-    latencies: list[float] = []
-    errors: list[int] = []
-    sem = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    tag = uuid.uuid4().hex[:6]  # fresh prompts stay fresh across runs sharing one Redis
-    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
-
-        async def one(i: int) -> None:
-            text = f"What is the capital of country {tag}-{i}?" if fresh else "Hello there!"
-            body = {
-                "model": "auto",
-                "max_tokens": 1,
-                "messages": [{"role": "user", "content": text}],
-            }
-            async with sem:
-                start = time.perf_counter()
-                try:
-                    r = await http.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"})
-                except httpx.TransportError:  # e.g. a keep-alive connection closed under us
-                    errors.append(i)
-                    return
-                latencies.append((time.perf_counter() - start) * 1000)
-                r.raise_for_status()
-
-        await asyncio.gather(*(one(i) for i in range(50)))
-        latencies.clear()
-        start = time.perf_counter()
-        await asyncio.gather(*(one(i + 100) for i in range(n)))
-        elapsed = time.perf_counter() - start
-    if errors:
-        print(f"  ({len(errors)} of {n} requests failed to connect or read; left out)")
-    return latencies, n / elapsed
+    """gateway_bench's load, each request with the bench's API key (limits apply)."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    return await gateway_bench.measure([url], n, concurrency, fresh, headers=auth)
 
 
 @dataclass(frozen=True)
@@ -114,20 +85,7 @@ gateway:
     for name in ("TIERROUTE_STATE_URL", "TIERROUTE_LEDGER_URL"):
         env.pop(name, None)  # the config says where each variant keeps them
     gateway = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tierroute.cli",
-            "serve",
-            "--config",
-            str(config),
-            "--port",
-            str(port),
-            "--data-dir",
-            str(data),
-            "--log-level",
-            "warning",
-        ],
+        serve_command(config, port, data),
         stderr=subprocess.DEVNULL,
         env=env,
     )

@@ -320,3 +320,55 @@ def test_route_names_the_model_serve_would_start_with(tmp_path: Path) -> None:
     assert out["tier"] == "large" and out["model_key"] == "large/coder"
     assert out["model"] == "coder-model"
     assert out["model_choice"].startswith("model large/coder: P 0.95 (prior for task=code)")
+
+
+def test_budgets_judge_each_model_by_its_own_price_and_latency(tmp_path: Path) -> None:
+    """The tier's first model no longer stands in for the tier: a tier fits a budget when
+    one of its models does, that model is tried first, and /metrics names the model."""
+    doc: dict[str, Any] = {
+        "tiers": [
+            model("small", 0.1, typical_latency_ms=100),
+            {
+                "name": "large",
+                "models": [
+                    model("big", 100.0, typical_latency_ms=5000, prior=0.95),
+                    model("lite", 1.0, typical_latency_ms=300, prior=0.6),
+                ],
+            },
+        ],
+        "router": "rules",
+        "policy": {"thresholds": [0.1]},
+    }
+    s = parse_settings(doc, "test.yaml")
+    engine = Engine(s, make_router("rules"), {}, Ledger(tmp_path / "ledger.db"))
+    hard = [{"role": "user", "content": "Prove that sqrt(2) is irrational, step by step."}]
+    try:
+        plain = asyncio.run(engine.route(hard, Hints(), 100))
+        assert plain.chain[:2] == ["large/big", "large/lite"]  # big is worth its price here
+        # 100 output tokens: big ~$0.01+, lite ~$0.0001+; the first model alone breaks the cap
+        capped = asyncio.run(engine.route(hard, Hints(max_cost_usd=0.001), 100))
+        assert capped.decision.tier.name == "large" and "budget" not in capped.decision.reason
+        assert capped.chain[:2] == ["large/lite", "large/big"]
+        quick = asyncio.run(engine.route(hard, Hints(latency_budget_ms=1000), 100))
+        assert quick.decision.tier.name == "large" and quick.chain[0] == "large/lite"
+        for _ in range(3):  # lite turns out slow too: now no model of large fits
+            engine.latency["large/lite"].add(3000)
+        slow = asyncio.run(engine.route(hard, Hints(latency_budget_ms=1000), 100))
+        assert slow.decision.tier.name == "small"
+        assert "budget: large/big p50 5000 ms > budget; using small" in slow.decision.reason
+        outcome = Outcome(request_id=new_request_id(), routed=capped, tier="large/lite")
+        engine.record(
+            outcome,
+            status=200,
+            hints=Hints(),
+            api_key_id=None,
+            latency_ms=5.0,
+            prompt_tokens=10,
+            completion_tokens=20,
+        )
+        text = engine.metrics.render().decode()
+        assert 'tierroute_requests_total{model="lite-model",status="200",tier="large"} 1.0' in text
+        assert 'tierroute_cost_usd_total{model="lite-model",tier="large"} 3e-05' in text
+    finally:
+        engine.close()
+        engine.ledger.close()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tierroute.errors import InputError
 from tierroute.gateway.engine import Engine, Hints
 from tierroute.gateway.settings import parse_settings
 from tierroute.ledger import Ledger
@@ -122,5 +123,47 @@ def test_the_controller_holds_the_share_sent_up_with_an_abstain_band(tmp_path: P
         assert policy.entry == pytest.approx(engine.controller.threshold)
         sent_up = [policy.decide(Explanation(score=s)).tier.name == "large" for s in scores]
         assert sum(sent_up) / len(sent_up) == pytest.approx(0.3, abs=0.01)
+    finally:
+        engine.ledger.close()
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+
+
+def test_an_image_goes_to_a_tier_that_can_see_it(tmp_path: Path) -> None:
+    """An image alone has no text to score: the smallest vision tier takes it. With text,
+    the router decides and a tier that cannot see moves to the nearest one that can; the
+    chain keeps only tiers that can read it, and the reason says why."""
+    tiers = [tier("small", 0.1, 200), tier("medium", 1.0, 800), tier("large", 10.0, 3000)]
+    tiers[0]["vision"] = False
+    doc = {"tiers": tiers, "policy": {"thresholds": [0.05, 0.1]}}
+    engine = Engine(parse_settings(doc, "test"), make_router("rules"), {}, Ledger(tmp_path / "l"))
+    try:
+        alone = [{"role": "user", "content": [IMAGE]}]
+        routed = asyncio.run(engine.route(alone, Hints(), 64))
+        assert routed.decision.tier.name == "medium" and routed.chain == ["medium", "large"]
+        assert "image without text" in routed.decision.reason
+        assert routed.decision.score != routed.decision.score  # NaN: nothing was scored
+        easy = [{"role": "user", "content": [{"type": "text", "text": "Hi, what is this?"}, IMAGE]}]
+        routed = asyncio.run(engine.route(easy, Hints(), 64))
+        assert routed.chain == ["medium", "large"]
+        assert "images: small cannot read them, using medium" in routed.decision.reason
+        # The client named its tier: it answers or refuses the image itself (400).
+        assert asyncio.run(engine.route(alone, Hints(), 64, forced="small")).chain == ["small"]
+        # Text only: nothing changes.
+        assert asyncio.run(engine.route(HARD, Hints(), 64)).chain == ["large", "medium", "small"]
+    finally:
+        engine.ledger.close()
+    settings = parse_settings(
+        {
+            "tiers": [{**tier(n, 1.0, 100), "vision": False} for n in ("a", "b")],
+            "policy": {"thresholds": [0.5]},
+        },
+        "test",
+    )
+    engine = Engine(settings, make_router("rules"), {}, Ledger(tmp_path / "l2"))
+    try:
+        with pytest.raises(InputError, match="no tier here reads images"):
+            asyncio.run(engine.route([{"role": "user", "content": [IMAGE]}], Hints(), 64))
     finally:
         engine.ledger.close()

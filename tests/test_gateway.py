@@ -58,6 +58,17 @@ class Server:
         return self.proc.wait(timeout=60)
 
 
+def serve_command(
+    port: int, data_dir: Path, config: Path | None, extra: tuple[str, ...] = ()
+) -> list[str]:
+    """`tierroute serve` on `port` (the embedded default when config is None)."""
+    args = ["serve", "--port", str(port), "--data-dir", str(data_dir), "--log-level", "warning"]
+    args += extra
+    if config is not None:
+        args += ["--config", str(config)]
+    return [sys.executable, "-m", "tierroute.cli", *args]
+
+
 def start(
     config: Path | None,
     data_dir: Path,
@@ -68,12 +79,8 @@ def start(
     port = free_port()
     log = data_dir / "serve.log"
     data_dir.mkdir(parents=True, exist_ok=True)
-    args = ["serve", "--port", str(port), "--data-dir", str(data_dir), "--log-level", "warning"]
-    args += extra
-    if config is not None:
-        args += ["--config", str(config)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tierroute.cli", *args],
+        serve_command(port, data_dir, config, extra),
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
@@ -556,16 +563,7 @@ def test_serve_refuses_an_unknown_local_model_in_one_line(tmp_path: Path) -> Non
         "  - {name: b, kind: local, model: smollm2-135m}\n",
     )
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tierroute.cli",
-            "serve",
-            "--config",
-            str(config),
-            "--port",
-            str(free_port()),
-        ],
+        serve_command(free_port(), tmp_path / "data", config),
         capture_output=True,
         text=True,
         timeout=120,

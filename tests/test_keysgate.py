@@ -431,3 +431,25 @@ def test_healthz_stays_200_while_every_breaker_is_open(tmp_path: Path) -> None:
         assert health.status_code == 200, health.text
         assert health.json()["status"] == "degraded" and health.json()["serving"] is True
         assert all(state == "open" for state in health.json()["tiers"].values())
+
+
+def test_local_embeddings_count_against_the_key_and_are_booked(
+    tmp_path: Path, upstream: str
+) -> None:
+    """The packaged MiniLM costs nothing, but its requests are a key's like any other."""
+    pytest.importorskip("onnxruntime")
+    ledger = Ledger(tmp_path / "ledger.db")
+    secret, _ = KeyStore(ledger).create("rpm", requests_per_minute=2)
+    body = {"model": "all-MiniLM-L6-v2", "input": ["one", "two"]}
+    with gateway(settings_for(upstream), ledger) as client:
+        done = client.post("/v1/embeddings", json=body, headers=bearer(secret))
+        assert done.status_code == 200, done.text
+        assert len(done.json()["data"]) == 2 and done.headers["x-tierroute-tier"] == "embeddings"
+        assert spend(client, "/v1/chat/completions", secret).status_code == 200
+        refused = client.post("/v1/embeddings", json=body, headers=bearer(secret))
+        assert refused.status_code == 429 and refused.json()["error"]["type"] == "requests"
+        ledger.flush()
+        row = ledger.get(done.headers["x-tierroute-request-id"])
+        assert row is not None and row.tier == "embeddings" and row.cost_usd == 0.0
+        assert row.prompt_tokens == done.json()["usage"]["prompt_tokens"] == 6
+        assert row.tags == {"endpoint": "embeddings"} and row.api_key_id is not None

@@ -11,9 +11,9 @@ One real `tierroute serve` with three tiers:
 
 Why a mimic beside the real server: llama_cpp.server cannot produce what most of these
 tests check. It answers n > 1 with one choice, calls a tool only when tool_choice names it
-(never with "auto"), sends no logprobs unless started with logits_all, and has no
-system_fingerprint; so it is used for what it does (JSON schema, forced tools, content
-parts) and the mimic for the rest.
+(never with "auto", which our local tier does in two steps), sends no logprobs unless
+started with logits_all, and has no system_fingerprint; so it is used for what it does
+(JSON schema, forced tools, content parts) and the mimic for the rest.
 """
 
 from __future__ import annotations
@@ -213,6 +213,15 @@ def test_every_parameter_reaches_the_remote_tier_and_every_field_comes_back(clie
     assert answer.usage.completion_tokens_details.reasoning_tokens == 0
 
 
+def test_an_image_alone_is_routed_to_the_tier_that_can_see(client: Any) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": [IMAGE]}]
+    )
+    assert raw.headers["x-tierroute-tier"] == "mimic"  # the only tier with vision
+    assert "image without text" in raw.headers["x-tierroute-reason"]
+    assert received(raw.parse())["messages"][0]["content"] == [IMAGE]
+
+
 def test_no_limit_is_added_when_the_client_sets_none(client: Any) -> None:
     answer = client.chat.completions.create(model="mimic", messages=ASK[:1])
     got = received(answer)
@@ -329,6 +338,54 @@ def test_completions_and_embeddings_pass_through(client: Any) -> None:
     assert vectors.model == "gpt-mimic" and vectors.usage.prompt_tokens == 2
 
 
+def test_local_embeddings_are_the_packaged_minilm_in_openai_shape(client: Any) -> None:
+    import numpy as np
+
+    from tierroute.embed import Embedder
+
+    texts = ["hello world", "The weather in Paris is mild today."]
+    raw = client.embeddings.with_raw_response.create(model="all-MiniLM-L6-v2", input=texts)
+    got = raw.parse()  # the SDK asks for base64 by default and decodes it
+    assert raw.headers["x-tierroute-tier"] == "embeddings"
+    assert got.model == "all-MiniLM-L6-v2" and [d.index for d in got.data] == [0, 1]
+    model = Embedder(precision="fp32", max_length=256)
+    expected = model.embed(texts)
+    vectors = np.array([d.embedding for d in got.data])
+    assert vectors.shape == (2, 384) and np.allclose(vectors, expected, atol=1e-6)
+    read = sum(len(ids) for ids in model.token_ids(texts))  # [CLS] and [SEP] included
+    assert got.usage.prompt_tokens == got.usage.total_tokens == read == 14
+    floats = client.embeddings.create(
+        model="all-MiniLM-L6-v2", input="hello world", encoding_format="float"
+    )
+    assert np.allclose(floats.data[0].embedding, expected[0], atol=1e-6)
+    # Token ids are the model's own (as its tokenizer gives them): the same vector.
+    ids = client.embeddings.create(model="all-MiniLM-L6-v2", input=[[101, 7592, 2088, 102]])
+    assert np.allclose(ids.data[0].embedding, expected[0], atol=1e-6)
+    assert ids.usage.prompt_tokens == 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"input": "x", "dimensions": 128}, "dimensions"),
+        ({"input": []}, "input"),
+        ({"input": ["a", ""]}, "input"),
+        ({"input": [[101, 99999]]}, "input[0]"),
+        ({"input": ["a", 3]}, "input"),
+        ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
+        ({"input": "x", "extra_body": {"truncate": True}}, "truncate"),
+    ],
+)
+def test_local_embeddings_refuse_what_they_cannot_do(
+    client: Any, kwargs: dict[str, Any], param: str
+) -> None:
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError) as caught:
+        client.embeddings.create(model="all-MiniLM-L6-v2", **kwargs)
+    assert caught.value.body["param"] == param
+
+
 def test_completions_and_embeddings_refusals_say_why(client: Any) -> None:
     from openai import BadRequestError
 
@@ -412,6 +469,86 @@ def test_a_forced_tool_call_comes_back_streamed_and_not(client: Any, tier: str) 
     assert finish in ("tool_calls", "stop")
 
 
+def test_a_local_tier_chooses_a_tool_itself_with_auto(client: Any) -> None:
+    """What agent frameworks send: tools with tool_choice "auto" (or none given). The
+    model first names the function or none, then answers as a call or in text."""
+    answer = client.chat.completions.create(
+        model="small", messages=ASK, tools=TOOLS, tool_choice="auto", max_tokens=40
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+    # The usage covers the choice step too: its prompt was read and its tokens sampled.
+    assert answer.usage.completion_tokens > len(call.function.arguments) // 8
+    stream = client.chat.completions.create(
+        model="small",
+        messages=ASK,
+        tools=TOOLS,
+        max_tokens=40,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    calls: dict[int, dict[str, str]] = {}
+    finish, heads = None, 0
+    for chunk in stream:
+        for c in chunk.choices:
+            finish = c.finish_reason or finish
+            assert not c.delta.content
+            for delta in c.delta.tool_calls or []:
+                heads += delta.id is not None  # OpenAI sends id and name once
+                got = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+                got["id"] += delta.id or ""
+                got["name"] += (delta.function.name or "") if delta.function else ""
+                got["arguments"] += (delta.function.arguments or "") if delta.function else ""
+    assert finish == "tool_calls" and heads == 1
+    assert calls[0]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
+    assert isinstance(json.loads(calls[0]["arguments"])["city"], str)
+
+
+def test_a_local_tier_answers_in_text_when_no_tool_fits(client: Any) -> None:
+    hello = [{"role": "user", "content": "Say hello."}]
+    answer = client.chat.completions.create(
+        model="small", messages=hello, tools=TOOLS, max_tokens=12, temperature=0
+    )
+    choice = answer.choices[0]
+    assert choice.message.content and not choice.message.tool_calls
+    assert choice.finish_reason in ("stop", "length")
+    text, finish = "", None
+    for chunk in client.chat.completions.create(
+        model="small", messages=hello, tools=TOOLS, max_tokens=12, temperature=0, stream=True
+    ):
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            finish = c.finish_reason or finish
+            assert not c.delta.tool_calls
+    assert text == choice.message.content and finish == choice.finish_reason
+    # An agent's next turn: the call it made and the tool's result come back.
+    follow = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21}'},
+    ]
+    answer = client.chat.completions.create(
+        model="small", messages=follow, tools=TOOLS, max_tokens=12
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason in ("stop", "length", "tool_calls")
+    assert bool(choice.message.content) != bool(choice.message.tool_calls)
+
+
 def test_the_real_remote_tier_gets_content_parts_and_json_mode(client: Any) -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     answer = client.chat.completions.create(
@@ -430,7 +567,7 @@ def test_the_real_remote_tier_gets_content_parts_and_json_mode(client: Any) -> N
             {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}, IMAGE]}]},
             "messages[0].content[1]",
         ),
-        ({"tools": TOOLS}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
         ({"n": 2, "stream": True}, "n"),
         ({"logprobs": True, "stream": True}, "logprobs"),
         ({"extra_body": {"x_vendor_option": 1}}, "x_vendor_option"),

@@ -117,7 +117,8 @@ def test_content_parts_are_joined_for_text_only_tiers() -> None:
     ("extra", "param"),
     [
         ({"logit_bias": {"1": 2}}, "logit_bias"),
-        ({"tools": [TOOL]}, "tool_choice"),
+        ({"tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools"),
         (
             {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
             "tool_choice",
@@ -154,6 +155,49 @@ def test_a_local_tier_turns_schemas_and_forced_tools_into_grammars() -> None:
         plan(ChatRequest(HI, extra={"logprobs": True}), "small", stream=True)
 
 
+def test_tool_choice_auto_first_asks_which_function_then_forces_it() -> None:
+    from tierroute.backends.local_params import choice_step, plan, resolved
+
+    tools = [TOOL, {"type": "function", "function": {"name": "g", "description": "Gets"}}]
+    convo = [
+        {"role": "system", "content": "Be brief."},
+        *HI,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "g", "arguments": '{"x": 1}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ]
+    for extra in ({"tools": tools}, {"tools": tools, "tool_choice": "auto"}):
+        local = plan(ChatRequest(convo, extra=extra), "small", stream=True)
+        assert local.choose == ("f", "g") and local.choose_none
+        assert local.grammar is None and "tools" not in local.kwargs
+        # an earlier call reads as the model's own words: templates drop tool_calls
+        assert local.messages[2] == {
+            "role": "assistant",
+            "content": '{"name": "g", "arguments": {"x": 1}}',
+        }
+        messages, grammar, none = choice_step(local)
+        assert grammar == 'root ::= "f" | "g" | "none"' and none == "none"
+        assert messages[0]["content"].startswith("Be brief.\n\nFunctions:\n")
+        assert '{"name": "g", "description": "Gets"}' in messages[0]["content"]
+        assert messages[1:] == local.messages[1:]
+    local = plan(ChatRequest(HI, extra={"tools": tools, "tool_choice": "required"}), "s", False)
+    assert choice_step(local)[1] == 'root ::= "f" | "g"' and not local.choose_none
+    request = ChatRequest(HI, extra={"tools": tools})
+    assert resolved(request, "g", local).extra["tool_choice"] == {
+        "type": "function",
+        "function": {"name": "g"},
+    }
+    assert resolved(request, "none", local).extra["tool_choice"] == "none"
+    named_none = [{"type": "function", "function": {"name": "none"}}, TOOL]
+    local = plan(ChatRequest(HI, extra={"tools": named_none}), "s", False)
+    assert choice_step(local)[1:] == ('root ::= "none" | "f" | "no function"', "no function")
+
+
 def test_completions_and_embeddings_requests_are_checked() -> None:
     models, aliases = ["auto", "small", "large"], {"gpt-x": "large"}
     call = passthrough.parse(
@@ -173,3 +217,30 @@ def test_completions_and_embeddings_requests_are_checked() -> None:
     assert passthrough.body_for_tier(body) == {"id": "up", "model": "up-model", "x": 1}
     assert passthrough.answer(body, "ours", "m")["id"] == "ours"
     assert passthrough.usage({"usage": {"prompt_tokens": 2, "completion_tokens": "3"}}) == (2, 0)
+
+
+def test_local_embedding_names_are_checked_and_requests_parsed() -> None:
+    from tierroute.errors import ConfigError
+    from tierroute.gateway import embeddings
+    from tierroute.gateway.settings import parse_settings
+
+    tiers = [
+        {"name": "small", "kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"},
+        {"name": "large", "kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "n"},
+    ]
+    assert parse_settings({"tiers": tiers}, "t").embedding_models == ("all-MiniLM-L6-v2",)
+    off = parse_settings({"tiers": tiers, "gateway": {"embedding_models": []}}, "t")
+    assert off.embedding_models == ()
+    for clash in ("large", "n", "auto"):
+        with pytest.raises(ConfigError, match=r"embedding_models.*names a tier"):
+            parse_settings({"tiers": tiers, "gateway": {"embedding_models": [clash]}}, "t")
+    call = embeddings.parse({"model": "e", "input": [1, 2], "encoding_format": "base64"}, "e")
+    assert call.ids == [[1, 2]] and call.texts is None and call.base64
+    call = embeddings.parse({"model": "e", "input": "a", "user": "u", "dimensions": 384}, "e")
+    assert call.texts == ["a"] and not call.base64
+    with pytest.raises(ApiError) as caught:
+        embeddings.parse({"input": ["x"] * (embeddings.MAX_INPUTS + 1)}, "e")
+    assert caught.value.param == "input"
+    with pytest.raises(ApiError) as caught:
+        embeddings.parse({"input": [[1] * 300] * 1500}, "e")  # 1500 x 256 tokens read
+    assert caught.value.param == "input" and "300000" in caught.value.message

@@ -191,6 +191,54 @@ class Embedder:
             batches.append(current)
         return batches
 
+    @property
+    def vocab_size(self) -> int:
+        if self._session is None:
+            self.load()
+        return int(self._tokenizer.get_vocab_size())
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text as the model reads it: its WordPiece ids with [CLS] and [SEP],
+        cut at `max_length`."""
+        if self._session is None:
+            self.load()
+        encodings = self._tokenizer.encode_batch(list(texts))
+        return [e.ids[: sum(e.attention_mask)] for e in encodings]
+
+    def embed_ids(self, ids: Sequence[Sequence[int]]) -> Vectors:
+        """Embeddings of texts given as token ids (each cut at `max_length`), in order;
+        batched by length like `embed`."""
+        if self._session is None:
+            self.load()
+        rows = [list(r[: self.max_length]) for r in ids]
+        out = np.zeros((len(rows), self.dim), dtype=np.float32)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        start = 0
+        while start < len(order):
+            # as many as fit the batch size and token budget at the batch's longest row
+            end = start + 1
+            while (
+                end < len(order)
+                and end - start < self.batch_size
+                and (end - start + 1) * len(rows[order[end]]) <= self.token_budget
+            ):
+                end += 1
+            index = order[start:end]
+            width = max(1, max(len(rows[i]) for i in index))
+            batch = np.zeros((len(index), width), dtype=np.int64)
+            mask = np.zeros_like(batch)
+            for j, i in enumerate(index):
+                batch[j, : len(rows[i])] = rows[i]
+                mask[j, : len(rows[i])] = 1
+            feeds = {
+                "input_ids": batch,
+                "attention_mask": mask,
+                "token_type_ids": np.zeros_like(batch),
+            }
+            out[index] = self._session.run(["embeddings"], feeds)[0]
+            start = end
+        return out
+
     def _run(self, batch: list[str]) -> Vectors:
         encodings = self._tokenizer.encode_batch(batch)
         ids = np.array([e.ids for e in encodings], dtype=np.int64)

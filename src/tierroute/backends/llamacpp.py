@@ -35,7 +35,13 @@ from typing import Any
 import numpy as np
 
 from tierroute.backends.base import BackendError, ChatRequest, ChatResult, StreamDelta
-from tierroute.backends.local_params import LocalPlan, plan
+from tierroute.backends.local_params import (
+    CHOICE_TOKENS,
+    LocalPlan,
+    choice_step,
+    plan,
+    resolved,
+)
 from tierroute.errors import MissingDependencyError
 
 INSTALL_HINT = (
@@ -110,6 +116,7 @@ class LlamaCppBackend:
         """One answer, or `n` sampled in turn (a seed moves by one per answer)."""
         local = plan(request, self.name, stream=False)
         deadline = time.monotonic() + timeout
+        local, spent = await self._choose_tool(request, local, deadline, timeout, stream=False)
         answers: list[tuple[_Job, str, StreamDelta]] = []
         for i in range(local.n):
             seed = local.kwargs.get("seed")
@@ -129,8 +136,8 @@ class LlamaCppBackend:
         return ChatResult(
             text="" if local.tool else text,
             finish_reason=choices[0]["finish_reason"],
-            prompt_tokens=final.prompt_tokens or 0,
-            completion_tokens=sum(f.completion_tokens or 0 for _, _, f in answers),
+            prompt_tokens=(final.prompt_tokens or 0) + spent[0],
+            completion_tokens=sum(f.completion_tokens or 0 for _, _, f in answers) + spent[1],
             model=self.model_path.stem,
             # Without a final end-of-generation token's, like completion_tokens.
             token_logprobs=(
@@ -138,6 +145,29 @@ class LlamaCppBackend:
             ),
             choices=choices,
         )
+
+    async def _choose_tool(
+        self, request: ChatRequest, local: LocalPlan, deadline: float, timeout: float, stream: bool
+    ) -> tuple[LocalPlan, tuple[int, int]]:
+        """tool_choice auto: the first step names a function or none (local_params), and
+        the request goes on forced to it or as text. Returns the plan for the answer and
+        the (prompt, completion) tokens the step took."""
+        if not local.choose:
+            return local, (0, 0)
+        messages, grammar, none = choice_step(local)
+        step = _Job(
+            ChatRequest(messages, max_tokens=CHOICE_TOKENS, temperature=0.0),
+            deadline=deadline,
+            plan=LocalPlan(messages=messages, grammar=grammar),
+        )
+        picked, final = await self._answer(step, timeout)
+        if picked not in local.choose and picked != none:
+            raise BackendError(  # the grammar allows nothing else: a broken sampler
+                f"Local model {self.name!r} chose {picked!r}, not one of the tools; retry.",
+                retryable=True,
+            )
+        answer = plan(resolved(request, picked, local), self.name, stream)
+        return answer, (final.prompt_tokens or 0, final.completion_tokens or 0)
 
     async def _answer(self, job: _Job, timeout: float) -> tuple[str, StreamDelta]:
         pieces: list[str] = []
@@ -169,7 +199,9 @@ class LlamaCppBackend:
     async def stream(self, request: ChatRequest, timeout: float) -> AsyncIterator[StreamDelta]:
         loop = asyncio.get_running_loop()
         local = plan(request, self.name, stream=True)
-        job = _Job(request, deadline=time.monotonic() + timeout, plan=local)
+        deadline = time.monotonic() + timeout
+        local, spent = await self._choose_tool(request, local, deadline, timeout, stream=True)
+        job = _Job(request, deadline=deadline, plan=local)
         call = _call(job, "") if local.tool is not None else None
         queue: asyncio.Queue[StreamDelta | BaseException | None] = asyncio.Queue()
 
@@ -201,6 +233,12 @@ class LlamaCppBackend:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                if item.finish_reason is not None and spent != (0, 0):
+                    item = replace(
+                        item,
+                        prompt_tokens=(item.prompt_tokens or 0) + spent[0],
+                        completion_tokens=(item.completion_tokens or 0) + spent[1],
+                    )
                 if call is not None:
                     item = _as_tool_delta(item, call)
                     call = {"index": 0, "function": {}}  # later chunks: arguments only

@@ -10,25 +10,35 @@ with 400 naming the parameter and the tier (`Unsupported`), never silently ignor
     tools + tool_choice naming a function  the call's arguments generated under a grammar
     (or "required" with one tool)          from its parameters; tools reach the chat
                                            template; tool_choice "none" answers in text
+    tools + tool_choice "auto" (or unset)  two steps: the model first names the function
+    (or "required" with several tools)     that answers, or "none", under a grammar allowing
+                                           only those names ("required": no "none"); then
+                                           the forced path above, or a text answer
     logprobs, top_logprobs                 read from the sampler's logits (not streamed)
     n                                      up to MAX_LOCAL_N answers sampled in turn (not
                                            streamed)
     user, parallel_tool_calls              accepted (nothing to do locally)
     content parts                          text parts joined; any other part refused
 
-Refused: tools with tool_choice "auto" (or none given): llama.cpp has no parser for a
-free-form tool call of these models' formats, so the answer would be prose with 200.
+Why two steps for "auto": llama.cpp has no parser for a free-form tool call in these
+models' own formats, and a small model offered "prose or a call" under one grammar almost
+never calls (SmolLM2-135M wrote prose for "What is the weather in Paris?" with every
+wording tried), while asked "which function answers this, or none?" it names the right
+one. The choice step costs one more prompt evaluation and a few tokens, which the answer's
+usage includes.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tierroute.backends.base import ChatRequest, Unsupported
 from tierroute.backends.content import flatten, refuse_non_text
 
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 MAX_LOCAL_N = 8  # each answer is a full generation on a shared CPU
 _PASSED = ("seed", "presence_penalty", "frequency_penalty")
 _ACCEPTED = {
@@ -51,6 +61,11 @@ class LocalPlan:
     kwargs: dict[str, Any] = field(default_factory=dict)  # for create_chat_completion
     grammar: str | None = None  # GBNF the answer must follow
     tool: str | None = None  # the function whose arguments the answer is
+    # tool_choice auto (or required with several tools): the functions a first step
+    # chooses among (`choice_step`), and whether "none" (a text answer) is a choice.
+    choose: tuple[str, ...] = ()
+    choose_none: bool = False
+    tools: list[dict[str, Any]] | None = None  # the request's, for the choice step's note
     n: int = 1
     logprobs: bool = False
     top_logprobs: int = 0
@@ -83,16 +98,19 @@ def plan(request: ChatRequest, tier: str, stream: bool) -> LocalPlan:
         raise refuse("logprobs", "gives logprobs only without stream")
     kwargs = {k: extra[k] for k in _PASSED if extra.get(k) is not None}
     grammar = _response_grammar(extra.get("response_format"), refuse)
-    tool, tools = _tool(extra.get("tools"), extra.get("tool_choice"), refuse)
+    tool, tools, choose = _tool(extra.get("tools"), extra.get("tool_choice"), refuse)
+    messages = [_call_as_text(_text_only(m)) for m in flatten(request.messages)]
     if tool is not None:
         grammar = _gbnf(tool[1], "tools", refuse)
         kwargs["tools"] = tools  # the chat template describes them to the model
-    messages = [_text_only(m) for m in flatten(request.messages)]
     return LocalPlan(
         messages=messages,
         kwargs=kwargs,
         grammar=grammar,
         tool=None if tool is None else tool[0],
+        choose=() if tools is None or choose is None else _names(tools),
+        choose_none=choose == "auto",
+        tools=tools if choose is not None else None,
         n=n,
         logprobs=logprobs or bool(top),
         top_logprobs=top,
@@ -141,10 +159,11 @@ def _gbnf(schema: dict[str, Any], param: str, refuse: Any) -> str:
 
 def _tool(
     tools: Any, choice: Any, refuse: Any
-) -> tuple[tuple[str, dict[str, Any]] | None, list[dict[str, Any]] | None]:
-    """((name, parameters schema) of the forced function, or None; the tools to show)."""
+) -> tuple[tuple[str, dict[str, Any]] | None, list[dict[str, Any]] | None, str | None]:
+    """((name, parameters schema) of the forced function, or None; the tools to show;
+    "auto" or "required" when the model chooses among several, else None)."""
     if not tools or choice == "none":
-        return None, None
+        return None, None, None
     if not isinstance(tools, list):
         raise refuse("tools", "needs tools as an array")
     functions: dict[str, dict[str, Any]] = {}
@@ -154,17 +173,86 @@ def _tool(
             raise refuse(f"tools[{i}]", "needs each tool as {type: function, function: {name}}")
         params = fn.get("parameters")
         functions[fn["name"]] = params if isinstance(params, dict) else {}
-    name = None
     if isinstance(choice, dict):
         fn = choice.get("function")
         name = fn.get("name") if isinstance(fn, dict) else None
         if name not in functions:
             raise refuse("tool_choice", f"was asked for a function {name!r} not in tools")
-    elif choice == "required" and len(functions) == 1:
+        return (name, functions[name]), tools, None
+    if choice == "required" and len(functions) == 1:
         name = next(iter(functions))
-    else:
-        raise refuse(
-            "tool_choice",
-            "calls a tool only when tool_choice names it (or is 'required' with one tool)",
+        return (name, functions[name]), tools, None
+    if choice in (None, "auto", "required"):
+        bad = [n for n in functions if not _NAME.fullmatch(n)]
+        if bad:
+            raise refuse(
+                "tools", f"needs function names of letters, digits, _ and - (not {bad[0]!r})"
+            )
+        return None, tools, choice or "auto"
+    raise refuse("tool_choice", f"does not know tool_choice {choice!r}")
+
+
+def _names(tools: list[dict[str, Any]]) -> tuple[str, ...]:
+    return tuple(t["function"]["name"] for t in tools)
+
+
+CHOICE_TOKENS = 48  # a function name is at most 64 characters
+CHOICE_NOTE = (
+    "Functions:\n{specs}\nWhich function answers the user's last message? Reply with its "
+    "name{none}."
+)
+
+
+def choice_step(local: LocalPlan) -> tuple[list[dict[str, Any]], str, str]:
+    """The first step of tool_choice auto: the conversation with the functions listed
+    and the question which one answers it, the grammar of the possible replies (each
+    function's name, and "none" when a text answer may be chosen) and the reply that
+    means none."""
+    names = local.choose
+    none = "none" if "none" not in names else "no function"
+    options = [*names, none] if local.choose_none else list(names)
+    grammar = "root ::= " + " | ".join(json.dumps(o) for o in options)
+    specs = "\n".join(
+        json.dumps(
+            {k: v for k, v in t["function"].items() if k in ("name", "description")},
+            ensure_ascii=False,
         )
-    return (name, functions[name]), tools
+        for t in local.tools or []
+    )
+    note = CHOICE_NOTE.format(specs=specs, none=f", or {none}" if local.choose_none else "")
+    messages = local.messages
+    if messages and messages[0].get("role") in ("system", "developer"):
+        first = messages[0]
+        messages = [{**first, "content": f"{first['content']}\n\n{note}"}, *messages[1:]]
+    else:
+        messages = [{"role": "system", "content": note}, *messages]
+    return messages, grammar, none
+
+
+def resolved(request: ChatRequest, choice: str, local: LocalPlan) -> ChatRequest:
+    """The request once the choice step has named a function (forced from here on) or
+    none (a text answer without tools)."""
+    if choice in local.choose:
+        tool_choice: Any = {"type": "function", "function": {"name": choice}}
+    else:
+        tool_choice = "none"
+    return replace(request, extra={**request.extra, "tool_choice": tool_choice})
+
+
+def _call_as_text(message: dict[str, Any]) -> dict[str, Any]:
+    """An earlier assistant turn that called a tool, as the text the model writes for a
+    call, so the conversation reads as the model's own format (templates drop tool_calls)."""
+    calls = message.get("tool_calls")
+    if message.get("role") != "assistant" or not isinstance(calls, list) or message["content"]:
+        return message
+    texts = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict):
+            try:
+                arguments = json.loads(fn.get("arguments") or "{}")
+            except (TypeError, ValueError):
+                arguments = fn.get("arguments")
+            texts.append(json.dumps({"name": fn.get("name"), "arguments": arguments}))
+    rest = {k: v for k, v in message.items() if k != "tool_calls"}
+    return {**rest, "content": "\n".join(texts)}

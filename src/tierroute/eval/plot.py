@@ -74,13 +74,18 @@ def plot_evaluation(ev: Evaluation, out: str | Path, x: XAxis = "share") -> None
     ax.set_xlabel(
         "mean cost per query (USD)" if x == "cost" else "calls sent to the large model (%)"
     )
-    ax.set_ylabel("mean quality of routed answers")
     cv = f"grouped {ev.folds}-fold CV by {ev.cv_group}" if ev.cv_group else f"{ev.folds}-fold CV"
-    ax.set_title(
+    title = (
         f"{Path(o.path).name}: {o.small_model.split('/')[-1]} -> "
-        f"{o.large_model.split('/')[-1]}\n{len(o):,} queries, {cv}",
-        fontsize=10,
+        f"{o.large_model.split('/')[-1]}\n{len(o):,} queries, {cv}"
     )
+    _finish(plt, fig, ax, title, out)
+
+
+def _finish(plt: Any, fig: Any, ax: Any, title: str, out: str | Path) -> None:
+    """The tail both plots share: quality axis, title, grid, legend, saved and closed."""
+    ax.set_ylabel("mean quality of routed answers")
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -139,13 +144,5 @@ def plot_nmodel(result: NModelResult, out: str | Path) -> None:
     ax.set_xscale("log")
     ax.set_xlim(float(np.min(result.single_cost)) * 0.8, float(np.max(result.single_cost)) * 1.25)
     ax.set_xlabel(f"mean cost per query (USD, log scale; {t.cost_basis})")
-    ax.set_ylabel("mean quality of routed answers")
-    ax.set_title(
-        f"{t.label}: {len(t.models)} models\n{result.test_rows:,} rows tested, {result.split}",
-        fontsize=10,
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    title = f"{t.label}: {len(t.models)} models\n{result.test_rows:,} rows tested, {result.split}"
+    _finish(plt, fig, ax, title, out)

@@ -29,7 +29,9 @@ import asyncio
 import logging
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,9 +50,10 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from tierroute.backends.base import Backend, BackendError, StreamDelta
+from tierroute.backends.base import Backend, BackendError, ChatRequest, StreamDelta
 from tierroute.conversation import estimate_tokens
-from tierroute.errors import InputError, LedgerError
+from tierroute.errors import InputError, LedgerError, MissingDependencyError
+from tierroute.gateway import embeddings as local_embeddings
 from tierroute.gateway import passthrough
 from tierroute.gateway.admission import gate, key_policy
 from tierroute.gateway.auth import Caller, authenticate, require_admin
@@ -77,6 +80,7 @@ from tierroute.gateway.schema import (
     answer_body,
     chunk_body,
     forwarded_chunk,
+    hints_from,
     parse_chat,
     parse_json,
     sse,
@@ -224,6 +228,8 @@ def create_app(
     # when two tiers serve one model; a tier of several models by any of them).
     aliases = {m.tier.model: s.name for s in reversed(settings.tiers) for m in (*s.models, s)}
     learners: dict[str, Learner] = {}
+    # The local embedding model and its one worker thread, made on the first request.
+    embedding: dict[str, Any] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -255,6 +261,8 @@ def create_app(
                 await engine.shadow.aclose()
             for backend in parts.backends.values():
                 await backend.aclose()
+            if "pool" in embedding:
+                embedding["pool"].shutdown(wait=True)
             # Rows it could not store are counted and logged by the ledger, not raised here.
             await parts.ledger.aclose(raise_failures=False)
 
@@ -392,12 +400,14 @@ def create_app(
         request: Request,
         parse: Callable[[dict[str, Any]], ChatCall],
         output_tokens: int | None = None,
+        read: tuple[str | None, dict[str, Any]] | None = None,
     ) -> tuple[str | None, dict[str, Any], ChatCall, Ticket | None]:
         """The one way into an endpoint that spends money: the caller authorised, its
         body parsed (its tenant scoped to its key) and admitted under its key's limits
         and budget (a 429 otherwise). The ticket is settled when the request is booked
-        (Engine.record), or given back by `routed_paid` / Engine.release when it is not."""
-        key_id, doc = await read_json(request)
+        (Engine.record), or given back by `routed_paid` / Engine.release when it is not.
+        `read`: the caller and body when the endpoint has read them already."""
+        key_id, doc = read or await read_json(request)
         ledger_writable()
         call = _tenant_or_key(parse(doc), request.state.caller.scope)
         policy = key_policy(settings, key_id, request.state)
@@ -682,7 +692,9 @@ def create_app(
         )
         return JSONResponse(error.body(), status_code=status, headers=headers)
 
-    async def passed_through(request: Request, path: str) -> Response:
+    async def passed_through(
+        request: Request, path: str, read: tuple[str | None, dict[str, Any]] | None = None
+    ) -> Response:
         """/v1/completions and /v1/embeddings (see gateway/passthrough.py)."""
         start = time.perf_counter()
         e = engine()
@@ -691,6 +703,7 @@ def create_app(
             request,
             lambda doc: passthrough.parse(doc, path, models, aliases, headers_of(request)),
             0 if path == passthrough.EMBEDDINGS else None,  # an embedding generates nothing
+            read,
         )
         routed = await routed_paid(request, call, ticket)
         outcome = Outcome(
@@ -731,8 +744,63 @@ def create_app(
 
     @app.post("/v1/embeddings", responses={**_errors(*_BODY_ERRORS), **_UPSTREAM})
     async def embeddings(request: Request) -> Response:
-        """Embeddings from the remote tier `model` names (never routed)."""
-        return await passed_through(request, passthrough.EMBEDDINGS)
+        """Embeddings from the local all-MiniLM-L6-v2 when `model` is one of
+        `gateway.embedding_models`, else from the remote tier `model` names (never routed)."""
+        start = time.perf_counter()
+        key_id, doc = await read_json(request)
+        model = doc.get("model")
+        if not isinstance(model, str) or model not in settings.embedding_models:
+            return await passed_through(request, passthrough.EMBEDDINGS, (key_id, doc))
+        call = local_embeddings.parse(doc, model)
+
+        def as_chat(doc: dict[str, Any]) -> ChatCall:  # what the key's limits count
+            hints = hints_from(doc.get("metadata"), headers_of(request), doc.get("user"))
+            text = "\n".join(call.texts or [])
+            request_ = ChatRequest([{"role": "user", "content": text}])
+            return ChatCall(model, request_, False, False, hints)
+
+        key_id, doc, chat_call, ticket = await paying(request, as_chat, 0, (key_id, doc))
+        e = engine()
+        if "model" not in embedding:
+            embedding["model"] = local_embeddings.shared_embedder(e.router)
+            embedding["pool"] = ThreadPoolExecutor(1, thread_name_prefix="tierroute-embed")
+        loop = asyncio.get_running_loop()
+        try:
+            vectors, tokens = await loop.run_in_executor(
+                embedding["pool"], local_embeddings.embed, embedding["model"], call
+            )
+        except MissingDependencyError as exc:
+            await give_back(ticket)
+            raise ApiError(
+                503,
+                f"The local embedding model is not available here ({exc}).",
+                type="api_error",
+                code="embedding_model_missing",
+            ) from None
+        except BaseException:
+            await give_back(ticket)
+            raise
+        if ticket is not None:
+            await settle(e.state, ticket, tokens, 0.0)
+        tenant = chat_call.hints.tenant
+        request_id = f"embd-{uuid.uuid4().hex}"
+        latency_ms = (time.perf_counter() - start) * 1000
+        e.ledger.record(
+            local_embeddings.ledger_row(
+                request_id, e.clock(), model, tokens, latency_ms, key_id, tenant
+            )
+        )
+        tier = local_embeddings.TIER
+        e.metrics.requests.labels(tier, model, "200").inc()
+        e.metrics.latency.labels(tier, model).observe(latency_ms / 1000)
+        e.metrics.tokens.labels(tier, model, "prompt").inc(tokens)
+        headers = {
+            "X-Tierroute-Tier": tier,
+            "X-Tierroute-Reason": f"'{model}' is the local embedding model",
+            "X-Tierroute-Request-Id": request_id,
+            "X-Tierroute-Cost-Usd": f"{0:.8f}",
+        }
+        return JSONResponse(local_embeddings.body(call, vectors, tokens), headers=headers)
 
     @app.post(
         "/v1/chat/completions",

@@ -33,7 +33,7 @@ spending a request's whole budget then costs one point of quality.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -244,9 +244,11 @@ class ModelChooser:
         prompt_tokens: int,
         max_tokens: int,
         max_cost_usd: float | None = None,
+        slow: Collection[str] = (),
     ) -> Pick:
         """The tier's models, best value first; those whose estimated cost breaks the
-        request's cost cap (`max_cost_usd`) after those that keep it."""
+        request's cost cap (`max_cost_usd`), or whose latency breaks its budget (`slow`,
+        by key), after those that keep both."""
         task = tags.get("task", ALL)
         lam = self.lam()
         own = {m.key: self._prior(m, tags, probs) for m in tier.models}
@@ -262,7 +264,7 @@ class ModelChooser:
             candidates.append(Candidate(m.key, p, cost, p - lam * cost, basis))
         # Ties go to the earlier model in the config (a stable sort).
         cap = math.inf if max_cost_usd is None else max_cost_usd
-        ranked = sorted(candidates, key=lambda c: (c.cost > cap, -c.value))
+        ranked = sorted(candidates, key=lambda c: (c.cost > cap or c.key in slow, -c.value))
         return Pick(tier.name, tuple(ranked), lam)
 
     def expand(
@@ -273,6 +275,7 @@ class ModelChooser:
         prompt_tokens: int,
         max_tokens: int,
         max_cost_usd: float | None = None,
+        slow: Collection[str] = (),
     ) -> tuple[list[str], Pick | None]:
         """The fallback chain with each tier of several models replaced by its models,
         best first; and the pick for the first such tier, for the reason."""
@@ -283,7 +286,7 @@ class ModelChooser:
             if not spec.models or spec.model_name:
                 out.append(name)
                 continue
-            pick = self.rank(spec, tags, probs, prompt_tokens, max_tokens, max_cost_usd)
+            pick = self.rank(spec, tags, probs, prompt_tokens, max_tokens, max_cost_usd, slow)
             first = first or pick
             out.extend(pick.keys)
         return out, first

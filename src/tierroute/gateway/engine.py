@@ -52,6 +52,7 @@ from tierroute.backends.base import (
     Poster,
     StreamDelta,
 )
+from tierroute.backends.content import non_text_part
 from tierroute.cascade import Cascade, Draft
 from tierroute.controller import ThresholdChange, ThresholdController
 from tierroute.conversation import estimate_tokens, routing_text
@@ -62,13 +63,13 @@ from tierroute.gateway.choose import ModelChooser
 from tierroute.gateway.limits import Ticket, settle
 from tierroute.gateway.metrics import Metrics
 from tierroute.gateway.resilience import CircuitBreaker, RollingLatency, backoff_s
-from tierroute.gateway.settings import GatewaySettings
+from tierroute.gateway.settings import GatewaySettings, TierSpec
 from tierroute.gateway.shadow import Shadow
 from tierroute.ledger import Ledger, LedgerRow
 from tierroute.personalise import Personaliser
 from tierroute.routers.base import BaseRouter
 from tierroute.state import MemoryState, SharedState
-from tierroute.types import Decision, Explanation, Tier
+from tierroute.types import Decision, Explanation
 
 if TYPE_CHECKING:
     from tierroute.gateway.sync import StateSync
@@ -335,21 +336,31 @@ class Engine:
         self.metrics.cache_hit_rate.set(self.cache.hit_rate)
         return explanation, False
 
-    def _expected_ms(self, tier: Tier) -> float:
-        p50 = self.latency[tier.name].p50()
-        return p50 if p50 is not None else tier.typical_latency_ms
+    def _expected_ms(self, key: str) -> float:
+        """A tier's (or one model's) rolling p50 latency, else its configured typical one."""
+        p50 = self.latency[key].p50()
+        return p50 if p50 is not None else self.settings.spec(key).tier.typical_latency_ms
 
-    def _fits(self, tier: Tier, hints: Hints, prompt_tokens: int, max_tokens: int) -> str | None:
-        """Why `tier` breaks a budget of the request, or None if it fits."""
-        if (
-            hints.latency_budget_ms is not None
-            and self._expected_ms(tier) > hints.latency_budget_ms
-        ):
-            return f"{tier.name} p50 {self._expected_ms(tier):.0f} ms > budget"
+    def _fits(self, key: str, hints: Hints, prompt_tokens: int, max_tokens: int) -> str | None:
+        """Why `key` (a tier, or one model of a tier of several) breaks a budget of the
+        request, or None if it fits. A tier of several models fits when one of its
+        models does, each judged by its own latency and price."""
+        spec = self.settings.spec(key)
+        whys = [self._model_fits(t, hints, prompt_tokens, max_tokens) for t in spec.targets]
+        if spec.model_name is not None:  # one model: itself only
+            whys = [self._model_fits(spec, hints, prompt_tokens, max_tokens)]
+        return None if any(w is None for w in whys) else whys[0]
+
+    def _model_fits(
+        self, spec: TierSpec, hints: Hints, prompt_tokens: int, max_tokens: int
+    ) -> str | None:
+        expected = self._expected_ms(spec.key)
+        if hints.latency_budget_ms is not None and expected > hints.latency_budget_ms:
+            return f"{spec.key} p50 {expected:.0f} ms > budget"
         if hints.max_cost_usd is not None:
-            cost = tier.cost(prompt_tokens, max_tokens)
+            cost = spec.tier.cost(prompt_tokens, max_tokens)
             if cost > hints.max_cost_usd:
-                return f"{tier.name} est ${cost:.6f} > cap"
+                return f"{spec.key} est ${cost:.6f} > cap"
         return None
 
     async def route(
@@ -367,12 +378,32 @@ class Engine:
         `ahead`: the shared decision-cache read `look_ahead` started for these messages."""
         start = time.perf_counter()
         policy = self.settings.policy
-        text = routing_text(messages)
+        images = non_text_part(messages) is not None
+        try:
+            text = routing_text(messages)
+        except InputError:
+            if not images:
+                raise
+            text = ""  # the latest user message is an image alone: no text to score
+        seeing = [t for t in policy.tiers if self._reads_images(t.name)] if images else []
         if forced is not None:
             decision = Decision(
                 score=float("nan"),
                 tier=policy.tier(forced),
                 reason=f"tier {forced} requested by the client",
+            )
+            cache_hit = False
+        elif not text:
+            if not seeing:
+                raise InputError(
+                    "the latest user message is an image with no text, and no tier here reads "
+                    "images (none has vision: true); add a text part or configure a vision tier"
+                )
+            decision = Decision(
+                score=float("nan"),
+                tier=seeing[0],
+                reason=f"an image without text (nothing to score): {seeing[0].name}, the "
+                "smallest tier with vision: true",
             )
             cache_hit = False
         else:
@@ -388,18 +419,24 @@ class Engine:
         index = tiers.index(decision.tier)
         prompt_tokens = estimate_tokens(text)
         notes = []
-        why = self._fits(tiers[index], hints, prompt_tokens, max_tokens)
+        why = self._fits(tiers[index].name, hints, prompt_tokens, max_tokens)
         if why is not None:
             below = [
                 i
                 for i in range(index - 1, -1, -1)
-                if self._fits(tiers[i], hints, prompt_tokens, max_tokens) is None
+                if self._fits(tiers[i].name, hints, prompt_tokens, max_tokens) is None
             ]
             index = below[0] if below else 0
             notes.append(
                 f"budget: {why}; using {tiers[index].name}"
                 + ("" if below else " (no tier meets the budget)")
             )
+        auto_images = images and forced is None and bool(seeing)
+        if auto_images and tiers[index] not in seeing:
+            above = [i for i in range(index + 1, len(tiers)) if tiers[i] in seeing]
+            below = [i for i in range(index - 1, -1, -1) if tiers[i] in seeing]
+            blind, index = tiers[index].name, (above or below)[0]
+            notes.append(f"images: {blind} cannot read them, using {tiers[index].name}")
         chosen = tiers[index]
         order = [chosen, *tiers[index + 1 :], *tiers[:index][::-1]]
         chain = [t.name for t in order]
@@ -409,6 +446,8 @@ class Engine:
             chain = await self._pick_models(
                 chain, decision, text, (prompt_tokens, max_tokens), hints, notes
             )
+        if auto_images:  # a tier (or model) without vision would refuse the image: 400
+            chain = [k for k in chain if self.settings.spec(k).vision]
         if notes:
             decision = Decision(
                 decision.score, chosen, "; ".join([decision.reason, *notes]), decision.tags
@@ -422,6 +461,10 @@ class Engine:
             text=text,
             forced=forced is not None,
         )
+
+    def _reads_images(self, tier: str) -> bool:
+        """Whether a tier (any of its models) has vision: true."""
+        return any(t.vision for t in self.settings.spec(tier).targets)
 
     async def _pick_models(
         self,
@@ -440,7 +483,14 @@ class Engine:
         if self.chooser.needs_probabilities(chain):
             loop = asyncio.get_running_loop()
             probs = await loop.run_in_executor(self._routing, self.chooser.probabilities, text)
-        keys, pick = self.chooser.expand(chain, decision.tags, probs, *tokens, hints.max_cost_usd)
+        slow: set[str] = set()
+        if hints.latency_budget_ms is not None:
+            budget = hints.latency_budget_ms
+            models = [m for t in chain for m in self.settings.spec(t).models]
+            slow = {m.key for m in models if self._expected_ms(m.key) > budget}
+        keys, pick = self.chooser.expand(
+            chain, decision.tags, probs, *tokens, hints.max_cost_usd, slow
+        )
         if pick is not None and pick.tier == self.settings.spec(chain[0]).name:
             notes.append(pick.note())
         return keys
@@ -683,7 +733,10 @@ class Engine:
         config = self.settings.cascade
         if self.cascade is None or config is None or forced:
             return False
-        return config.scope == "all" or self._tier_of(routed.chain[0]) == self.tier_names[0]
+        small = self.tier_names[0]
+        if not any(self._tier_of(k) == small for k in routed.chain):
+            return False  # left out of the chain (e.g. it cannot read the request's image)
+        return config.scope == "all" or self._tier_of(routed.chain[0]) == small
 
     def _tier_of(self, key: str) -> str:
         """The tier of a chain entry (a tier, or one model of a tier of several)."""
@@ -747,7 +800,7 @@ class Engine:
         ]
         max_tokens = request.limit or self.settings.max_tokens_default
         over = self._fits(
-            self.settings.spec(chain[0]).tier,
+            chain[0],
             hints,
             estimate_tokens(outcome.routed.text),
             max_tokens,
@@ -891,20 +944,21 @@ class Engine:
         if len(self._recent) > 100_000:
             self._recent.popitem(last=False)
         m = self.metrics
-        m.requests.labels(tier_name, str(status)).inc()
-        m.latency.labels(tier_name).observe(latency_ms / 1000)
+        model = tier.model  # the configured model that answered (or failed last)
+        m.requests.labels(tier_name, model, str(status)).inc()
+        m.latency.labels(tier_name, model).observe(latency_ms / 1000)
         if ttft_ms is not None:
-            m.ttft.labels(tier_name).observe(ttft_ms / 1000)
-        m.tokens.labels(tier_name, "prompt").inc(prompt_tokens)
-        m.tokens.labels(tier_name, "completion").inc(completion_tokens)
-        m.cost.labels(tier_name).inc(cost)
+            m.ttft.labels(tier_name, model).observe(ttft_ms / 1000)
+        m.tokens.labels(tier_name, model, "prompt").inc(prompt_tokens)
+        m.tokens.labels(tier_name, model, "completion").inc(completion_tokens)
+        m.cost.labels(tier_name, model).inc(cost)
         if api_key_id is not None:
             m.key_spend.labels(api_key_id).inc(cost + spent_cost)
         for spent, p, c in outcome.spent:
             spent_tier = self.settings.spec(spent).tier
-            m.tokens.labels(spent_tier.name, "prompt").inc(p)
-            m.tokens.labels(spent_tier.name, "completion").inc(c)
-            m.cost.labels(spent_tier.name).inc(spent_tier.cost(p, c))
+            m.tokens.labels(spent_tier.name, spent_tier.model, "prompt").inc(p)
+            m.tokens.labels(spent_tier.name, spent_tier.model, "completion").inc(c)
+            m.cost.labels(spent_tier.name, spent_tier.model).inc(spent_tier.cost(p, c))
         # A cascade's escalation is by design, not a fallback: only later steps count.
         steps = outcome.tried[1:] if outcome.escalated else outcome.tried
         for a, b in itertools.pairwise(steps):

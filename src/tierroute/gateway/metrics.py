@@ -1,4 +1,8 @@
-"""Prometheus metrics of one gateway, in a registry of its own (no global state)."""
+"""Prometheus metrics of one gateway, in a registry of its own (no global state).
+
+Series per tier also carry `model`: the configured model that answered (a tier's `model`,
+or in a tier of several the chosen one's), so their cardinality is bounded by the config.
+"""
 
 from __future__ import annotations
 
@@ -53,26 +57,34 @@ class Metrics:
     def __post_init__(self) -> None:
         r = self.registry
         self.requests = Counter(
-            "tierroute_requests", "Requests by tier and HTTP status", ["tier", "status"], registry=r
+            "tierroute_requests",
+            "Requests by tier, model and HTTP status",
+            ["tier", "model", "status"],
+            registry=r,
         )
         self.latency = Histogram(
             "tierroute_request_latency_seconds",
             "Request latency",
-            ["tier"],
+            ["tier", "model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.ttft = Histogram(
             "tierroute_ttft_seconds",
             "Time to first token of streams",
-            ["tier"],
+            ["tier", "model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.tokens = Counter(
-            "tierroute_tokens", "Tokens by tier and kind", ["tier", "kind"], registry=r
+            "tierroute_tokens",
+            "Tokens by tier, model and kind",
+            ["tier", "model", "kind"],
+            registry=r,
         )
-        self.cost = Counter("tierroute_cost_usd", "Cost in USD by tier", ["tier"], registry=r)
+        self.cost = Counter(
+            "tierroute_cost_usd", "Cost in USD by tier and model", ["tier", "model"], registry=r
+        )
         # by key id (public: 12 hex of the key's sha256), config and virtual keys alike
         self.key_spend = Counter(
             "tierroute_key_spend_usd", "Spend in USD by API key id", ["key"], registry=r

@@ -114,6 +114,9 @@ class GatewaySettings:
     route_batch_max: int = 32
     route_batch_wait_ms: float = 0.0
     choose: ChooseConfig | None = None  # how a tier of several models picks one
+    # `model` names that /v1/embeddings answers with the packaged all-MiniLM-L6-v2
+    # (gateway/embeddings.py); empty: every embeddings request goes to a remote tier.
+    embedding_models: tuple[str, ...] = ("all-MiniLM-L6-v2",)
     source: str = "built-in gateway.yaml"
 
     def spec(self, name: str) -> TierSpec:
@@ -221,6 +224,7 @@ class GatewayTier(_Backed):
         return replace(models[0], models=models, model_name=None)
 
 
+ModelName = Annotated[str, Field(min_length=1, max_length=256)]
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
 Section = dict[str, Any] | None
 
@@ -263,6 +267,9 @@ class GatewayFields(StrictModel):
     state_prefix: str = Field("tierroute:", pattern=r"^[A-Za-z0-9_.:/-]{1,100}$")
     state_sync_s: float = Field(0.25, ge=0.02, le=10)
     choose: Section = None
+    embedding_models: list[ModelName] = Field(
+        default_factory=lambda: ["all-MiniLM-L6-v2"], max_length=16
+    )
 
 
 StateUrl = Annotated[str, Field(pattern=r"^(memory|(redis|rediss|unix)://\S+)$", max_length=2048)]
@@ -319,6 +326,14 @@ def parse_settings(doc: Any, source: str, lines: Lines | None = None) -> Gateway
             cascade.check_tiers([s.tier.name for s in specs])
         except ConfigError as exc:
             raise ConfigError(f"{where(source, lines, ('gateway', 'cascade'))}: {exc}") from None
+    taken = {"auto", *(s.name for s in specs), *(t.tier.model for s in specs for t in s.targets)}
+    clash = next((m for m in gw.embedding_models if m in taken), None)
+    if clash is not None:
+        raise ConfigError(
+            f"{where(source, lines, ('gateway', 'embedding_models'))}: 'gateway."
+            f"embedding_models' entry '{clash}' already names a tier (or a tier's model); "
+            "give the local embedding model a name of its own"
+        )
     if learning is not None and learning.enabled and not gw.keep_prompts:
         raise ConfigError(
             f"{where(source, lines, ('gateway', 'learning'))}: 'gateway.learning' learns from "
@@ -358,6 +373,7 @@ def parse_settings(doc: Any, source: str, lines: Lines | None = None) -> Gateway
         route_batch_max=gw.route_batch_max,
         route_batch_wait_ms=gw.route_batch_wait_ms,
         choose=section("choose", ChooseConfig),
+        embedding_models=tuple(gw.embedding_models),
         source=source,
     )
 
