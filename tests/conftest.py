@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -151,3 +151,12 @@ def fast_upstream(mimic: bool = False) -> Iterator[str]:
     finally:
         proc.kill()
         proc.wait(30)
+
+
+def wait_for(check: Callable[[], bool], seconds: float = 15) -> None:
+    """Poll `check` until it holds; fail the test after `seconds` (a background writer or
+    another replica catching up, never a timing target)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +25,8 @@ from tests.conftest import fast_upstream
 from tests.postgres import TcpProxy, database, needs_postgres
 from tests.test_gateway import Server, start, write_yaml
 from tierroute.ledger import Ledger
+
+from .conftest import wait_for
 
 pytestmark = needs_postgres
 
@@ -47,13 +49,6 @@ tiers:
 gateway:
   keep_prompts: true
 {extra}"""
-
-
-def wait_for(check: Callable[[], bool], seconds: float = 15) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def ask(client: object, i: int, key: str | None = None) -> httpx.Response:

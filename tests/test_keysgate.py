@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ from tests.redis_helpers import REDIS_URL, drop_prefix, needs_redis
 from tierroute.gateway.settings import GatewaySettings, parse_settings
 from tierroute.keys import KeyStore
 from tierroute.ledger import Ledger
+
+from .conftest import wait_for
 
 ADMIN = "sk-admin-keysgate"  # a config key: the operator's
 HI = [{"role": "user", "content": "Say hi"}]
@@ -96,13 +98,6 @@ def metric(client: Any, line_start: str) -> float | None:
     text = client.get("/metrics", headers=bearer(ADMIN)).text
     found = [line for line in text.splitlines() if line.startswith(line_start)]
     return float(found[0].split()[-1]) if found else None
-
-
-def wait_for(check: Callable[[], bool], seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 # --- every endpoint that spends money is gated -----------------------------------------------

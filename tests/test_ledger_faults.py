@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,8 @@ from tests.conftest import fast_upstream
 from tests.test_gateway import start
 from tierroute.gateway.settings import GatewaySettings
 from tierroute.ledger import Ledger, LedgerError, LedgerRow, default_path
+
+from .conftest import wait_for
 
 
 def make_row(i: int, **kw: object) -> LedgerRow:
@@ -278,13 +280,6 @@ def test_lone_surrogates_are_refused_and_every_answered_row_kept(
         assert len(ids) == 90 and all(rows.values()), f"{sum(not r for r in rows.values())} lost"
         assert [f.comment for f in ledger.feedback(ids[0])] == ["bad 0"]
         assert ledger.feedback(ids[1]) == []  # its poisoned comment was refused with 400
-
-
-def wait_for(check: Callable[[], bool], seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("mode", ["queue", "refuse"])

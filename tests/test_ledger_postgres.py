@@ -5,8 +5,7 @@ back), `tierroute ledger migrate`, and the virtual keys stored in the ledger's d
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,18 +16,13 @@ from tierroute.keys import Authoriser, KeyStore, hash_secret
 from tierroute.ledger import SCHEMA_VERSION, Ledger, LedgerRow
 from tierroute.ledger import postgresql as pg
 
+from .conftest import wait_for
+
 
 def make_row(i: int, **kw: object) -> LedgerRow:
     fields: dict[str, object] = {"id": f"req-{i}", "ts": 1_700_000_000.0 + i, "tier": "small"}
     fields.update({"model": "small-m", **kw})
     return LedgerRow(**fields)  # type: ignore[arg-type]
-
-
-def wait_for(check: Callable[[], bool], seconds: float = 15) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_postgres)])
