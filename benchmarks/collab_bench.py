@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -52,16 +51,6 @@ FILES = {
     "mmlu_pro": "mmlu_pro_30models.jsonl",
     "arenahard": "arenahard_v01_vs_gpt4_0314.jsonl",
 }
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _short(model: str) -> str:
@@ -130,6 +119,7 @@ def offline(args: argparse.Namespace) -> None:
     from tierroute.eval.nmodel import (
         calibrated,
         evaluate_nmodel,
+        json_ready,
         length_cost,
         load_tables,
         mean_cost,
@@ -191,7 +181,7 @@ def offline(args: argparse.Namespace) -> None:
         "not).\n\n" + header + "\n" + "\n".join(rows) + "\n"
     )
     (out / "nmodel.md").write_text(text)
-    (out / "nmodel.json").write_text(json.dumps(_finite({"tables": docs}), indent=2) + "\n")
+    (out / "nmodel.json").write_text(json.dumps(json_ready({"tables": docs}), indent=2) + "\n")
     print(text)
     print(f"wrote {out / 'nmodel.md'}, {out / 'nmodel.json'} and the PNGs")
 

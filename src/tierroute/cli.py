@@ -285,7 +285,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_eval_all_models(args: argparse.Namespace) -> int:
     """Route among every model of each file; see tierroute.eval.nmodel."""
-    from tierroute.eval.nmodel import evaluate_nmodel, load_tables, recipe_fitter, report_lines
+    from tierroute.eval.nmodel import (
+        evaluate_nmodel,
+        json_ready,
+        load_tables,
+        recipe_fitter,
+        report_lines,
+    )
 
     if not args.data:
         raise InputError("--models all needs --data FILE (repeat it for several files)")
@@ -303,7 +309,7 @@ def cmd_eval_all_models(args: argparse.Namespace) -> int:
             print("\n".join(report_lines(result)) + "\n", flush=True)
     if args.json:
         doc = {"router": args.router, "tables": [r.as_dict() for r in results]}
-        Path(args.json).write_text(json.dumps(_finite(doc), indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(json_ready(doc), indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.plot:
         from tierroute.eval.plot import plot_nmodel
@@ -316,17 +322,6 @@ def cmd_eval_all_models(args: argparse.Namespace) -> int:
             plot_nmodel(result, out)
             print(f"wrote {out}")
     return 0
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN: a figure never reached is written as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 # ---------------------------------------------------------------- train

@@ -26,6 +26,7 @@ table of its own.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -346,6 +347,18 @@ def calibrated(fitter: Fitter, n_folds: int = 3, seed: int = 0) -> Fitter:
         return predict
 
     return fit
+
+
+def json_ready(value: Any) -> Any:
+    """JSON has no NaN: a figure never reached (an infinite or NaN float) is written as null,
+    in nested dicts and lists too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_ready(v) for v in value]
+    return value
 
 
 @dataclass
