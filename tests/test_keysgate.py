@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.conftest import fast_upstream
-from tests.postgres import ADMIN_URL, HOST, PORT, needs_postgres
+from tests.postgres import database, needs_postgres
 from tests.redis_helpers import REDIS_URL, drop_prefix, needs_redis
 from tierroute.gateway.settings import GatewaySettings, parse_settings
 from tierroute.keys import KeyStore
@@ -283,26 +283,12 @@ def test_the_decision_cache_does_not_tell_one_key_what_another_asked(
 # --- revocation reaches every replica ----------------------------------------------------------
 
 
-@contextlib.contextmanager
-def keysgate_database() -> Iterator[str]:
-    import psycopg
-
-    name = f"tierroute_keysgate_{secrets.token_hex(4)}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@{HOST}:{PORT}/{name}"
-    finally:
-        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_postgres)])
 def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield str(tmp_path / "ledger.db")
     else:
-        with keysgate_database() as url:
+        with database() as url:
             yield url
 
 
