@@ -186,6 +186,7 @@ tiers:
      typical_latency_ms: 1}}
   - {{name: large, kind: openai, base_url: "http://127.0.0.1:{port}/v1", model: fast,
      typical_latency_ms: 1}}
+router: {router}
 gateway:
   route_batch_max: {batch}
 """
@@ -193,18 +194,18 @@ gateway:
 
 @contextlib.contextmanager
 def gateways(
-    up_port: int, count: int = 1, batch: int = 32, src: str | None = None
+    up_port: int, count: int = 1, batch: int = 32, src: str | None = None, router: str = "default"
 ) -> Iterator[list[str]]:
     """`count` gateway processes (each its own data dir) in front of the fast upstream;
     yields their chat completions URLs. `src`: run the tierroute package found there
-    (another checkout's src folder) instead of this one."""
+    (another checkout's src folder) instead of this one; `router`: the config's router."""
     env = dict(os.environ)
     if src is not None:
         env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "gw.yaml"
-        config.write_text(GATEWAY_YAML.format(port=up_port, batch=batch))
+        config.write_text(GATEWAY_YAML.format(port=up_port, batch=batch, router=router))
         ports = [free_port() for _ in range(count)]
         try:
             for i, port in enumerate(ports):
@@ -315,15 +316,18 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def against_baseline(baseline: str, rounds: int, seconds: int) -> None:
+def against_baseline(baseline: str, rounds: int, seconds: int, router: str = "default") -> None:
     """Fresh prompts through this checkout's gateway and through `baseline`'s (another
     checkout's src folder, e.g. main's), both up at once and measured alternately with wrk,
     so that other jobs on the machine weigh on both alike: c=64 req/s and c=1 p50, and the
-    gateway's CPU per request."""
+    gateway's CPU per request. `router`: this checkout's router (the baseline's: default)."""
     if not shutil.which("wrk"):
         raise SystemExit("--baseline needs wrk (apt-get install wrk)")
     here = str(HERE.parent / "src")
-    print(f"\nfresh prompts, baseline {baseline} (old) vs {here} (new), alternating:")
+    print(
+        f"\nfresh prompts, baseline {baseline} (old, router default) vs {here} "
+        f"(new, router {router}), alternating; load average {os.getloadavg()[0]:.1f}:"
+    )
     print(
         f"{'round':<6} {'code':<4} {'c=64 req/s':>10} {'c=64 p50':>9} {'CPU ms/req':>10} "
         f"{'c=1 p50':>8}"
@@ -332,7 +336,7 @@ def against_baseline(baseline: str, rounds: int, seconds: int) -> None:
     with (
         fast_upstream() as up_port,
         gateways(up_port, src=baseline) as old,
-        gateways(up_port, src=here) as new,
+        gateways(up_port, src=here, router=router) as new,
     ):
         for urls in (old, new):
             wrk(urls, 64, True, seconds=3)  # warm up: first batches, thread pools
@@ -352,7 +356,8 @@ def against_baseline(baseline: str, rounds: int, seconds: int) -> None:
     print(
         f"median c=64 req/s: old {old_rps:.0f}, new {new_rps:.0f} (x{new_rps / old_rps:.2f}); "
         f"median c=1 p50: old {np.median([f[1] for f in figures['old']]):.2f} ms, "
-        f"new {np.median([f[1] for f in figures['new']]):.2f} ms"
+        f"new {np.median([f[1] for f in figures['new']]):.2f} ms; load average "
+        f"{os.getloadavg()[0]:.1f}"
     )
 
 
@@ -492,9 +497,14 @@ def main() -> None:
         "alternately with wrk",
     )
     parser.add_argument("--seconds", type=int, default=10, help="--baseline: wrk seconds a run")
+    parser.add_argument(
+        "--router",
+        default="default",
+        help="--baseline: this checkout's router (e.g. default-static); the baseline runs default",
+    )
     args = parser.parse_args()
     if args.baseline:
-        against_baseline(args.baseline, args.rounds, args.seconds)
+        against_baseline(args.baseline, args.rounds, args.seconds, args.router)
         return
     if args.state:
         from state_bench import compare

@@ -446,6 +446,7 @@ def leave_one_out(
     only: list[str],
     sample: int = 0,
     serve: tuple[str, ...] = (),
+    train_on: str = "fp32",
 ) -> None:
     from tierroute.embed import Embedder, EmbeddingCache
     from tierroute.encoder import TextEncoder
@@ -453,7 +454,10 @@ def leave_one_out(
     from tierroute.eval.metrics import apgr, routing_curve
     from tierroute.routers.random_router import RandomRouter
 
-    encoder = TextEncoder(Embedder(precision="fp32"), EmbeddingCache())
+    # A static table costs less than the disk cache's lookup: it is not cached.
+    encoder = TextEncoder(
+        Embedder(precision=train_on), None if train_on == "static" else EmbeddingCache()
+    )
     # Serving variants: each recipe is trained on fp32 embeddings, as the shipped router
     # was, then scored on the test file with the variant's embeddings.
     variants = {
@@ -552,6 +556,7 @@ def leave_one_out(
         "of the pair can do (`pair_aware_ceilings`). irt-gain: irt-files-structure scored "
         "by the pair's expected gain, abilities from the file's first 100 labels."
         + (f" On at most {sample:,} random rows of each file." if sample else "")
+        + f" Recipes trained and tested on {train_on} embeddings."
         + "\n\n"
         f"{pair_lines}\n\n{table}\n"
     )
@@ -594,6 +599,13 @@ def main() -> None:
         "and score agreement with fp32",
     )
     parser.add_argument(
+        "--train-on",
+        default="fp32",
+        choices=["fp32", "int8", "static"],
+        help="leave-one-out: the embedding every recipe is trained and tested on (static: "
+        "the table distilled from MiniLM, static_embed.py)",
+    )
+    parser.add_argument(
         "--sample",
         type=int,
         default=0,
@@ -616,7 +628,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.leave_one_out:
         leave_one_out(
-            args.recipes, Path(args.out), args.rule_prior, args.files, args.sample, args.serve
+            args.recipes,
+            Path(args.out),
+            args.rule_prior,
+            args.files,
+            args.sample,
+            args.serve,
+            args.train_on,
         )
         return
 

@@ -241,11 +241,17 @@ def _with_rule_prior(
     return RulePriorRouter(router, RulesRouter(rules, tagger), float(prior["weight"]))
 
 
-def default_router_dir() -> Path:
-    """The router that ships with the package (its card, CARD.md, says how it was made)."""
+# Routers that ship with the package, by name: the default (MiniLM embeddings) and the
+# same recipe on the static table distilled from MiniLM (static_embed.py), which routes a
+# fresh prompt in microseconds; each folder's CARD.md says how it was made and what it scores.
+SHIPPED = {"default": "default_router", "default-static": "default_router_static"}
+
+
+def default_router_dir(name: str = "default") -> Path:
+    """The folder of a router that ships with the package (a name of SHIPPED)."""
     from importlib.resources import files
 
-    return Path(str(files("tierroute") / "resources" / "default_router"))
+    return Path(str(files("tierroute") / "resources" / SHIPPED[name]))
 
 
 def _threshold(meta: dict[str, Any]) -> float | None:
@@ -254,8 +260,8 @@ def _threshold(meta: dict[str, Any]) -> float | None:
 
 
 def _saved_folder(spec: str) -> Path | None:
-    """The folder of router `spec` when it is a saved one (`default` or a path)."""
-    folder = default_router_dir() if spec == "default" else Path(spec)
+    """The folder of router `spec` when it is a saved one (a SHIPPED name or a path)."""
+    folder = default_router_dir(spec) if spec in SHIPPED else Path(spec)
     return folder if folder.is_dir() else None
 
 

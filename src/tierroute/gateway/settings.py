@@ -288,15 +288,17 @@ class GatewayFile(StrictModel):
 def _check_router(spec: str, source: str, lines: Lines | None) -> None:
     """A router name that is neither built in nor a saved folder is a typo: say so now,
     not as a traceback when `serve` loads it."""
+    from tierroute.artifact import SHIPPED
     from tierroute.routers import BUILTIN
 
-    if spec == "default" or spec in BUILTIN or Path(spec).is_dir():
+    if spec in SHIPPED or spec in BUILTIN or Path(spec).is_dir():
         return
-    close = difflib.get_close_matches(spec, ["default", *BUILTIN], n=1)
+    close = difflib.get_close_matches(spec, [*SHIPPED, *BUILTIN], n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     raise ConfigError(
         f"{where(source, lines, ('router',))}: router '{spec}' is neither a built-in "
-        f"router nor a saved router folder; {hint}use default, {', '.join(BUILTIN)} or a folder"
+        f"router nor a saved router folder; {hint}use {', '.join([*SHIPPED, *BUILTIN])} "
+        "or a folder"
     )
 
 
