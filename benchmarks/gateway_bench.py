@@ -5,6 +5,7 @@
     python benchmarks/gateway_bench.py --state redis://127.0.0.1:6379/0   (state_bench.py)
     python benchmarks/gateway_bench.py --only stack [--baseline-src MAIN_CHECKOUT/src]
     python benchmarks/gateway_bench.py --baseline ../main/src [--rounds 3] [--seconds 10]
+        [--router default-static]   (this checkout's router; the baseline runs default)
 
 1. Overhead: latency through tierroute minus latency straight to the same fast local
    upstream (benchmarks/fast_upstream.py), p50 and p99, at concurrency 1 and 64, measured

@@ -214,7 +214,9 @@ def _serving_factory(
                 threads=embedder.threads,
                 precision=at,
             )
-            made.append(TextEncoder(twin, encoder.disk_cache, encoder.memo_size))
+            # a static table is faster than the disk cache's lookup
+            cache = None if at == "static" else encoder.disk_cache
+            made.append(TextEncoder(twin, cache, encoder.memo_size))
         return made[0]
 
     return factory

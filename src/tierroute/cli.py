@@ -1007,7 +1007,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--router",
-        help="random, rules, default, or a saved router folder (default: the config's router)",
+        help="random, rules, default, default-static, or a saved router folder (default: "
+        "the config's router)",
     )
     p.add_argument("--tiers", metavar="FILE", help="a tiers file instead of a gateway config")
     p.add_argument("--priority", choices=("batch", "interactive", "critical"))
