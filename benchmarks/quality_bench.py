@@ -12,6 +12,8 @@ whenever MMLU is on the other side. Writes bench-out/leave_one_out.md. Beside th
 recipes: the difficulty ceiling and the pair-aware ceilings (an item-response model's
 expected gain for the pair, a model-profile gap), which need no embedding: `--recipes`
 with no name prints only those. `--sample N` cuts every file to N random rows.
+`--train-on static` trains and tests every recipe on the static table distilled from
+MiniLM (the `default-static` router's embedding) instead of MiniLM fp32.
 
 Writes bench-out/quality.md (markdown tables) and PNG plots, and prints the tables.
 
