@@ -15,12 +15,17 @@ each model's success rate among the nearest training prompts) choosing argmax
 P(m answers x) - lambda * cost_m over a sweep of lambda, against every single model, the
 best two-model router and the convex hull of the single models. Files without dollar
 costs are priced by src/tierroute/eval/prices.py (list prices; open weights by parameter
-count). Writes
+count). The router expects each model's cost from a line in the prompt's length
+corrected by the nearest training prompts (--cost-model neighbours). Writes
 OUT/nmodel.md, OUT/nmodel.json and one PNG per table, and prints the tables. About two
 minutes with cached embeddings (the first run embeds MMLU-Pro's 12k prompts: ~6 min).
+--axis size puts each model's published parameter count in place of dollars (open-weights
+models only; OUT/nmodel-size.md and .json).
 --diagnose adds, per table, the oracle's curve (every score known), bootstrap intervals
-of the figures over the test rows, and per hull segment whether the router's P
-difference ranks the rows where the dearer model does better (tierroute.eval.nmodel_check).
+of the figures over the test rows, per hull segment whether the router's P difference
+ranks the rows where the dearer model does better, the curve with two lambdas mixed per
+request, and where the router and the oracle send each source's rows at the reference
+model's quality (tierroute.eval.nmodel_check).
 
     python benchmarks/collab_bench.py --live [--arith 32] [--code 16] [--threads 1]
         [--thresholds logprob=0.7,best=0.75,judge=0.9] [--sweep]

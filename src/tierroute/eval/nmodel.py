@@ -22,7 +22,9 @@ a line in the prompt's length, corrected by the nearest training prompts).
 
 Files without dollar costs are priced by `eval/prices.py`; Arena-Hard's columns are
 split by judge (verdicts of two judges are not comparable), each judge's columns a
-table of its own.
+table of its own. `load_tables(..., axis="size")` puts each model's published parameter
+count where the dollars were (the issue's "dollar (or model-size) range"), keeping the
+open-weights models only.
 """
 
 from __future__ import annotations
@@ -629,8 +631,8 @@ def evaluate_nmodel(
     models it may choose (see `out_of_fold`). Both, and `calibrated`, were compared in
     3-fold CV inside RouterBench's training split: length_cost gained a little over
     mean_cost (mean margin +0.0215 vs +0.0208), neighbour_cost more (with the default
-    router, +0.0240 -> +0.0288); Pareto candidates (+0.0158), hull candidates (+0.0156) and per-model
-    calibration (+0.0188) lost."""
+    router, +0.0240 -> +0.0288); Pareto candidates (+0.0158), hull candidates (+0.0156)
+    and per-model calibration (+0.0188) lost."""
     folds, how = folds_of(table, n_folds, seed)
     tested, probs, expected, allowed = out_of_fold(table, fitter, folds, cost_model, candidates)
     quality, cost = table.quality[tested], table.cost[tested]
