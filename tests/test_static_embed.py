@@ -77,6 +77,18 @@ def test_static_vectors_are_unit_batch_invariant_and_distinct(static: Embedder) 
     assert static.model_id.endswith("/len256/static")
 
 
+def test_the_table_is_read_at_first_use_not_before() -> None:
+    code = (
+        "import sys\n"
+        "from tierroute.embed import Embedder\n"
+        "import tierroute.static_embed\n"
+        "e = Embedder(precision='static')\n"
+        "assert e._session is None and e.dim == 256\n"
+        "assert 'onnxruntime' not in sys.modules and 'tokenizers' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_fine_tuned_layers_cannot_ride_on_a_static_table() -> None:
     with pytest.raises(ConfigError, match="static"):
         Embedder(precision="static", overrides={"x": np.zeros(1)})
