@@ -102,6 +102,32 @@ def test_promotes_a_better_router_refuses_a_worse_one_and_rolls_back(
         assert line in text
 
 
+def test_a_serving_learned_router_is_judged_on_the_labels_newer_than_it(
+    engine: Engine, tmp_path: Path
+) -> None:
+    from tierroute.ledger import LedgerRow
+
+    learner = Learner(engine, LearningConfig(min_new_labels=20), tmp_path / "learned", "rules")
+    assert learner.run_once().outcome == "promoted"
+    promoted = engine.router
+    t = 1_800_000_000.0  # after every label it was trained on
+    for i, (group, prompt) in enumerate([("easy", p) for p in EASY] + [("hard", p) for p in HARD]):
+        for take in range(2):
+            rid = f"new-{group}-{i}-{take}"
+            engine.ledger.record(
+                LedgerRow(id=rid, ts=t + i + take / 2, tier="small", model="m",
+                          prompt_text=f"{prompt} (again {take})")
+            )  # fmt: skip
+            engine.ledger.record_judgement(rid, t, "small", "large", float(group == "easy"), "")
+    engine.ledger.flush()
+    run = learner.run_once()
+    # the 40 new labels are the serving router's test: its own training labels are not
+    assert "on the 40 labels newer than the serving router" in run.reason, run.reason
+    assert run.outcome in ("promoted", "refused")
+    if run.outcome == "refused":
+        assert engine.router is promoted
+
+
 def test_rollback_of_a_stopped_gateway(engine: Engine, tmp_path: Path) -> None:
     learner = Learner(engine, LearningConfig(), tmp_path / "learned", "rules")
     assert learner.run_once().outcome == "promoted"
