@@ -4,7 +4,10 @@ fast the gateway's continuous learner learns that traffic.
 - Order: the file's rows for the model pair in a seeded random order (after `limit`).
 - Evaluation set: the first `eval_size` rows of that order. They are never sent, so they
   are "not yet seen" at every point of the curve, and every point is measured on the
-  same rows: the curve compares like with like.
+  same rows: the curve compares like with like. With `folds` > 1 (cross-fitting) each
+  of `folds` parts of that order is the evaluation set of one replay, the other parts its
+  traffic, and the curve is the folds' mean: every row is evaluated once, which on a
+  small file is far less noisy than one held-back part.
 - Traffic: the other rows, one request each, through the gateway's own `Engine` (route,
   then record, with the prompt kept), on a ledger of its own; no model is called, since
   the answer's content plays no part. For a `reveal` share of them the file's outcome is
@@ -12,7 +15,7 @@ fast the gateway's continuous learner learns that traffic.
   unless the large model scored strictly higher), as a shadow judge would have said it.
 - Learning: at 0, 100, 250, 500, 1,000 revealed labels (and at the last label when the
   file runs out before the next checkpoint) the gateway's learner runs once
-  (`Learner.run_once`, what the schedule calls: train, held-out check, promote or
+  (`Learner.run_once`, what the schedule calls: cross-validate, promote or
   refuse); the point is the APGR and CPT(50%) (`tierroute.eval.metrics`) of the router
   then serving, on the evaluation set. Labels 0 is the cold router.
 """
