@@ -220,8 +220,10 @@ def run_python(source: str, timeout: float = 5.0) -> tuple[bool, str]:
 
 
 def program(text: str) -> str:
+    """The code of an answer: its last fenced block, else the whole reply (a few-shot
+    model's one-line def, without the space it starts with after "A:")."""
     block = code_block(text)
-    return block if block is not None else text
+    return block if block is not None else text.strip()
 
 
 def is_right(task: Task, text: str) -> bool:

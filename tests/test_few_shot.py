@@ -79,6 +79,12 @@ def test_a_bare_one_line_function_compares_with_a_fenced_one() -> None:
         == ("code:def f(xs): return [x for x in xs if x % 2 == 0]")
     )
     assert answer_key("define it: 7") == "number:7"  # not code: no "def name("
+    # A probe gets the bare def without the space a completion starts with (it would not
+    # compile indented).
+    seen: list[str] = []
+    answer_key(bare, lambda code: seen.append(code) or None)
+    assert seen == [bare.strip()]
+    compile(seen[0], "answer", "exec")
 
 
 def test_the_registry_marks_gemma_a_base_model_and_the_gateway_answers_it_few_shot() -> None:

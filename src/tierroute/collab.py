@@ -76,7 +76,7 @@ def answer_key(text: str, probe: CodeProbe | None = None) -> str | None:
     """
     code = code_block(text)
     if code is None and _BARE_DEF.match(text):
-        code = text
+        code = text.strip()  # a completion starts after "A:", often with a space
     if code is not None and code.strip():
         behaviour = probe(code) if probe is not None else None
         if behaviour is not None:
