@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -202,3 +203,28 @@ def test_smollm2_and_gemma_cross_check_each_other_for_real() -> None:
     logprob = math.exp(sum(first.token_logprobs) / len(first.token_logprobs))
     agree = answer_key(first.text) == answer_key(second.text)
     assert either.verdict.confidence == pytest.approx(max(logprob, 1.0 if agree else 0.0))
+
+
+@needs_llama
+@needs_gemma
+def test_the_gateway_cascade_asks_the_real_gemma_as_its_partner(tmp_path: Path) -> None:
+    """Through the engine (tests/test_collab.py's `answer`): logprob|cross at threshold
+    1, so the partner is always asked; the row books Gemma's call at its tier's price."""
+    from tests.test_collab import answer
+
+    smol, gemma, large = new_smol(), new_gemma(), new_smol()
+    result, outcome, row = answer(
+        tmp_path,
+        {"verifier": "logprob|cross", "partner_tier": "mate", "threshold": 1.0},
+        {"small": smol, "mate": gemma, "large": large},
+    )
+    for backend in (smol, gemma, large):
+        asyncio.run(backend.aclose())
+    note = outcome.cascade
+    assert note is not None and "; cross: mate " in note and "partner mate " in note
+    agreed = "mate agrees on" in note
+    assert outcome.tier == ("small" if agreed else "large")
+    assert row.tier == outcome.tier and result.text.strip()
+    assert row.fallback_chain == (("small",) if agreed else ("small", "large"))
+    # Gemma's few-shot prompt (256 tokens of examples) is in the row's tokens.
+    assert row.prompt_tokens > 256
