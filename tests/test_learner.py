@@ -128,6 +128,40 @@ def test_a_serving_learned_router_is_judged_on_the_labels_newer_than_it(
         assert engine.router is promoted
 
 
+def test_a_learned_router_that_ranks_newer_labels_worse_is_demoted(
+    engine: Engine, tmp_path: Path
+) -> None:
+    from tierroute.ledger import LedgerRow
+
+    cold = engine.router
+    learner = Learner(engine, LearningConfig(min_new_labels=20), tmp_path / "learned", "rules")
+    assert learner.run_once().outcome == "promoted"
+    # the traffic turns: what was easy now fails on the small tier and the reverse, so the
+    # promoted router ranks the newer labels backwards while the blind rules router does not
+    t = 1_800_000_000.0
+    for i, (group, prompt) in enumerate([("easy", p) for p in EASY] + [("hard", p) for p in HARD]):
+        for take in range(2):
+            rid = f"turned-{group}-{i}-{take}"
+            engine.ledger.record(
+                LedgerRow(id=rid, ts=t + i + take / 2, tier="small", model="m",
+                          prompt_text=f"{prompt} (again {take})")
+            )  # fmt: skip
+            engine.ledger.record_judgement(rid, t, "small", "large", float(group == "hard"), "")
+    engine.ledger.flush()
+    # a candidate held to the cold router's ranking cannot replace it, so the question is
+    # only whether the serving router stays
+    learner.config = replace(learner.config, l2=1e30, min_new_labels=0)
+    run = learner.run_once()
+    assert run.outcome == "demoted", run.reason
+    assert "labels newer than it the serving router ranks at AUC" in run.reason
+    assert engine.router is cold
+    assert json.loads((tmp_path / "learned" / "active.json").read_text()) == {"stack": []}
+    metrics = engine.metrics.render().decode()
+    assert 'tierroute_learning_runs_total{outcome="demoted"} 1.0' in metrics
+    engine.ledger.flush()
+    assert engine.ledger.policy_changes()[-1].reason.startswith("router: demoted r0001")
+
+
 def test_rollback_of_a_stopped_gateway(engine: Engine, tmp_path: Path) -> None:
     learner = Learner(engine, LearningConfig(), tmp_path / "learned", "rules")
     assert learner.run_once().outcome == "promoted"

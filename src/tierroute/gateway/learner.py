@@ -7,6 +7,8 @@ shadow verdicts and feedback) and, once `min_new_labels` arrived since its last 
    for each L2 penalty of a small grid (`folds` stratified folds, ROC AUC per fold);
 2. keeps the best penalty, and compares its AUC with the cold router's on the same folds
    (and, when a learned router serves, on the labels newer than it: `_check`);
+   a serving learned router that ranks those newer labels worse than the router it
+   replaced is demoted (`_worse_than_below`);
 3. promotes it, trained on every label, only when it beats them (by more than
    `min_gain` over the cold router): it
    is saved under <data dir>/learned/rNNNN and swapped into the engine on the event loop,
@@ -53,6 +55,9 @@ from tierroute.routers.residual import ResidualRouter
 log = logging.getLogger(__name__)
 
 STATE_FILE = "active.json"
+# how much worse (ROC AUC on labels newer than it) a learned router must rank than the one
+# it replaced before it is demoted: a margin, so 20 noisy labels do not flip-flop the two
+DEMOTE_MARGIN = 0.02
 
 
 @dataclass(frozen=True)
@@ -209,6 +214,9 @@ class Learner:
         m.learning_auc.labels("candidate").set(new_auc)
         m.learning_auc.labels("serving").set(current_auc)
         if new is None:
+            worse = self._worse_than_below(data)
+            if worse is not None:
+                return self._pop("demoted", f"candidate not promoted: {facts}; {worse}")
             return self._record(
                 LearningRun("refused", f"candidate not promoted: {facts}", n, new_auc, current_auc),
                 entry,
@@ -308,6 +316,27 @@ class Learner:
             return []
         return [i for i, t in enumerate(data.ts) if t > float(until)]
 
+    def _worse_than_below(self, data: LedgerLabels) -> str | None:
+        """Why the serving learned router should give way to the one below it (None when
+        it should not): it ranks the labels newer than it worse, by DEMOTE_MARGIN, than the
+        router it replaced, which has not seen them either. Without this an early
+        promotion that luck carried through cross-validation would serve for good, since
+        later candidates only have to beat the cold router."""
+        fresh = self._unseen_by_serving(data)
+        y = data.labels[fresh]
+        if len(fresh) < 20 or len(set(y.tolist())) < 2:
+            return None
+        texts = [data.prompts[i] for i in fresh]
+        below = self.base if len(self.stack) == 1 else self._load(self.stack[-2].name)
+        serving = roc_auc(self.engine.router.score_texts(texts), y)
+        under = roc_auc(below.score_texts(texts), y)
+        if serving + DEMOTE_MARGIN > under:
+            return None
+        return (
+            f"on the {len(fresh)} labels newer than it the serving router ranks at AUC "
+            f"{serving:.3f}, the router below it at {under:.3f}"
+        )
+
     def _thresholds_for(
         self, new: BaseRouter, current: BaseRouter, newest: float
     ) -> tuple[list[float], float]:
@@ -328,21 +357,26 @@ class Learner:
     def rollback(self) -> LearningRun:
         """Serve the router before the last promotion again, with its thresholds."""
         with self._lock:
-            entry = self.engine.settings.policy.entry
             if not self.stack:
                 raise InputError("nothing to roll back: the configured router is serving")
-            top = self.stack.pop()
-            below = self.stack[-1].name if self.stack else None
-            self._swap(self.base if below is None else self._load(below), top.before)
-            self._write_state()
-            self.engine.metrics.router_version.set(len(self.stack))
-            serving = below or f"the configured router ({self.base_spec})"
-            run = LearningRun(
-                "rolled_back",
-                f"rolled back {top.name}: serving {serving}",
-                router=str(self.folder / below) if below else None,
-            )
-            return self._record(run, entry, self.engine.settings.policy.entry)
+            return self._pop("rolled_back")
+
+    def _pop(self, outcome: str, why: str = "") -> LearningRun:
+        """Take the top promotion off the stack (the caller holds the lock)."""
+        entry = self.engine.settings.policy.entry
+        top = self.stack.pop()
+        below = self.stack[-1].name if self.stack else None
+        self._swap(self.base if below is None else self._load(below), top.before)
+        self._write_state()
+        self.engine.metrics.router_version.set(len(self.stack))
+        serving = below or f"the configured router ({self.base_spec})"
+        verb = outcome.replace("_", " ")
+        run = LearningRun(
+            outcome,
+            f"{verb} {top.name}: serving {serving}" + (f"; {why}" if why else ""),
+            router=str(self.folder / below) if below else None,
+        )
+        return self._record(run, entry, self.engine.settings.policy.entry)
 
     # ------------------------------------------------------------------ schedule
 
