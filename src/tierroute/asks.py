@@ -43,9 +43,12 @@ _DEICTIC = re.compile(
     r"\b(this|these|the following|following|below|here(?:'s| is| are)|above)\b", re.I
 )
 _FENCE = re.compile(r"```.*?(?:```|\Z)", re.S)
-# Material set off below the instruction: after a line ending in a colon, or after the
-# first blank line.
-_BLOCK = re.compile(r":[ \t]*\n|\n[ \t]*\n")
+# Material set off below the instruction: after a line ending in a colon, a blank line or
+# a line break. It counts as material when the instruction points at it or when it is
+# PASTE_RATIO times as long as an instruction of at most PASTE_MAX_INSTRUCTION characters.
+_BLOCK = re.compile(r":[ \t]*\n|\n[ \t]*\n|\n")
+PASTE_MAX_INSTRUCTION = 300
+PASTE_RATIO = 3
 _COLON_INLINE = re.compile(r":[ \t]+(?=\S)")
 _QUOTED = re.compile(r"(['\"“‘])([^'\"“”‘’\n]{40,})(['\"”’])")
 
@@ -80,6 +83,11 @@ _MATH_ASK = re.compile(
     r"how many ways|integral|derivative|eigen\w*|recurrence)\b",
     re.I,
 )
+# The options of a multiple-choice question ("A. ...", "(B) ...", "C) ..."): part of the
+# question, not material to edit, and a choice question is never a lookup or an edit.
+_OPTION = re.compile(r"^[ \t]*\(?[A-J][.)][ \t]", re.M)
+_OPTION_LINE = re.compile(r"^[ \t]*\(?[A-J][.)][ \t].*$\n?", re.M)
+MIN_OPTIONS = 3
 # A quantity: 12, 3.5, 1,200, 4%, 9:40, $30 (not the digits inside a word such as x86).
 _QUANTITY = re.compile(r"(?<![\w.])\$?\d+(?:[.,:]\d+)*%?(?![\w])")
 # A word problem with this many quantities in its instruction takes several steps.
@@ -123,18 +131,41 @@ class Request:
         return len(self.material) / total if total else 0.0
 
 
+def _pasted(head: str, block: str) -> bool:
+    """Whether `block`, set off below the instruction `head`, is material to work on: the
+    instruction points at it, or it dwarfs a short instruction."""
+    if len(head) > PASTE_MAX_INSTRUCTION:
+        return False
+    return bool(_DEICTIC.search(head)) or len(block) >= PASTE_RATIO * len(head)
+
+
 def split_request(text: str) -> Request:
-    """(instruction, material) of one request; material is "" when it points at none."""
+    """(instruction, material) of one request; material is "" when it carries none."""
     material: list[str] = []
     rest = text
     fenced = _FENCE.findall(rest)
     if fenced:
         material.extend(fenced)
         rest = _FENCE.sub(" ", rest)
-    block = _BLOCK.search(rest)
-    if block and _DEICTIC.search(rest[: block.start()]):
-        material.append(rest[block.end() :])
-        rest = rest[: block.start() + 1]
+    below = next(
+        (m for m in _BLOCK.finditer(rest) if _pasted(rest[: m.start()], rest[m.end() :])),
+        None,
+    )
+    paragraphs = re.split(r"\n[ \t]*\n", rest.strip())
+    tail = paragraphs[-1] if len(paragraphs) > 1 else ""
+    tail_asks = bool(tail) and len(tail) <= PASTE_MAX_INSTRUCTION
+    tail_asks = tail_asks and len(rest) - len(tail) >= PASTE_RATIO * len(tail)
+    if below is not None and tail_asks and tail.rstrip().endswith("?"):
+        # a question after the material beats a first line that does not ask ("Dear Ann,")
+        tail_asks = not rest[: below.start()].rstrip().endswith(("?", ":"))
+        below = None if tail_asks else below
+    if below is not None:
+        material.append(rest[below.end() :])
+        rest = rest[: below.start() + 1]
+    elif tail_asks:
+        # the material first, then a short instruction about it
+        material.append(rest.strip()[: -len(tail)])
+        rest = tail
     else:
         inline = _COLON_INLINE.search(rest)
         head = rest[: inline.start()] if inline else ""
@@ -145,14 +176,18 @@ def split_request(text: str) -> Request:
     if quoted and _DEICTIC.search(_QUOTED.sub(" ", rest)):
         material.extend(quoted)
         rest = _QUOTED.sub(" ", rest)
-    return Request(rest.strip(), "\n".join(m.strip() for m in material))
+    return Request(rest.strip(), "\n".join(m.strip() for m in material if m.strip()))
 
 
 def ask_kind(text: str) -> str:
     """What the request asks for (one of ASK_KINDS), from its instruction alone.
 
-    A hard ask (proof, design, analysis, build) wins over an edit: "rewrite it safely"
-    after "find every bug" is debugging. An edit needs material to edit."""
+    A hard ask (proof, design, analysis, build, problem) wins over an edit: "rewrite it
+    safely" after "find every bug" is debugging. An edit needs material to edit. The
+    options of a multiple-choice question are read as part of it, never as material."""
+    choice = len(_OPTION.findall(text)) >= MIN_OPTIONS
+    if choice:
+        text = _OPTION_LINE.sub("", text)
     request = split_request(text)
     instruction = request.instruction
     for kind, pattern in _HARD.items():
@@ -161,6 +196,8 @@ def ask_kind(text: str) -> str:
     quantities = len(_QUANTITY.findall(instruction))
     if quantities >= PROBLEM_MIN_QUANTITIES or _MATH_ASK.search(instruction):
         return "problem"
+    if choice:
+        return "other"
     if request.material and _EDIT.search(instruction):
         return "edit"
     if len(instruction) <= SMALLTALK_MAX_CHARS and _SMALLTALK.search(instruction):
