@@ -147,10 +147,13 @@ def split_request(text: str) -> Request:
     if fenced:
         material.extend(fenced)
         rest = _FENCE.sub(" ", rest)
-    below = next(
-        (m for m in _BLOCK.finditer(rest) if _pasted(rest[: m.start()], rest[m.end() :])),
-        None,
-    )
+    below = None
+    for m in _BLOCK.finditer(rest):
+        if m.start() > PASTE_MAX_INSTRUCTION:
+            break  # heads only grow from here: no instruction is this long
+        if _pasted(rest[: m.start()], rest[m.end() :]):
+            below = m
+            break
     paragraphs = re.split(r"\n[ \t]*\n", rest.strip())
     tail = paragraphs[-1] if len(paragraphs) > 1 else ""
     tail_asks = bool(tail) and len(tail) <= PASTE_MAX_INSTRUCTION
