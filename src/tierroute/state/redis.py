@@ -7,7 +7,8 @@ reads and writes, breaker updates, settlements, the heartbeat) go through one pi
 connection of this process (state/pipe.py, lighter than redis-py's client): those issued in
 the same turn of the event loop go out in one write, so a request's limit check and its
 decision-cache read cost one round trip, and 64 concurrent requests' commands a few. The
-rest (the beat's reads, the controller's list, offsets, pings) uses redis-py's client.
+beat's reads and writes go the same way; the rest (draining the controller's list,
+tenants' offsets, pings) uses redis-py's client.
 When Redis cannot be reached the state logs one line, answers from a MemoryState of this
 process (limits then hold per replica), reports the problem for /healthz, and pings once
 a second until Redis answers again.
@@ -300,18 +301,30 @@ class RedisState:
 
     # ------------------------------------------------------------ sync
 
+    async def _all(self, *commands: tuple[Any, ...]) -> list[Any]:
+        """Replies of `commands`, sent together in the pipe's next write; the first error
+        raised once all have answered (so none is left unretrieved)."""
+        got = await asyncio.gather(
+            *(self._batch.call(*c) for c in commands), return_exceptions=True
+        )
+        for reply in got:
+            if isinstance(reply, BaseException):
+                raise reply
+        return got
+
     async def snapshot(self, tiers: list[str], window: int) -> Snapshot:
         async def op() -> Snapshot:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for tier in tiers:
-                    pipe.hgetall(self._k("breaker", tier))
-                    pipe.lrange(self._k("latency", tier), 0, window - 1)
-                pipe.get(self._k("threshold"))
-                pipe.get(self._k("offsets", "version"))
-                got = await pipe.execute()
+            commands: list[tuple[Any, ...]] = []
+            for tier in tiers:
+                commands.append(("HGETALL", self._k("breaker", tier)))
+                commands.append(("LRANGE", self._k("latency", tier), 0, window - 1))
+            commands.append(("GET", self._k("threshold")))
+            commands.append(("GET", self._k("offsets", "version")))
+            got = await self._all(*commands)
             snap = Snapshot()
             for i, tier in enumerate(tiers):
-                b, lat = got[2 * i], got[2 * i + 1]
+                flat, lat = got[2 * i], got[2 * i + 1]
+                b = dict(zip(flat[::2], flat[1::2], strict=True))  # HGETALL: field, value, ...
                 opened = b.get("opened_at")
                 snap.breakers[tier] = BreakerView(
                     int(b.get("failures", 0)), float(opened) if opened else None
@@ -326,12 +339,12 @@ class RedisState:
 
     async def add_latencies(self, samples: dict[str, list[float]], window: int) -> None:
         async def op() -> None:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for tier, values in samples.items():
-                    key = self._k("latency", tier)
-                    pipe.lpush(key, *(f"{v:.3f}" for v in values))
-                    pipe.ltrim(key, 0, window - 1)
-                await pipe.execute()
+            commands: list[tuple[Any, ...]] = []
+            for tier, values in samples.items():
+                key = self._k("latency", tier)
+                commands.append(("LPUSH", key, *(f"{v:.3f}" for v in values)))
+                commands.append(("LTRIM", key, 0, window - 1))
+            await self._all(*commands)
 
         if samples:
             await self._try(op, lambda: self.local.add_latencies(samples, window))
@@ -339,10 +352,7 @@ class RedisState:
     async def push_scores(self, scores: list[float], cap: int) -> None:
         async def op() -> None:
             key = self._k("scores")
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.rpush(key, *(f"{s:.6f}" for s in scores))
-                pipe.ltrim(key, -cap, -1)
-                await pipe.execute()
+            await self._all(("RPUSH", key, *(f"{s:.6f}" for s in scores)), ("LTRIM", key, -cap, -1))
 
         if scores:
             await self._try(op, lambda: self.local.push_scores(scores, cap))
