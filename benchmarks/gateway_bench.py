@@ -5,6 +5,7 @@
     python benchmarks/gateway_bench.py --state redis://127.0.0.1:6379/0   (state_bench.py)
     python benchmarks/gateway_bench.py --baseline ../main/src [--rounds 3] [--seconds 10]
     python benchmarks/gateway_bench.py --only stack --baseline ../main/src [--rounds 3]
+        [--concurrency 1 64]
 
 `--baseline SRC` names another checkout's src folder (the old code, e.g. main's): its
 gateways run beside this checkout's, measured alternately so that other jobs on the machine
@@ -395,7 +396,14 @@ def pg_databases(admin_url: str, count: int) -> Iterator[list[str]]:
                 admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def stack(requests: int, redis_url: str, pg_url: str, baseline: str | None, rounds: int) -> None:
+def stack(
+    requests: int,
+    redis_url: str,
+    pg_url: str,
+    baseline: str | None,
+    rounds: int,
+    concurrency: list[int],
+) -> None:
     """One replica: SQLite + in-process state vs PostgreSQL + Redis (issue 12's target:
     <= 1 ms added p50), and the same from `baseline` (old code's src) when given, all side
     by side."""
@@ -413,7 +421,10 @@ def stack(requests: int, redis_url: str, pg_url: str, baseline: str | None, roun
             )
             for (tag, src), db in zip(srcs, databases, strict=True)
         ]
-        side_by_side(pairs, requests, rounds, [(1, False), (64, False), (64, True)])
+        cases = [
+            (c, fresh) for c, fresh in ((1, False), (64, False), (64, True)) if c in concurrency
+        ]
+        side_by_side(pairs, requests, rounds, cases)
 
 
 def local_tiers() -> None:
@@ -497,6 +508,15 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=int, default=10, help="fresh: wrk seconds a run")
     parser.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        choices=[1, 64],
+        default=[1, 64],
+        help="stack: the cases to run (c=1: repeated prompt, a quarter of --requests a "
+        "round; c=64: repeated and fresh prompts)",
+    )
+    parser.add_argument(
         "--state", metavar="REDIS_URL", help="only compare in-process and Redis state (state_bench)"
     )
     args = parser.parse_args()
@@ -527,7 +547,9 @@ def main() -> None:
     if "replicas" in only:
         replicas(args.requests)
     if "stack" in only:
-        stack(args.requests, args.redis, args.postgres, args.baseline, args.rounds)
+        stack(
+            args.requests, args.redis, args.postgres, args.baseline, args.rounds, args.concurrency
+        )
     if "fresh" in only:
         against_baseline(args.baseline, args.rounds, args.seconds)
     if "local" in only:
