@@ -124,7 +124,8 @@ class Metrics:
         )
         self.learning_runs = Counter(
             "tierroute_learning_runs",
-            "Continuous learning runs by outcome (promoted, refused, demoted, skipped, failed, rolled_back)",
+            "Continuous learning runs by outcome "
+            "(promoted, refused, demoted, skipped, failed, rolled_back)",
             ["outcome"],
             registry=r,
         )

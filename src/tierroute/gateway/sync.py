@@ -182,9 +182,11 @@ class StateSync:
         latency, self._latency = self._latency, {}
         scores, self._scores = self._scores, []
         settles, self._settles = self._settles, []
-        await self.state.settle_many(settles)
-        await self.state.add_latencies(latency, LATENCY_WINDOW)
-        await self.state.push_scores(scores, SCORES_CAP)
+        await asyncio.gather(  # issued together: one round trip on Redis
+            self.state.settle_many(settles),
+            self.state.add_latencies(latency, LATENCY_WINDOW),
+            self.state.push_scores(scores, SCORES_CAP),
+        )
 
     async def beat(self) -> None:
         """One round: write what piled up, lead the controller if this replica holds the

@@ -9,9 +9,9 @@ tierroute.ledger.postgresql keeps the same tables, numbered the same way.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from tierroute.errors import LedgerError
 from tierroute.ledger.backend import Connection, escape_unencodable
@@ -280,3 +280,8 @@ class SqliteBackend:
 
     def storable(self, text: str) -> str:
         return escape_unencodable(text)
+
+    def insert_rows(
+        self, conn: Connection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> bool:
+        return False  # executemany in a transaction is SQLite's bulk insert already

@@ -639,6 +639,16 @@ class Ledger:
                 failed.clear()  # a retried attempt finds them again
             begun = False
             try:
+                # Requests rows alone (the usual batch): one statement that commits itself
+                # where the backend has one (PostgreSQL's COPY), no BEGIN and COMMIT.
+                if (
+                    failed is None
+                    and all(item.sql is _INSERT_REQUEST for item in rows)
+                    and backend.insert_rows(
+                        conn, "requests", _COLUMNS, [item.params for item in rows]
+                    )
+                ):
+                    return
                 conn.execute(backend.begin)
                 begun = True
                 if failed is None:
