@@ -178,6 +178,9 @@ def _messages(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return messages
 
 
+MAX_TENANT_CHARS = 256
+
+
 def hints_from(metadata: Any, headers: dict[str, str], user: Any = None) -> Hints:
     """Hints from the request's `metadata`, overridden by X-Tierroute-* headers."""
     meta = metadata if isinstance(metadata, dict) else {}
@@ -191,6 +194,14 @@ def hints_from(metadata: Any, headers: dict[str, str], user: Any = None) -> Hint
     tenant = meta.get("tenant") or user
     if tenant is not None and not isinstance(tenant, str):
         raise ApiError(400, "'user' and metadata.tenant must be strings.", param="user")
+    # A tenant is kept per key (personalisation, the ledger, Redis): a long one would let
+    # one key hold megabytes per tenant there.
+    if tenant is not None and len(tenant) > MAX_TENANT_CHARS:
+        raise ApiError(
+            400,
+            f"'user' and metadata.tenant must be at most {MAX_TENANT_CHARS} characters.",
+            param="user",
+        )
     return Hints(
         priority=priority, latency_budget_ms=budget_ms, max_cost_usd=cap_usd, tenant=tenant
     )
