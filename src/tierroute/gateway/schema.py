@@ -416,7 +416,7 @@ class RequestMetadata(BaseModel):
     priority: Literal["batch", "interactive", "critical"] | None = None
     latency_budget_ms: float | None = Field(default=None, ge=0)
     max_cost_usd: float | None = Field(default=None, ge=0)
-    tenant: str | None = None
+    tenant: str | None = Field(default=None, max_length=MAX_TENANT_CHARS)
 
 
 # At least one user message with content (blank content is refused too, unsaid here).
@@ -456,6 +456,7 @@ class ChatCompletionRequest(BaseModel):
     response_format: dict[str, Any] | None = None
     user: str | None = Field(
         default=None,
+        max_length=MAX_TENANT_CHARS,
         description="The tenant, for personalisation; with API keys, scoped to the key",
     )
     metadata: RequestMetadata | None = None
@@ -512,9 +513,11 @@ class RouteDecision(BaseModel):
 
 
 class FeedbackRequest(BaseModel):
-    request_id: str = Field(min_length=1, description="The id of a completion (chatcmpl-...)")
+    request_id: str = Field(
+        min_length=1, max_length=128, description="The id of a completion (chatcmpl-...)"
+    )
     rating: float = Field(ge=0, le=1, description="1 thumbs up, 0 thumbs down, or a score")
-    comment: str | None = None
+    comment: str | None = Field(None, max_length=4000)
 
 
 class FeedbackRecorded(BaseModel):
