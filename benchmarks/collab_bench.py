@@ -3,7 +3,8 @@ collaboration strategies, live (issue 13).
 
     python benchmarks/collab_bench.py --offline [--out bench-out]
         [--router default|factor|irt|mf]
-        [--files routerbench mmlu_pro arenahard] [--cost-model length|mean] [--calibrate]
+        [--files routerbench mmlu_pro arenahard] [--cost-model neighbours|length|mean]
+        [--calibrate] [--axis usd|size]
         [--candidates all|pareto|hull] [--diagnose]
 
 --offline reproduces the N-model table and plots of the README: on RouterBench (11 models,
@@ -14,12 +15,17 @@ each model's success rate among the nearest training prompts) choosing argmax
 P(m answers x) - lambda * cost_m over a sweep of lambda, against every single model, the
 best two-model router and the convex hull of the single models. Files without dollar
 costs are priced by src/tierroute/eval/prices.py (list prices; open weights by parameter
-count). Writes
+count). The router expects each model's cost from a line in the prompt's length
+corrected by the nearest training prompts (--cost-model neighbours). Writes
 OUT/nmodel.md, OUT/nmodel.json and one PNG per table, and prints the tables. About two
 minutes with cached embeddings (the first run embeds MMLU-Pro's 12k prompts: ~6 min).
+--axis size puts each model's published parameter count in place of dollars (open-weights
+models only; OUT/nmodel-size.md and .json).
 --diagnose adds, per table, the oracle's curve (every score known), bootstrap intervals
-of the figures over the test rows, and per hull segment whether the router's P
-difference ranks the rows where the dearer model does better (tierroute.eval.nmodel_check).
+of the figures over the test rows, per hull segment whether the router's P difference
+ranks the rows where the dearer model does better, the curve with two lambdas mixed per
+request, and where the router and the oracle send each source's rows at the reference
+model's quality (tierroute.eval.nmodel_check).
 
     python benchmarks/collab_bench.py --live [--arith 32] [--code 16] [--threads 1]
         [--thresholds logprob=0.7,best=0.75,judge=0.9] [--sweep]
@@ -57,6 +63,10 @@ def _short(model: str) -> str:
     return model.split(" (judge ")[0].split("/")[-1]
 
 
+def _at(x: float, axis: str) -> str:
+    return f"{x:.1f}B" if axis == "size" else f"${x:.6f}"
+
+
 def _pct(x: float | None) -> str:
     return "never" if x is None or x != x else f"{x:.1%}"
 
@@ -67,7 +77,14 @@ def diagnose(r: Any, seed: int) -> dict[str, Any]:
 
     import numpy as np
 
-    from tierroute.eval.nmodel_check import bootstrap, closest_columns, oracle, segments
+    from tierroute.eval.nmodel_check import (
+        bootstrap,
+        closest_columns,
+        mix_at_quality,
+        mixed,
+        oracle,
+        segments,
+    )
 
     o = oracle(r)
     ref = (
@@ -102,9 +119,41 @@ def diagnose(r: Any, seed: int) -> dict[str, Any]:
             f"  at half {_short(r.reference)}'s cost the router's quality is {half:.4f} "
             f"against its {r.single_quality[k]:.4f}"
         )
+    m = mixed(r)
+    ref = (
+        ""
+        if m.cost_at_reference_share is None
+        else f", reference's quality at {_pct(m.cost_at_reference_share)} of its cost"
+    )
+    print(
+        f"  two lambdas mixed per request at random (the hull of the router's own points): "
+        f"best single's quality at {_pct(m.cost_at_best_quality_share)} of its cost{ref}; "
+        f"mean margin {m.mean_margin:+.4f}"
+    )
+    target_model = r.reference if r.reference in r.table.models else r.best_single
+    k = r.table.models.index(target_model)
+    router_mix, oracle_mix = mix_at_quality(r, float(r.single_quality[k]))
+    for who, mix in (("router", router_mix), ("oracle", oracle_mix)):
+        if mix is None:
+            print(f"  {who}: no single operating point reaches {_short(target_model)}'s quality")
+            continue
+        print(
+            f"  {who}'s cheapest point at {_short(target_model)}'s quality: "
+            f"{mix.quality:.4f} at {mix.cost / r.single_cost[k]:.1%} of its cost; per source: "
+            + "; ".join(
+                f"{source or 'all'} "
+                + ", ".join(f"{_short(name)} {share:.0%}" for name, share in list(by.items())[:4])
+                for source, by in mix.by_source.items()
+            )
+        )
     a, b, differ = closest_columns(r)
     print(f"  the two most alike columns, {_short(a)} and {_short(b)}, differ on {differ:.0%}")
     return {
+        "mixed": asdict(m),
+        "mix_at_reference_quality": {
+            "router": None if router_mix is None else asdict(router_mix),
+            "oracle": None if oracle_mix is None else asdict(oracle_mix),
+        },
         "oracle": asdict(o),
         "bootstrap": {k: asdict(v) for k, v in boot.items()},
         "segments": [asdict(s) for s in segs],
@@ -118,11 +167,10 @@ def offline(args: argparse.Namespace) -> None:
     from tierroute.encoder import TextEncoder
     from tierroute.eval.nmodel import (
         calibrated,
+        cost_model_named,
         evaluate_nmodel,
         json_ready,
-        length_cost,
         load_tables,
-        mean_cost,
         recipe_fitter,
         report_lines,
     )
@@ -134,14 +182,14 @@ def offline(args: argparse.Namespace) -> None:
     fitter = recipe_fitter(encoder, args.router)
     if args.calibrate:
         fitter = calibrated(fitter)
-    cost_model = mean_cost if args.cost_model == "mean" else length_cost
+    cost_model = cost_model_named(args.cost_model, encoder)
     rows, docs = [], []
     for key in args.files:
         path = DATA / FILES[key]
         if not path.is_file():
             print(f"skipped {key}: {path} is absent")
             continue
-        for table in load_tables(str(path)):
+        for table in load_tables(str(path), axis=args.axis):
             start = time.perf_counter()
             r = evaluate_nmodel(
                 table, fitter, seed=args.seed, cost_model=cost_model, candidates=args.candidates
@@ -160,7 +208,8 @@ def offline(args: argparse.Namespace) -> None:
             rows.append(
                 f"| {table.label} | {len(table.models)} | {d['rows_tested']:,} | {d['split']} | "
                 f"{d['above_hull_share']:.1%} | {d['worst_point']['margin']:+.4f} at "
-                f"${d['worst_point']['cost']:.6f} | {d['mean_margin_above_hull']:+.4f} | "
+                f"{_at(d['worst_point']['cost'], args.axis)} | "
+                f"{d['mean_margin_above_hull']:+.4f} | "
                 f"{_short(d['best_single']['model'])} "
                 f"{d['best_single']['quality']:.3f} | {_pct(d['cost_at_best_quality_share'])} | "
                 f"{'-' if ref is None else _pct(ref)} | "
@@ -174,16 +223,18 @@ def offline(args: argparse.Namespace) -> None:
     text = (
         f"# N-model routing against the single models' hull (router {args.router}, cost "
         f"model {args.cost_model}{', calibrated' if args.calibrate else ''}"
+        f"{', cost axis: model size' if args.axis == 'size' else ''}"
         f"{'' if args.candidates == 'all' else f', {args.candidates} candidates'})\n\n"
         "Share of the router's dollar range above the hull, its worst margin there "
         "(quality units), the mean margin; the cost at which the router reaches the best "
         "single model's quality, as a share of that model's cost ('never' if it does "
         "not).\n\n" + header + "\n" + "\n".join(rows) + "\n"
     )
-    (out / "nmodel.md").write_text(text)
-    (out / "nmodel.json").write_text(json.dumps(json_ready({"tables": docs}), indent=2) + "\n")
+    stem = "nmodel" if args.axis == "usd" else "nmodel-size"
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps(json_ready({"tables": docs}), indent=2) + "\n")
     print(text)
-    print(f"wrote {out / 'nmodel.md'}, {out / 'nmodel.json'} and the PNGs")
+    print(f"wrote {out / stem}.md, {out / stem}.json and the PNGs")
 
 
 def live(args: argparse.Namespace) -> None:
@@ -214,10 +265,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--cost-model",
-        choices=("length", "mean"),
-        default="length",
+        choices=("neighbours", "length", "mean"),
+        default="neighbours",
         help="what the router expects a model to cost: a line in the prompt's length "
-        "(default) or its training mean",
+        "corrected by the nearest training prompts (default), the line alone, or the "
+        "training mean",
+    )
+    parser.add_argument(
+        "--axis",
+        choices=("usd", "size"),
+        default="usd",
+        help="the cost axis: dollars per query (default) or published parameter count "
+        "(open-weights models only; the issue's 'dollar (or model-size) range')",
     )
     parser.add_argument(
         "--calibrate", action="store_true", help="per-model Platt calibration (tried: worse)"

@@ -14,14 +14,25 @@ from tierroute.eval.hull import cost_at_quality, frontier, gap, single_model_hul
 from tierroute.eval.nmodel import (
     ModelTable,
     blend,
+    cost_model_named,
     evaluate_nmodel,
     factor_fitter,
     knn_fitter,
+    length_cost,
     load_tables,
     near_duplicate_key,
+    neighbour_cost,
 )
-from tierroute.eval.nmodel_check import auc, bootstrap, closest_columns, oracle, segments
-from tierroute.eval.prices import price_of
+from tierroute.eval.nmodel_check import (
+    auc,
+    bootstrap,
+    closest_columns,
+    mix_at_quality,
+    mixed,
+    oracle,
+    segments,
+)
+from tierroute.eval.prices import price_of, size_of
 
 from .conftest import EASY, HARD, SHARED, run_cli
 
@@ -332,3 +343,82 @@ def test_a_file_that_cannot_be_evaluated_is_a_clear_error(tmp_path: Path) -> Non
     gaps_file.write_text("".join(json.dumps(r) + "\n" for r in gaps))
     proc = run_cli("eval", "--models", "all", "--data", str(gaps_file))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_neighbour_cost_learns_what_the_prompt_length_cannot(encoder) -> None:  # type: ignore[no-untyped-def]
+    # the dear model's answers to hard prompts are long: their cost follows the kind of
+    # prompt, not its length, which the line alone cannot see
+    prompts = EASY + HARD
+    hard = np.array([p in HARD for p in prompts])
+    cost = np.column_stack([np.full(len(prompts), 1.0), np.where(hard, 30.0, 10.0)])
+    line = length_cost(prompts, cost)(EASY[:3] + HARD[:3])
+    near = neighbour_cost(encoder, k=5)(prompts, cost)(EASY[:3] + HARD[:3])
+    assert near[:, 0] == pytest.approx(1.0)
+    assert np.abs(near[:3, 1] - 10.0).max() < np.abs(line[:3, 1] - 10.0).max()
+    assert np.abs(near[3:, 1] - 30.0).max() < np.abs(line[3:, 1] - 30.0).max()
+    assert near[3:, 1].min() > 20.0 > near[:3, 1].max()
+    # where cost is a line in the length (the priced files), it is the line exactly
+    linear = np.array([[2.0 + 0.01 * len(p), 5.0 + 0.1 * len(p)] for p in prompts])
+    same = neighbour_cost(encoder, k=5)(prompts, linear)(HARD[:4])
+    assert same == pytest.approx(length_cost(prompts, linear)(HARD[:4]), rel=1e-9)
+    with pytest.raises(DataError, match="cost model must be one of"):
+        cost_model_named("guess", encoder)
+
+
+def test_mixing_two_lambdas_reaches_the_hull_of_the_routers_own_points() -> None:
+    import dataclasses
+
+    table = toy_table()
+
+    def flat(prompts, target, models):  # type: ignore[no-untyped-def]
+        return lambda texts: np.tile(target.mean(axis=0), (len(texts), 1))
+
+    r = evaluate_nmodel(table, flat, n_folds=4)
+    # a curve with a dent: (1, 0.5), (2, 0.55), (4, 0.9), (10, 1.0). Mixing the points at
+    # 1 and 4 reaches 0.8 at cost 3, above the dent; the plain curve needs 3.43
+    bent = dataclasses.replace(
+        r, curve_cost=a(1.0, 2.0, 4.0, 10.0), curve_quality=a(0.5, 0.55, 0.9, 1.0)
+    )
+    assert cost_at_quality(bent.curve_cost, bent.curve_quality, 0.8) == pytest.approx(24 / 7)
+    m = mixed(bent)
+    best = table.models.index(r.best_single)
+    assert m.cost_at_best_quality_share == pytest.approx(10.0 / r.single_cost[best])
+    assert m.cost_at_reference_share is None
+    envelope_at_08 = 1.0 + (0.8 - 0.5) / (0.9 - 0.5) * 3.0
+    assert envelope_at_08 == pytest.approx(3.25)
+    assert envelope_at_08 < cost_at_quality(bent.curve_cost, bent.curve_quality, 0.8)
+
+
+def test_mix_at_quality_names_the_models_each_source_gets() -> None:
+    import dataclasses
+
+    base = toy_table()
+    truth = dict(zip(base.prompts, base.quality, strict=True))
+    sources = ["hard" if p in HARD else "easy" for p in base.prompts]
+    table = dataclasses.replace(base, sources=sources)
+
+    def knows(prompts, target, models):  # type: ignore[no-untyped-def]
+        return lambda texts: np.array([truth[t] for t in texts])
+
+    r = evaluate_nmodel(table, knows, n_folds=4)
+    router, best = mix_at_quality(r, 1.0)
+    assert router is not None and best is not None
+    # knowing every row, both send the easy rows to cheap and the hard ones to dear
+    assert router.by_source == best.by_source == {"easy": {"cheap": 1.0}, "hard": {"dear": 1.0}}
+    assert router.quality == 1.0 and router.cost == pytest.approx(best.cost)
+    nobody, _ = mix_at_quality(r, 1.5)
+    assert nobody is None
+
+
+@needs_arena
+def test_arena_hard_by_model_size_keeps_only_models_that_publish_one() -> None:
+    tables = load_tables(str(ARENA), axis="size")
+    new = tables[1]
+    assert new.label.endswith("(judge gpt-4o, by model size)") and new.axis == "size"
+    assert "gpt-4o (judge gpt-4o)" in new.left_out  # closed: no published size
+    assert new.left_out["gpt-4o (judge gpt-4o)"] == "no published parameter count"
+    k = new.models.index("llama-3.1-405b-instruct (judge gpt-4o)")
+    assert (new.cost[:, k] == 405.0).all() and size_of("gpt-4o-mini (judge gpt-4o)") is None
+    assert all(size_of(m) is not None for t in tables for m in t.models)
+    with pytest.raises(DataError, match="axis must be one of"):
+        load_tables(str(ARENA), axis="tokens")

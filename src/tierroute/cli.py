@@ -289,6 +289,7 @@ def cmd_eval_all_models(args: argparse.Namespace) -> int:
         evaluate_nmodel,
         json_ready,
         load_tables,
+        neighbour_cost,
         recipe_fitter,
         report_lines,
     )
@@ -300,11 +301,14 @@ def cmd_eval_all_models(args: argparse.Namespace) -> int:
             "--models all routes among every model of each file with the factor router: "
             "drop --small, --large and --where, and use --router irt or mf"
         )
-    fitter = recipe_fitter(_encoder_factory(batch=True)(), args.router)
+    encoder = _encoder_factory(batch=True)()
+    fitter, cost_model = recipe_fitter(encoder, args.router), neighbour_cost(encoder)
     results = []
     for path in args.data:
         for table in load_tables(path):
-            result = evaluate_nmodel(table, fitter, n_folds=args.folds, seed=args.seed)
+            result = evaluate_nmodel(
+                table, fitter, n_folds=args.folds, seed=args.seed, cost_model=cost_model
+            )
             results.append(result)
             print("\n".join(report_lines(result)) + "\n", flush=True)
     if args.json:

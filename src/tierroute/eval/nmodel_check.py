@@ -188,6 +188,84 @@ def segments(r: NModelResult) -> list[Segment]:
     return out
 
 
+@dataclass(frozen=True)
+class Mixed:
+    """The figures of the upper convex hull of the router's own operating points: a
+    deployment that sends each request by one of two lambdas, chosen at random in a set
+    proportion, reaches any point between the two (the same interpolation that makes the
+    single models' hull the "zero router"). Reported beside the plain curve's, never in
+    its place."""
+
+    cost_at_best_quality_share: float
+    cost_at_reference_share: float | None
+    mean_margin: float
+
+
+def mixed(r: NModelResult) -> Mixed:
+    """The router's curve with any two of its lambdas mixed per request."""
+    labels = [str(i) for i in range(len(r.curve_cost))]
+    own = single_model_hull(labels, r.curve_quality, r.curve_cost)
+    hull = single_model_hull(r.table.models, r.single_quality, r.single_cost)
+    best = r.table.models.index(r.best_single)
+    ref = None
+    if r.reference is not None and r.reference in r.table.models:
+        k = r.table.models.index(r.reference)
+        ref = _share_at(own.cost, own.quality, float(r.single_quality[k]), float(r.single_cost[k]))
+    return Mixed(
+        cost_at_best_quality_share=_share_at(
+            own.cost, own.quality, float(r.single_quality[best]), float(r.single_cost[best])
+        ),
+        cost_at_reference_share=ref,
+        mean_margin=gap(hull, own.cost, own.quality).mean_margin,
+    )
+
+
+MAX_SOURCES = 12  # more sources than this are shown as one
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Where one operating point sends the rows of each source (the rows' `subset`)."""
+
+    cost: float  # mean cost per row at this point
+    quality: float
+    by_source: dict[str, dict[str, float]]  # source -> model -> share of its rows
+
+
+def _mix(
+    choices: npt.NDArray[np.int64], r: NModelResult, target: float, quality: FloatArray
+) -> Mix | None:
+    """The cheapest operating point of `choices` (lambdas, rows) whose mean quality
+    reaches `target`, and its models per source."""
+    _, cost = _rows(r)
+    xs, ys = curve_of(choices, quality, cost)
+    reaching = np.flatnonzero(ys >= target - 1e-12)
+    if len(reaching) == 0:
+        return None
+    k = int(reaching[np.argmin(xs[reaching])])
+    sources = np.array(r.table.sources)[r.tested] if r.table.sources else np.full(len(cost), "")
+    if len(set(sources.tolist())) > MAX_SOURCES:  # e.g. Arena-Hard's topic per prompt
+        sources = np.full(len(cost), "")
+    by_source: dict[str, dict[str, float]] = {}
+    for source in sorted(set(sources.tolist())):
+        picked = choices[k, sources == source]
+        counts = np.bincount(picked, minlength=len(r.table.models)) / len(picked)
+        by_source[source] = {
+            r.table.models[m]: float(counts[m]) for m in np.argsort(-counts) if counts[m] > 0
+        }
+    return Mix(cost=float(xs[k]), quality=float(ys[k]), by_source=by_source)
+
+
+def mix_at_quality(r: NModelResult, target: float) -> tuple[Mix | None, Mix | None]:
+    """Where the router and the oracle send each source's rows at their cheapest single
+    operating point reaching `target` quality (None: never reached without mixing):
+    where the router's curve loses money against what the data allow."""
+    quality, cost = _rows(r)
+    return _mix(r.choices, r, target, quality), _mix(
+        multi_model_choices(quality, cost), r, target, quality
+    )
+
+
 def closest_columns(r: NModelResult) -> tuple[str, str, float]:
     """The two columns whose scores differ on the fewest test rows, and that share: how
     often scores differ between near-copies (noise, when they are copies of one model)."""

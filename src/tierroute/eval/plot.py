@@ -143,6 +143,7 @@ def plot_nmodel(result: NModelResult, out: str | Path) -> None:
     )
     ax.set_xscale("log")
     ax.set_xlim(float(np.min(result.single_cost)) * 0.8, float(np.max(result.single_cost)) * 1.25)
-    ax.set_xlabel(f"mean cost per query (USD, log scale; {t.cost_basis})")
+    what = "model size (billion parameters" if t.axis == "size" else "mean cost per query (USD"
+    ax.set_xlabel(f"{what}, log scale; {t.cost_basis})")
     title = f"{t.label}: {len(t.models)} models\n{result.test_rows:,} rows tested, {result.split}"
     _finish(plt, fig, ax, title, out)

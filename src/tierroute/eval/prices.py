@@ -117,6 +117,70 @@ PRICES: dict[str, Price] = {
     "Llama-3-Base-8B-TR_IPO-Alpha_0.6-UltraFeedback": _D8,
 }
 
+# Published parameter counts (billions) of the open-weights models above: the other axis
+# the issue allows ("dollar (or model-size) range"), which needs no price table at all.
+# Mixture-of-experts models count every expert (what a host must hold in memory):
+# Mixtral-8x7B 46.7B (12.9B active), Mixtral-8x22B 141B (39B active). Closed models
+# publish no size and have no entry; quantised, guided or fine-tuned variants count as
+# their base model.
+SIZES_B: dict[str, float] = {
+    "Phi-3-mini-4k-instruct": 3.8,
+    "Llama-2-7b-hf": 7.0,
+    "Meta-Llama-3-8B": 8.0,
+    "Meta-Llama-3_1-8B": 8.0,
+    "Meta-Llama-3_1-8B-Instruct": 8.0,
+    "Mistral-7B-Instruct-v0.1": 7.3,
+    "Mistral-7B-Instruct-v0.2": 7.3,
+    "Mistral-7B-v0.1": 7.3,
+    "Mistral-7B-v0.2-hf": 7.3,
+    "mathstral-7B": 7.3,
+    "Qwen1.5-7B-Chat": 7.7,
+    "Yi-6B": 6.1,
+    "Yi-6b-Chat": 6.1,
+    "gemma-7b": 8.5,
+    "Llama-2-13b-hf": 13.0,
+    "Yi-34B": 34.4,
+    "Llama-2-70b-hf": 70.0,
+    "Meta-Llama-3-70B": 70.0,
+    "Meta-Llama-3_1-70B": 70.0,
+    "Meta-Llama-3_1-70B-Instruct": 70.0,
+    "Qwen1.5-72B-Chat": 72.0,
+    "Qwen1.5-110B": 111.0,
+    "Mixtral-8x7B-Instruct-v0.1": 46.7,
+    "Mixtral-8x7B-v0.1": 46.7,
+    # Arena-Hard, judge gpt-4o
+    "gemma-2-27b-it": 27.2,
+    "llama3_1_70b": 70.0,
+    "llama3_1_70b_awq4": 70.0,
+    "llama3_1_70b_awq_int4": 70.0,
+    "llama3_1_70b_fp8": 70.0,
+    "llama3_1_70b_fp8_1": 70.0,
+    "llama3_1_70b_fp8_2": 70.0,
+    "llama3_70b": 70.0,
+    "llama3_1_8b": 8.0,
+    "llama3_1_8b_guided": 8.0,
+    "mistral_nemo": 12.2,
+    "mistral_nemo_fp8": 12.2,
+    "mistral_nemo_fp8_guided": 12.2,
+    "mistral_nemo_guided": 12.2,
+    "mixtral-8x22b-instruct-v0.1": 141.0,
+    "mistral-large-2407": 123.0,
+    "mistral_large_2_guided": 123.0,
+    "llama-3.1-405b-instruct": 405.0,
+    # Arena-Hard, judge gpt-4-1106-preview
+    "Mistral-Large-Instruct-2407": 123.0,
+    "Mistral-Small-24B-Instruct-2501": 24.0,
+    "Qwen2.5-72B-Instruct": 72.7,
+    "Athene-V2-Chat": 72.7,
+    "qwen-2p5-72b-Blocks-v4-250225": 72.7,
+    "Llama-3-Base-8B-DPO-UltraFeedback": 8.0,
+    "Llama-3-Base-8B-IPO-UltraFeedback": 8.0,
+    "Llama-3-Base-8B-SFT-Ultrachat": 8.0,
+    "Llama-3-Base-8B-TR_DPO-Alpha_0.6-UltraFeedback": 8.0,
+    "Llama-3-Base-8B-TR_DPO-Tau_256-UltraFeedback": 8.0,
+    "Llama-3-Base-8B-TR_IPO-Alpha_0.6-UltraFeedback": 8.0,
+}
+
 # Assumed answer length in tokens: MMLU-Pro is scored on a chain of thought, Arena-Hard
 # answers are long-form (its published answer files average several hundred tokens).
 OUTPUT_TOKENS: dict[str, int] = {"mmlu_pro": 300, "arenahard_v01": 600}
@@ -130,3 +194,8 @@ def base_model(column: str) -> str:
 
 def price_of(column: str) -> Price | None:
     return PRICES.get(base_model(column))
+
+
+def size_of(column: str) -> float | None:
+    """Published parameter count in billions, or None (closed or unpublished)."""
+    return SIZES_B.get(base_model(column))
