@@ -722,6 +722,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         rows = ledger.rows(since=since)
         judged = ledger.judgements(since)
         rated = ledger.feedback_since(since)
+        judging = ledger.judging_spend(since)
         names = key_names(ledger) if args.by == "key" else {}
     by_request: dict[str, list[float]] = {}
     for request_id, _, rating in rated:
@@ -736,6 +737,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         by=args.by,
         ratings={k: sum(v) / len(v) for k, v in by_request.items()},
         verdicts=verdicts,
+        judging=judging,
     )
     if args.format == "csv":
         sys.stdout.write(report_csv(report))

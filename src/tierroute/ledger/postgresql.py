@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from tierroute.errors import LedgerError
 from tierroute.ledger.backend import Connection, Cursor, escape_unencodable
-from tierroute.ledger.sqlite import API_KEYS_TABLE
+from tierroute.ledger.sqlite import API_KEYS_TABLE, JUDGING_SPEND_COLUMNS
 
 if TYPE_CHECKING:
     import psycopg
@@ -109,6 +109,10 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE UNIQUE INDEX feedback_request_rater ON feedback (request_id, rater)",
     ),
     (API_KEYS_TABLE.format(real="DOUBLE PRECISION"),),
+    tuple(
+        f"ALTER TABLE shadow_judgements ADD COLUMN {c.format(real='DOUBLE PRECISION')}"
+        for c in JUDGING_SPEND_COLUMNS
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 # pg_advisory_xact_lock's key: every tierroute replica migrating this database takes it.

@@ -122,6 +122,28 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def publish_revocation(url: str, prefix: str, key_id: str, timeout_s: float = 5.0) -> None:
+    """Add `key_id` to the revoked set every replica mirrors each beat (`tierroute keys
+    revoke`); raises redis.RedisError or OSError when Redis does not take it."""
+    try:
+        import redis
+    except ImportError:
+        raise ConfigError(
+            "publishing a revocation to Redis needs the redis package: "
+            "pip install 'tierroute[redis]'"
+        ) from None
+    client = redis.Redis.from_url(
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True
+    )
+    try:
+        with client.pipeline(transaction=True) as pipe:
+            pipe.sadd(prefix + "revoked", key_id)
+            pipe.incr(prefix + "revoked:version")
+            pipe.execute()
+    finally:
+        client.close()
+
+
 def _limit(value: float | None) -> float:
     return -1 if value is None else value
 
@@ -320,6 +342,7 @@ class RedisState:
                 commands.append(("LRANGE", self._k("latency", tier), 0, window - 1))
             commands.append(("GET", self._k("threshold")))
             commands.append(("GET", self._k("offsets", "version")))
+            commands.append(("GET", self._k("revoked", "version")))
             got = await self._all(*commands)
             snap = Snapshot()
             for i, tier in enumerate(tiers):
@@ -330,8 +353,9 @@ class RedisState:
                     int(b.get("failures", 0)), float(opened) if opened else None
                 )
                 snap.latency[tier] = [float(x) for x in lat]
-            snap.threshold = float(got[-2]) if got[-2] is not None else None
-            snap.offsets_version = int(got[-1] or 0)
+            snap.threshold = float(got[-3]) if got[-3] is not None else None
+            snap.offsets_version = int(got[-2] or 0)
+            snap.revoked_version = int(got[-1] or 0)
             return snap
 
         result: Snapshot = await self._try(op, lambda: self.local.snapshot(tiers, window))
@@ -431,6 +455,15 @@ class RedisState:
 
         if counts:
             await self._try(op, lambda: self.local.offsets_seed(counts))
+
+    # ------------------------------------------------------------ revocations
+
+    async def revoked_keys(self) -> set[str]:
+        async def op() -> set[str]:
+            return set(await self._redis.smembers(self._k("revoked")))
+
+        result: set[str] = await self._try(op, self.local.revoked_keys)
+        return result
 
     # ------------------------------------------------------------ limits
 
