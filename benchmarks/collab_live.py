@@ -64,7 +64,7 @@ from cascade_bench import make_problems
 from measured import Memo, Meter, Row, accuracy
 
 from tierroute.backends.base import ChatRequest, ChatResult
-from tierroute.cascade import Cascade, LogprobVerifier, Verifier, final_answer
+from tierroute.cascade import AllOf, AnyOf, Cascade, LogprobVerifier, Verifier, final_answer
 from tierroute.collab import (
     BestOfNVerifier,
     Candidate,
@@ -83,12 +83,20 @@ CODE_SYSTEM = (
 # Default thresholds; --thresholds sets them, tuned with --sweep on another seed.
 THRESHOLDS = {"logprob": 0.7, "best": 0.75, "judge": 0.9}
 SWEEP = tuple(round(0.05 * i, 2) for i in range(21))  # 0.0, 0.05, ..., 1.0
-SMALL, LARGE = "smollm2-135m", "qwen2.5-coder-1.5b"
-PRICES = {  # USD per M tokens (input, output) of each tier, two price sets
-    name: {"small": Tier("small", SMALL, *small), "large": Tier("large", LARGE, *large)}
-    for name, small, large in (
-        ("gateway.yaml", (0.01, 0.02), (0.10, 0.20)),
-        ("output 4x input", (0.01, 0.04), (0.10, 0.40)),
+SMALL, LARGE, MATE = "smollm2-135m", "qwen2.5-coder-1.5b", "gemma3-270m"
+PRICES = {  # USD per M tokens (input, output) of each tier, three price sets. Gemma (the
+    # "mate", 270M parameters) at twice SmolLM2's (135M) prices, by size like the other two;
+    # the third set prices it as SmolLM2, since 170M of its 270M are embeddings and its
+    # per-token compute is about SmolLM2's.
+    name: {
+        "small": Tier("small", SMALL, *small),
+        "mate": Tier("mate", MATE, *(mate * p for p in small)),
+        "large": Tier("large", LARGE, *large),
+    }
+    for name, small, large, mate in (
+        ("gateway.yaml", (0.01, 0.02), (0.10, 0.20), 2),
+        ("output 4x input", (0.01, 0.04), (0.10, 0.40), 2),
+        ("Gemma at SmolLM2's price", (0.01, 0.02), (0.10, 0.20), 1),
     )
 }
 
@@ -212,8 +220,10 @@ def run_python(source: str, timeout: float = 5.0) -> tuple[bool, str]:
 
 
 def program(text: str) -> str:
+    """The code of an answer: its last fenced block, else the whole reply (a few-shot
+    model's one-line def, without the space it starts with after "A:")."""
     block = code_block(text)
-    return block if block is not None else text
+    return block if block is not None else text.strip()
 
 
 def is_right(task: Task, text: str) -> bool:
@@ -312,35 +322,108 @@ def tunable(memos: dict[str, Memo], key: str, threshold: float) -> tuple[str, St
     return name, through_cascade(verifier_for(key), threshold, memos)
 
 
-def strategies(memos: dict[str, Memo], thresholds: dict[str, float]) -> list[tuple[str, Strategy]]:
-    return [
-        ("always small (SmolLM2-135M)", single("small", memos)),
-        ("always large (Qwen2.5-Coder-1.5B)", single("large", memos)),
-        tunable(memos, "logprob", thresholds["logprob"]),
-        (
-            "cross, partner = large",
-            through_cascade(
-                lambda t: CrossModelVerifier("large", probe_for(t) if t.kind == "code" else None),
-                0.5,
-                memos,
-            ),
-        ),
-        (
-            "review by large",
-            through_cascade(lambda t: ReviewVerifier("large", t.max_tokens), 0.5, memos),
-        ),
-        (
-            "best-of-3 by logprob, accept all",
-            through_cascade(lambda t: BestOfNVerifier(3, 0.7), 0.0, memos),
-        ),
-        tunable(memos, "best", thresholds["best"]),
-        ("best-of-3 by SmolLM2 judge, accept all", through_cascade(judged, 0.0, memos)),
-        tunable(memos, "judge", thresholds["judge"]),
-        (
-            "best-of-3, oracle pick (upper bound), accept all",
-            through_cascade(lambda t: BestOfNVerifier(3, 0.7, scorer=OracleScorer(t)), 0.0, memos),
-        ),
-    ]
+def cross_with(partner: str) -> Callable[[Task], CrossModelVerifier]:
+    return lambda t: CrossModelVerifier(partner, probe_for(t) if t.kind == "code" else None)
+
+
+CROSS_MATE = "cross, SmolLM2 + Gemma agree, else large"
+JUDGE_ORACLE = "best-of-3, oracle pick (upper bound), accept all"
+MATE_STRATEGIES = ("mate", "cross-mate", "either", "both")
+
+
+def combined(how: str, threshold: float, memos: dict[str, Memo]) -> tuple[str, Strategy]:
+    """SmolLM2's logprob and Gemma's agreement together: "either" keeps the small answer
+    when its logprob mean >= T or (asked only then) Gemma agrees; "both" needs both."""
+
+    def make(t: Task) -> Verifier:
+        members = [LogprobVerifier("mean"), cross_with("mate")(t)]
+        return AnyOf(members) if how == "either" else AllOf(members)
+
+    name = (
+        f"logprob >= {threshold:g} or Gemma agrees, else large"
+        if how == "either"
+        else f"logprob >= {threshold:g} and Gemma agrees, else large"
+    )
+    return name, through_cascade(make, threshold, memos)
+
+
+def strategy(
+    key: str, memos: dict[str, Memo], thresholds: dict[str, float]
+) -> tuple[str, Strategy]:
+    """One strategy by its --strategies key; "cascade", "best" and "judge" take the
+    threshold of --thresholds, or their own after "@" ("cascade@0.65")."""
+    base, _, at = key.partition("@")
+    if base in ("cascade", "best", "judge"):
+        t = thresholds["logprob" if base == "cascade" else base] if not at else float(at)
+        return tunable(memos, "logprob" if base == "cascade" else base, t)
+    if at and base not in ("either", "both"):
+        raise ValueError(f"strategy {base!r} takes no threshold")
+    if base == "small":
+        return "always small (SmolLM2-135M)", single("small", memos)
+    if base == "large":
+        return "always large (Qwen2.5-Coder-1.5B)", single("large", memos)
+    if base == "mate":
+        return "always Gemma 3 270M (base, few-shot)", single("mate", memos)
+    if base == "cross-mate":
+        return CROSS_MATE, through_cascade(cross_with("mate"), 0.5, memos)
+    if base in ("either", "both"):
+        t = thresholds["logprob"] if not at else float(at)
+        return combined(base, t, memos)
+    if base == "cross-large":
+        return "cross, partner = large", through_cascade(cross_with("large"), 0.5, memos)
+    if base == "review":
+        return "review by large", through_cascade(
+            lambda t: ReviewVerifier("large", t.max_tokens), 0.5, memos
+        )
+    if base == "best-all":
+        return "best-of-3 by logprob, accept all", through_cascade(
+            lambda t: BestOfNVerifier(3, 0.7), 0.0, memos
+        )
+    if base == "judge-all":
+        return "best-of-3 by SmolLM2 judge, accept all", through_cascade(judged, 0.0, memos)
+    if base == "oracle":
+        return JUDGE_ORACLE, through_cascade(
+            lambda t: BestOfNVerifier(3, 0.7, scorer=OracleScorer(t)), 0.0, memos
+        )
+    raise ValueError(f"unknown strategy {key!r}; known: {', '.join(STRATEGIES)}")
+
+
+# The keys --strategies knows; "@T" after cascade, best or judge sets its threshold.
+STRATEGIES = (
+    "small",
+    "large",
+    "mate",
+    "cascade",
+    "cross-mate",
+    "either",
+    "both",
+    "cross-large",
+    "review",
+    "best-all",
+    "best",
+    "judge-all",
+    "judge",
+    "oracle",
+)
+# The seed-0 run's set, in its order (README).
+DEFAULT_STRATEGIES = (
+    "small",
+    "large",
+    "cascade",
+    "cross-large",
+    "review",
+    "best-all",
+    "best",
+    "judge-all",
+    "judge",
+    "oracle",
+)
+
+
+def strategies(
+    memos: dict[str, Memo], thresholds: dict[str, float], keys: Sequence[str] = DEFAULT_STRATEGIES
+) -> list[tuple[str, Strategy]]:
+    return [strategy(key, memos, thresholds) for key in keys]
 
 
 # ---------------------------------------------------------------- report
@@ -350,7 +433,7 @@ def table(rows: list[Row], kinds: set[str]) -> str:
     head = (
         "| strategy | accuracy | answered by large | "
         + " | ".join(f"cost vs always-large ({name})" for name in PRICES)
-        + " | small / large tokens per task | latency p50 / mean s |"
+        + " | small / Gemma / large tokens per task | latency p50 / mean s |"
     )
     lines = [head, "|---|---|---|" + "---|" * len(PRICES) + "---|---|"]
     base = next(r for r in rows if r.name.startswith("always large"))
@@ -365,46 +448,22 @@ def table(rows: list[Row], kinds: set[str]) -> str:
             mine = sum(r.meters[i].cost(prices) for i in idx)
             ref = sum(base.meters[i].cost(prices) for i in idx)
             costs.append(f"{mine / ref:.0%}")
-        small = sum(r.meters[i].tokens_of("small") for i in idx) / n
-        large = sum(r.meters[i].tokens_of("large") for i in idx) / n
+        small, mate, large = (
+            sum(r.meters[i].tokens_of(tier) for i in idx) / n for tier in ("small", "mate", "large")
+        )
         secs = [r.meters[i].seconds for i in idx]
         up = sum(r.to_large[i] for i in idx) / n
         lines.append(
             f"| {r.name} | {accuracy(right, n)} | {up:.0%} "
-            f"| {' | '.join(costs)} | {small:.0f} / {large:.0f} "
+            f"| {' | '.join(costs)} | {small:.0f} / {mate:.0f} / {large:.0f} "
             f"| {statistics.median(secs):.1f} / {statistics.fmean(secs):.1f} |"
         )
     return "\n".join(lines)
 
 
-async def live_async(args: argparse.Namespace) -> str:
-    from tierroute.backends.llamacpp import LlamaCppBackend
-    from tierroute.backends.models import resolve_model
-
-    tasks = make_tasks(args.arith, args.code, args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    journal = out / f"collab_calls_seed{args.seed}.jsonl"
-    memos = {
-        "small": Memo(
-            "small",
-            LlamaCppBackend("small", resolve_model(SMALL), n_ctx=1024, n_threads=args.threads),
-            600,
-            journal,
-        ),
-        "large": Memo(
-            "large",
-            LlamaCppBackend("large", resolve_model(LARGE), n_ctx=1024, n_threads=args.threads),
-            900,
-            journal,
-        ),
-    }
-    start = time.perf_counter()
-    answers = []
-    plan = strategies(memos, args.thresholds)
-    rows = [Row(name) for name, _ in plan]
-    # Task by task, the kinds interleaved: a run stopped early has every strategy on the
-    # same tasks, and a rerun with smaller counts reuses the journal's calls.
+def interleaved(tasks: list[Task]) -> list[Task]:
+    """Task by task, the kinds interleaved: a run stopped early has every strategy on the
+    same mix of tasks, and a rerun with smaller counts reuses the journal's calls."""
     arith = [t for t in tasks if t.kind == "arith"]
     code = [t for t in tasks if t.kind == "code"]
     ratio = max(1, round(len(arith) / max(1, len(code))))
@@ -412,11 +471,89 @@ async def live_async(args: argparse.Namespace) -> str:
     while arith or code:
         order += arith[:ratio] + code[:1]
         arith, code = arith[ratio:], code[1:]
+    return order
+
+
+def make_memos(args: argparse.Namespace, journal: Path, keys: Sequence[str]) -> dict[str, Memo]:
+    """A memo per model the strategies use; Gemma (the "mate" tier) only when asked for."""
+    from tierroute.backends.few_shot import FewShot
+    from tierroute.backends.llamacpp import LlamaCppBackend
+    from tierroute.backends.models import MODELS, resolve_model
+
+    models = {"small": (SMALL, 600.0), "large": (LARGE, 900.0)}
+    if any(key.split("@")[0] in MATE_STRATEGIES for key in keys):
+        models["mate"] = (MATE, 600.0)
+    return {
+        tier: Memo(
+            tier,
+            LlamaCppBackend(
+                tier,
+                resolve_model(model),
+                n_ctx=1024,
+                n_threads=args.threads,
+                few_shot=None if MODELS[model].chat else FewShot(),
+            ),
+            timeout,
+            journal,
+        )
+        for tier, (model, timeout) in models.items()
+    }
+
+
+def report(
+    args: argparse.Namespace, rows: list[Row], done: int, total: int, minutes: float, wall: float
+) -> str:
+    kinds = [("All tasks", {"arith", "code"}), ("Arithmetic", {"arith"}), ("Code", {"code"})]
+    names = {r.name for r in rows}
+    parts = [
+        f"Live run: {args.arith} arithmetic + {args.code} code tasks, seed {args.seed}, "
+        + ("" if args.tasks is None else f"the first {total} in the run's order, ")
+        + f"{done} of {total} done, llama.cpp {args.threads} thread(s), {minutes:.1f} min of "
+        f"model calls ({wall:.1f} min this run). Prices (USD per M tokens, in / out): "
+        + "; ".join(
+            f"{name}: "
+            + ", ".join(
+                f"{t} {p.input_price_per_m:g}/{p.output_price_per_m:g}" for t, p in prices.items()
+            )
+            for name, prices in PRICES.items()
+        ),
+        *(f"{title}\n\n{table(rows, kind)}" for title, kind in kinds),
+    ]
+    if {"best-of-3 by SmolLM2 judge, accept all", JUDGE_ORACLE} <= names:
+        parts.append(judge_summary(rows))
+    if any(r.name.startswith(CROSS_MATE) for r in rows):
+        parts.append(pair_summary(rows))
+    return "\n\n".join(parts)
+
+
+async def live_async(args: argparse.Namespace) -> str:
+    keys = args.strategies
+    if "large" not in keys:
+        raise SystemExit("--strategies must include large: costs are shares of it")
+    tasks = make_tasks(args.arith, args.code, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    memos = make_memos(args, out / f"collab_calls_seed{args.seed}.jsonl", keys)
+    start = time.perf_counter()
+    answers = []
+    plan = strategies(memos, args.thresholds, keys)
+    rows = [Row(name) for name, _ in plan]
+    order = interleaved(tasks)[: args.tasks]
+
+    def write(done: int) -> str:
+        minutes = sum(m.minutes for m in memos.values())
+        text = report(args, rows, done, len(order), minutes, (time.perf_counter() - start) / 60)
+        (out / "collab_live.md").write_text(text + "\n")
+        with (out / "collab_live.jsonl").open("w") as f:
+            for a in answers:
+                f.write(json.dumps(a) + "\n")
+        return text
+
     for n, task in enumerate(order, 1):
         print(f"task {n}/{len(order)} {task.id}", file=sys.stderr, flush=True)
-        for row, (name, strategy) in zip(rows, plan, strict=True):
+        for row, (name, run) in zip(rows, plan, strict=True):
             meter = Meter()
-            answer, large, note = await strategy(task, meter)
+            answer, large, note = await run(task, meter)
             row.add(is_right(task, answer.text), large, meter, task.kind, note)
             answers.append(
                 {
@@ -429,37 +566,49 @@ async def live_async(args: argparse.Namespace) -> str:
                     "tokens": meter.tokens,
                 }
             )
-    sweep = await sweep_thresholds(order, memos, rows[1]) if args.sweep else ""
-    minutes = sum(m.minutes for m in memos.values())
-    wall = (time.perf_counter() - start) / 60
+        write(n)  # partial results as the run goes
+    text = write(len(order))
+    if args.sweep:
+        large_row = rows[keys.index("large")]
+        if {"cascade", "best", "judge"} <= {k.split("@")[0] for k in keys}:
+            text += "\n\n" + await sweep_thresholds(order, memos, large_row)
+        if "mate" in memos:
+            text += "\n\n" + await sweep_either(order, memos, large_row)
+        (out / "collab_live.md").write_text(text + "\n")
     for memo in memos.values():
         await memo.backend.aclose()
-    report = "\n\n".join(
-        [
-            f"Live run: {args.arith} arithmetic + {args.code} code tasks, seed {args.seed}, "
-            f"llama.cpp {args.threads} thread(s), {minutes:.1f} min of model calls "
-            f"({wall:.1f} min this run). Prices "
-            "(USD per M tokens, in / out): "
-            + "; ".join(
-                f"{name}: "
-                + ", ".join(
-                    f"{t} {p.input_price_per_m:g}/{p.output_price_per_m:g}"
-                    for t, p in prices.items()
-                )
-                for name, prices in PRICES.items()
-            ),
-            "All tasks\n\n" + table(rows, {"arith", "code"}),
-            "Arithmetic\n\n" + table(rows, {"arith"}),
-            "Code\n\n" + table(rows, {"code"}),
-            judge_summary(rows),
-            *([sweep] if sweep else []),
-        ]
-    )
-    (out / "collab_live.md").write_text(report + "\n")
-    with (out / "collab_live.jsonl").open("w") as f:
-        for a in answers:
-            f.write(json.dumps(a) + "\n")
-    return report
+    return text
+
+
+def pair_summary(rows: list[Row]) -> str:
+    """SmolLM2 and Gemma as a pair: each one's accuracy, how often their final answers
+    agree, and how often the shared answer is right when they do (the precision of
+    agreement), from the cross row's notes and the two single rows."""
+    cross = next(r for r in rows if r.name == CROSS_MATE)
+    agree = [i for i, note in enumerate(cross.notes) if note.startswith("accepted")]
+    n = len(cross.notes)
+    right = sum(cross.correct[i] for i in agree)
+    parts = [
+        f"SmolLM2 + Gemma: their final answers agree on {len(agree)} of {n} tasks "
+        f"({len(agree) / max(1, n):.0%}); when they agree the answer is right on "
+        + (accuracy(right, len(agree)) if agree else "- (no agreement)")
+    ]
+    for label, kind in (("arithmetic", "arith"), ("code", "code")):
+        idx = [i for i in agree if cross.groups[i] == kind]
+        total = sum(g == kind for g in cross.groups)
+        if total:
+            parts.append(
+                f"{label}: agree on {len(idx)} of {total}, right on "
+                f"{sum(cross.correct[i] for i in idx)} of them"
+            )
+    singles = [r for r in rows if r.name.startswith(("always small", "always Gemma"))]
+    if len(singles) == 2:
+        a, b = singles
+        only = sum(x and not y for x, y in zip(a.correct, b.correct, strict=True))
+        other = sum(y and not x for x, y in zip(a.correct, b.correct, strict=True))
+        together = sum(x and y for x, y in zip(a.correct, b.correct, strict=True))
+        parts.append(f"right: both {together}, SmolLM2 only {only}, Gemma only {other} (of {n})")
+    return "; ".join(parts) + "."
 
 
 _PICKED = re.compile(r"judge picks (.+?) of (\d+) distinct")
@@ -539,6 +688,52 @@ async def sweep_thresholds(tasks: list[Task], memos: dict[str, Memo], large: Row
     return "\n".join(lines)
 
 
+async def sweep_either(tasks: list[Task], memos: dict[str, Memo], large: Row) -> str:
+    """The "logprob >= T or Gemma agrees" cascade at every T of SWEEP, beside the plain
+    logprob cascade, from the same calls: per task SmolLM2's answer and confidence, and
+    Gemma's agreement (asked, and paid, only below T)."""
+    prices = PRICES["gateway.yaml"]
+    base = sum(m.cost(prices) for m in large.meters)
+    per_task = []
+    for task in tasks:
+        small, mate = Meter(), Meter()
+        draft = await Cascade(LogprobVerifier("mean"), 0.0).draft(
+            small.asker(memos), task.request()
+        )
+        cross = await Cascade(cross_with("mate")(task), 0.5).draft(
+            mate.asker(memos), task.request()
+        )
+        mate_cost = mate.cost(prices) - small.cost(prices)  # the same small call, then Gemma's
+        ok = is_right(task, draft.result.text)
+        per_task.append(
+            (draft.verdict.confidence, ok, small.cost(prices), cross.accepted, mate_cost)
+        )
+    lines = [
+        f"Sweep of the logprob threshold on these {len(tasks)} tasks: accuracy / cost vs "
+        "always-large (gateway.yaml prices)",
+        "",
+        "| T | two-tier cascade, logprob mean | logprob or Gemma agrees, else large |",
+        "|---|---|---|",
+    ]
+    for t in SWEEP:
+        cells = []
+        for rescue in (False, True):
+            right = cost = 0.0
+            for (conf, ok, spent, agree, mate), big_ok, big in zip(
+                per_task, large.correct, large.meters, strict=True
+            ):
+                cost += spent
+                keep = conf >= t
+                if not keep and rescue:
+                    cost += mate
+                    keep = agree
+                right += ok if keep else big_ok
+                cost += 0.0 if keep else big.cost(prices)
+            cells.append(f"{right / len(tasks):.0%} / {cost / base:.0%}")
+        lines.append(f"| {t:g} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def parse_thresholds(text: str) -> dict[str, float]:
     """ "logprob=0.7,best=0.75,judge=0.9" over the defaults; each in [0, 1]."""
     out = dict(THRESHOLDS)
@@ -557,6 +752,31 @@ def parse_thresholds(text: str) -> dict[str, float]:
     return out
 
 
+def parse_strategies(text: str) -> tuple[str, ...]:
+    """ "small,large,cascade@0.65" -> the keys, each checked (a threshold within [0, 1])."""
+    keys = tuple(k.strip() for k in text.split(",") if k.strip())
+    if not keys or len(keys) > 32:
+        raise argparse.ArgumentTypeError("name 1 to 32 strategies")
+    for key in keys:
+        base, at, value = key.partition("@")
+        if base not in STRATEGIES:
+            raise argparse.ArgumentTypeError(
+                f"unknown strategy {base!r}; known: {', '.join(STRATEGIES)}"
+            )
+        if at:
+            if base not in ("cascade", "best", "judge", "either", "both"):
+                raise argparse.ArgumentTypeError(f"strategy {base!r} takes no @threshold")
+            try:
+                t = float(value)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{key!r}: {value!r} is not a number") from None
+            if not 0.0 <= t <= 1.0:
+                raise argparse.ArgumentTypeError(f"{key!r}: the threshold must be within [0, 1]")
+    if len(set(keys)) != len(keys):
+        raise argparse.ArgumentTypeError("a strategy is named twice")
+    return keys
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arith", type=int, default=32, help="live: arithmetic tasks")
     parser.add_argument("--code", type=int, default=16, help="live: code tasks")
@@ -572,10 +792,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sweep", action="store_true", help="live: every threshold of the tunable strategies"
     )
+    parser.add_argument(
+        "--tasks",
+        type=int,
+        default=None,
+        help="live: only the first N tasks of the run's order (kinds interleaved), e.g. to "
+        "report a run stopped early from its journal",
+    )
+    parser.add_argument(
+        "--strategies",
+        type=parse_strategies,
+        default=DEFAULT_STRATEGIES,
+        help="live: comma-separated, of " + ", ".join(STRATEGIES) + " (cascade, best, judge, "
+        "either and both take @T, e.g. cascade@0.65); default: the seed-0 set, "
+        + ",".join(DEFAULT_STRATEGIES),
+    )
 
 
 def live(args: argparse.Namespace) -> None:
     for key in ("arith", "code"):
         if not 0 <= getattr(args, key) <= 400:
             raise SystemExit(f"--{key} must be within [0, 400]")
+    if args.tasks is not None and not 1 <= args.tasks <= 800:
+        raise SystemExit("--tasks must be within [1, 800]")
     print(asyncio.run(live_async(args)))

@@ -1,11 +1,16 @@
 """Gateway figures: prints them, asserts nothing.
 
     python benchmarks/gateway_bench.py [--requests 2000] [--skip-local]
-        [--only overhead batching replicas stack local]
+        [--only overhead batching replicas stack fresh local]
     python benchmarks/gateway_bench.py --state redis://127.0.0.1:6379/0   (state_bench.py)
-    python benchmarks/gateway_bench.py --only stack [--baseline-src MAIN_CHECKOUT/src]
     python benchmarks/gateway_bench.py --baseline ../main/src [--rounds 3] [--seconds 10]
-        [--router default-static]   (this checkout's router; the baseline runs default)
+    python benchmarks/gateway_bench.py --only stack --baseline ../main/src [--rounds 3]
+        [--concurrency 1 64]
+
+`--baseline SRC` names another checkout's src folder (the old code, e.g. main's): its
+gateways run beside this checkout's, measured alternately so that other jobs on the machine
+weigh on both alike. It applies to the sections marked (before/after) below; given alone it
+runs the fresh section.
 
 1. Overhead: latency through tierroute minus latency straight to the same fast local
    upstream (benchmarks/fast_upstream.py), p50 and p99, at concurrency 1 and 64, measured
@@ -16,11 +21,13 @@
    side by side; then one, two and three replicas on this machine. With wrk installed
    (apt-get install wrk) each c=64 row is measured by the Python client and by wrk: the
    Python client saturates its own core first.
-4. Stack: one replica on the embedded default (SQLite ledger, in-process state) vs one on
-   PostgreSQL + Redis, side by side, both with a limited key (key_limits): added p50/p99
-   at c=1 and req/s at c=64 (state_bench.side_by_side). With --baseline-src the same two
-   also run from another checkout's src (e.g. main's) in the same rounds: before/after.
-5. Memory (RSS) of `tierroute serve` on its embedded default with both local tiers
+4. Stack (before/after): one replica on the embedded default (SQLite ledger, in-process
+   state) vs one on PostgreSQL + Redis, side by side, both with a limited key
+   (key_limits): added p50/p99 at c=1 and req/s at c=64 (state_bench.side_by_side). With
+   --baseline the same two also run from the old code, in the same rounds.
+5. Fresh (before/after, needs --baseline and wrk): fresh prompts through the old code's
+   gateway and this one's: c=64 req/s, c=1 p50 and the gateway's CPU per request.
+6. Memory (RSS) of `tierroute serve` on its embedded default with both local tiers
    loaded, and tokens/s of each local tier (64-token answers, forced tier).
 Targets (issue 3): added p50 <= 2 ms, p99 <= 10 ms; >= 1,000 req/s. Issue 12: fresh
 prompts at c=64 >= 600 req/s on 2 cores; PostgreSQL + Redis adds <= 1 ms p50 over SQLite.
@@ -321,14 +328,11 @@ def against_baseline(baseline: str, rounds: int, seconds: int, router: str = "de
     """Fresh prompts through this checkout's gateway and through `baseline`'s (another
     checkout's src folder, e.g. main's), both up at once and measured alternately with wrk,
     so that other jobs on the machine weigh on both alike: c=64 req/s and c=1 p50, and the
-    gateway's CPU per request. `router`: this checkout's router (the baseline's: default)."""
+    gateway's CPU per request."""
     if not shutil.which("wrk"):
         raise SystemExit("--baseline needs wrk (apt-get install wrk)")
     here = str(HERE.parent / "src")
-    print(
-        f"\nfresh prompts, baseline {baseline} (old, router default) vs {here} "
-        f"(new, router {router}), alternating; load average {os.getloadavg()[0]:.1f}:"
-    )
+    print(f"\nfresh prompts, baseline {baseline} (old) vs {here} (new), alternating:")
     print(
         f"{'round':<6} {'code':<4} {'c=64 req/s':>10} {'c=64 p50':>9} {'CPU ms/req':>10} "
         f"{'c=1 p50':>8}"
@@ -357,8 +361,7 @@ def against_baseline(baseline: str, rounds: int, seconds: int, router: str = "de
     print(
         f"median c=64 req/s: old {old_rps:.0f}, new {new_rps:.0f} (x{new_rps / old_rps:.2f}); "
         f"median c=1 p50: old {np.median([f[1] for f in figures['old']]):.2f} ms, "
-        f"new {np.median([f[1] for f in figures['new']]):.2f} ms; load average "
-        f"{os.getloadavg()[0]:.1f}"
+        f"new {np.median([f[1] for f in figures['new']]):.2f} ms"
     )
 
 
@@ -395,16 +398,22 @@ def pg_databases(admin_url: str, count: int) -> Iterator[list[str]]:
 
 
 def stack(
-    requests: int, redis_url: str, pg_url: str, baseline_src: str | None, rounds: int
+    requests: int,
+    redis_url: str,
+    pg_url: str,
+    baseline: str | None,
+    rounds: int,
+    concurrency: list[int],
 ) -> None:
     """One replica: SQLite + in-process state vs PostgreSQL + Redis (issue 12's target:
-    <= 1 ms added p50), and the same from `baseline_src` when given, all side by side."""
+    <= 1 ms added p50), and the same from `baseline` (old code's src) when given, all side
+    by side."""
     from state_bench import Variant, side_by_side
 
     print("\none replica, SQLite + memory vs PostgreSQL + Redis:")
     srcs: list[tuple[str, str | None]] = [("", None)]
-    if baseline_src:
-        srcs.append((" (baseline)", baseline_src))
+    if baseline:
+        srcs.append((" (baseline)", baseline))
     with pg_databases(pg_url, len(srcs)) as databases:
         pairs = [
             (
@@ -413,7 +422,10 @@ def stack(
             )
             for (tag, src), db in zip(srcs, databases, strict=True)
         ]
-        side_by_side(pairs, requests, rounds, [(1, False), (64, False), (64, True)])
+        cases = [
+            (c, fresh) for c, fresh in ((1, False), (64, False), (64, True)) if c in concurrency
+        ]
+        side_by_side(pairs, requests, rounds, cases)
 
 
 def local_tiers() -> None:
@@ -466,6 +478,10 @@ def local_tiers() -> None:
             serve.wait(60)
 
 
+SECTIONS = ["overhead", "batching", "replicas", "stack", "fresh", "local"]
+WITH_BASELINE = {"stack", "fresh"}  # the sections that can measure the old code too
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
@@ -473,8 +489,8 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["overhead", "batching", "replicas", "stack", "local"],
-        help="run these sections only (default: all)",
+        choices=SECTIONS,
+        help="run these sections only (default: all but fresh; with --baseline: fresh)",
     )
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="for stack")
     parser.add_argument(
@@ -483,38 +499,53 @@ def main() -> None:
         help="for stack: a database to create and drop the benchmark's databases from",
     )
     parser.add_argument(
-        "--baseline-src", help="stack: also run gateways from this src folder, side by side"
+        "--baseline",
+        metavar="SRC",
+        help="another checkout's src folder (the old code): stack and fresh measure its "
+        "gateways beside this checkout's, alternately",
     )
     parser.add_argument(
-        "--rounds", type=int, default=3, help="stack: rounds per case; --baseline: alternations"
+        "--rounds", type=int, default=3, help="stack: rounds per case; fresh: alternations"
+    )
+    parser.add_argument("--seconds", type=int, default=10, help="fresh: wrk seconds a run")
+    parser.add_argument(
+        "--router",
+        default="default",
+        help="fresh --baseline: this checkout's router (e.g. default-static); the baseline's: "
+        "default",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        choices=[1, 64],
+        default=[1, 64],
+        help="stack: the cases to run (c=1: repeated prompt, a quarter of --requests a "
+        "round; c=64: repeated and fresh prompts)",
     )
     parser.add_argument(
         "--state", metavar="REDIS_URL", help="only compare in-process and Redis state (state_bench)"
     )
-    parser.add_argument(
-        "--baseline",
-        metavar="SRC",
-        help="only compare fresh prompts with another checkout's src folder (old code), "
-        "alternately with wrk",
-    )
-    parser.add_argument("--seconds", type=int, default=10, help="--baseline: wrk seconds a run")
-    parser.add_argument(
-        "--router",
-        default="default",
-        help="--baseline: this checkout's router (e.g. default-static); the baseline runs default",
-    )
     args = parser.parse_args()
-    if args.baseline:
-        against_baseline(args.baseline, args.rounds, args.seconds, args.router)
-        return
     if args.state:
         from state_bench import compare
 
-        compare(args.requests, args.state, rounds=3)
+        compare(args.requests, args.state, rounds=3, baseline_src=args.baseline)
         return
-    only = set(args.only or ["overhead", "batching", "replicas", "stack", "local"])
+    if args.only:
+        only = set(args.only)
+    elif args.baseline:
+        only = {"fresh"}
+    else:
+        only = set(SECTIONS) - {"fresh"}
     if args.skip_local:
         only.discard("local")
+    if args.baseline and not only <= WITH_BASELINE:
+        parser.error(
+            f"--baseline applies to stack and fresh, not {', '.join(only - WITH_BASELINE)}"
+        )
+    if "fresh" in only and not args.baseline:
+        parser.error("fresh compares with the old code: give --baseline SRC")
     print(f"gateway_bench on {os.cpu_count()} cores\n")
     if "overhead" in only:
         overhead(args.requests)
@@ -523,12 +554,17 @@ def main() -> None:
     if "replicas" in only:
         replicas(args.requests)
     if "stack" in only:
-        stack(args.requests, args.redis, args.postgres, args.baseline_src, args.rounds)
+        stack(
+            args.requests, args.redis, args.postgres, args.baseline, args.rounds, args.concurrency
+        )
+    if "fresh" in only:
+        against_baseline(args.baseline, args.rounds, args.seconds, args.router)
     if "local" in only:
         local_tiers()
     print(
         "\ntargets: added p50 <= 2 ms, p99 <= 10 ms, >= 1,000 req/s (repeated prompt); "
-        "fresh prompts at c=64 >= 600 req/s (issue 12, from 219)"
+        "fresh prompts at c=64 >= 600 req/s (issue 12, from 219); PostgreSQL + Redis adds "
+        "<= 1 ms p50 over SQLite"
     )
 
 

@@ -410,12 +410,12 @@ SHIPPED_RECIPE = "old-default"
 DEFAULT_RULE_PRIOR = 0.5
 
 
-def with_rule_prior(router: Any, encoder: Any, weight: float) -> Any:
+def with_rule_prior(router: Any, encoder: Any, weight: float, rules_file: str = "") -> Any:
     from tierroute.routers.prior import RulePriorRouter
     from tierroute.routers.rules import RulesRouter, load_rules
     from tierroute.tagger import Tagger
 
-    rules = load_rules()
+    rules = load_rules(rules_file or None)
     tagger = Tagger(encoder) if rules.uses_tags else None
     return RulePriorRouter(router, RulesRouter(rules, tagger), weight)
 
@@ -448,6 +448,7 @@ def leave_one_out(
     only: list[str],
     sample: int = 0,
     serve: tuple[str, ...] = (),
+    rules_file: str = "",
     train_on: str = "fp32",
 ) -> None:
     from tierroute.embed import Embedder, EmbeddingCache
@@ -499,7 +500,7 @@ def leave_one_out(
             else:
                 router = trained = RECIPES[name](train, encoder)
             if rule_prior and name != "rules":
-                router = with_rule_prior(router, encoder, rule_prior)
+                router = with_rule_prior(router, encoder, rule_prior, rules_file)
             ev = evaluate(name, test, fixed=router)
             cells[name][f.name] = ev.figures["apgr"]
             for spec, other in variants.items() if trained is not None else ():
@@ -508,7 +509,7 @@ def leave_one_out(
                 else:
                     twin = served(trained, other)
                     if rule_prior:
-                        twin = with_rule_prior(twin, other, rule_prior)
+                        twin = with_rule_prior(twin, other, rule_prior, rules_file)
                 ev_v = evaluate(name, test, fixed=twin)
                 cells[f"{name} served {spec}"][f.name] = ev_v.figures["apgr"]
                 a, b = encoder.encode(test.prompts), other.encode(test.prompts)
@@ -621,6 +622,13 @@ def main() -> None:
         help="weight of the rule prior (0: none)",
     )
     parser.add_argument(
+        "--rules",
+        default="",
+        metavar="FILE",
+        help="leave-one-out: the rule prior's rules file (default: the built-in rules.yaml), "
+        "e.g. an older rules.yaml to compare on the same rows",
+    )
+    parser.add_argument(
         "--routers",
         nargs="+",
         default=["random", "rules", "knn", "logreg", "irt", "mf", "ensemble", "default"],
@@ -636,6 +644,7 @@ def main() -> None:
             args.files,
             args.sample,
             args.serve,
+            args.rules,
             args.train_on,
         )
         return

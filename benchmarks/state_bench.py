@@ -1,8 +1,8 @@
 """What shared state costs a request: one gateway on in-process state vs the same on Redis.
 
     python benchmarks/state_bench.py [--requests 2000] [--redis redis://127.0.0.1:6379/0]
-        [--baseline-src OTHER_CHECKOUT/src]
-    (or python benchmarks/gateway_bench.py --state-only; `gateway_bench.py --only stack`
+        [--baseline OTHER_CHECKOUT/src]
+    (or python benchmarks/gateway_bench.py --state URL; `gateway_bench.py --only stack`
     compares SQLite + memory with PostgreSQL + Redis the same way)
 
 Both runs use one API key limited by `gateway.key_limits` (requests and tokens per minute
@@ -12,7 +12,7 @@ ones miss it locally (and, with one replica, skip the shared read). Prints p50/p
 req/s per case and the difference Redis makes, and the gateway's CPU milliseconds per
 request (which other load on the machine does not inflate, unlike latency).
 
-`--baseline-src` runs the same pair of gateways from another checkout's `src` (e.g. main's)
+`--baseline` runs the same pair of gateways from another checkout's `src` (e.g. main's)
 at the same time, alternating with this one's, so "before" and "after" are measured side
 by side under the same load. The issue's target for PostgreSQL + Redis is <= 1 ms added
 p50 over SQLite; this measures the Redis part.
@@ -250,13 +250,15 @@ def main() -> None:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--baseline-src", help="also run gateways from this src folder (e.g. main's), side by side"
+        "--baseline",
+        metavar="SRC",
+        help="also run gateways from this src folder (e.g. main's), side by side",
     )
     parser.add_argument("--skip-micro", action="store_true")
     args = parser.parse_args()
     if not args.skip_micro:
         micro(args.redis)
-    compare(args.requests, args.redis, args.rounds, args.baseline_src)
+    compare(args.requests, args.redis, args.rounds, args.baseline)
 
 
 if __name__ == "__main__":

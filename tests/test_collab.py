@@ -349,6 +349,35 @@ def test_cross_model_agreement_keeps_or_escalates_past_the_partner(tmp_path: Pat
     )
 
 
+def test_logprob_or_cross_asks_the_partner_only_when_the_logprobs_are_unsure(
+    tmp_path: Path,
+) -> None:
+    small, mate, large = Adder("small"), Adder("mate"), Adder("large")
+    backends = {"small": small, "mate": mate, "large": large}
+    either = {"verifier": "logprob|cross", "partner_tier": "mate", "threshold": 0.5}
+    # A right small answer (logprob -0.1 a token): kept on its logprobs, no partner call.
+    result, outcome, row = answer(tmp_path / "a", either, backends)
+    assert outcome.tier == "small" and not mate.requests and not large.requests
+    assert outcome.cascade is not None and outcome.cascade.startswith(
+        "accepted: mean token logprob -0.10"
+    )
+    # A wrong one (-1.5 a token, confidence 0.22): the partner is asked; it agrees on the
+    # same wrong sum, so the answer stands (what agreement cannot catch) ...
+    small.error = mate.error = 1
+    result, outcome, row = answer(tmp_path / "b", either, backends)
+    assert outcome.tier == "small" and len(mate.requests) == 1 and not large.requests
+    assert outcome.cascade is not None and "; cross: mate agrees on 'number:43'" in outcome.cascade
+    assert "(confidence 1.00 >= 0.50)" in outcome.cascade
+    # ... and when it disagrees, the request escalates, past the partner, to large.
+    mate.error = 0
+    result, outcome, row = answer(tmp_path / "c", either, backends)
+    assert outcome.tier == "large" and outcome.tried == ["small", "large"]
+    assert "Answer: 42" in result.text and len(mate.requests) == 2
+    assert row.cost_usd == pytest.approx(
+        cost(("small", *usage(small)), ("mate", *usage(mate)), ("large", *usage(large)))
+    )
+
+
 class Down(Adder):
     """A tier whose every call fails as an unreachable upstream does."""
 

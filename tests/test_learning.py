@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tierroute.errors import InputError
-from tierroute.learning import ledger_labels
+from tierroute.learning import cross_validate, ledger_labels, stratified_folds
 from tierroute.ledger import Ledger, LedgerRow, default_path
 
 from .conftest import run_cli
@@ -137,3 +138,33 @@ def test_too_little_ledger_data(tmp_path: Path) -> None:
         str(tmp_path / "r"),
     )
     assert proc.returncode == 2 and "only 1 labelled requests" in proc.stderr
+
+
+def test_stratified_folds_cover_every_label_once_with_both_kinds_in_each() -> None:
+    labels = np.array([1] * 7 + [0] * 30)
+    parts = stratified_folds(labels, 5, seed=3)
+    assert sorted(i for p in parts for i in p) == list(range(37))
+    assert len(parts) == 5 and all(set(labels[p]) == {0, 1} for p in parts)
+    # as many folds as the rarer kind allows
+    assert len(stratified_folds(np.array([1, 1, 1, 0, 0, 0, 0, 0]), 5)) == 3
+    with pytest.raises(InputError, match="rarer kind"):
+        stratified_folds(np.array([1] + [0] * 20), 5)
+
+
+def test_cross_validation_scores_each_fold_with_a_model_that_never_saw_it() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=200)
+    labels = (x + 0.5 * rng.normal(size=200) > 0).astype(np.int64)
+    parts = stratified_folds(labels, 4)
+    seen: list[set[int]] = []
+
+    def fit_score(train: list[int], test: list[int]) -> np.ndarray:
+        seen.append(set(train) & set(test))
+        # a "model" that learns the sign of x from its training rows only
+        sign = np.sign(np.corrcoef(x[train], labels[train])[0, 1])
+        return sign * x[test]
+
+    new, reference, oof = cross_validate(fit_score, -x, labels, parts)
+    assert all(not overlap for overlap in seen) and len(seen) == 4
+    assert new > 0.8 and reference == pytest.approx(1 - new)  # the reference is reversed
+    assert np.array_equal(oof, x)

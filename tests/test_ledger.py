@@ -59,7 +59,7 @@ def test_fresh_database_gets_every_migration_and_wal(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "ledger.db"
     Ledger(path).close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
     assert {"requests", "feedback", "requests_ts", "feedback_request"} <= tables(path)

@@ -16,6 +16,9 @@ stop as soon as the outcome is settled.
     AllOf               members in order, confidence = the lowest; stops at the first
                         member below the threshold (so "logprob+agreement" only samples
                         when the logprobs look confident)
+    AnyOf               members in order, confidence = the highest; stops at the first
+                        member at or above it (so "logprob|cross" asks the partner model
+                        only when the logprobs look unsure)
 
 Collaboration strategies (tierroute.collab) follow the same protocol: `ask` takes a tier
 name, and a verdict may carry the answer to return instead of the first one.
@@ -57,7 +60,15 @@ class Ask(Protocol):
 # A plain "ask the small tier" function, as the cascade took before verifiers asked others.
 SmallOnly = Callable[[ChatRequest], Awaitable[ChatResult]]
 
-VERIFIERS = ("logprob", "agreement", "logprob+agreement", "cross", "review", "best_of_n")
+VERIFIERS = (
+    "logprob",
+    "agreement",
+    "logprob+agreement",
+    "cross",
+    "logprob|cross",
+    "review",
+    "best_of_n",
+)
 STATS = ("mean", "min")
 SCORERS = ("logprob", "judge")  # best_of_n: how the returned answer is chosen
 MAX_SAMPLES = 16
@@ -236,6 +247,33 @@ class AllOf:
         return Verdict(min(v.confidence for v in verdicts), "; ".join(v.reason for v in verdicts))
 
 
+class AnyOf:
+    """One confident member is enough: confidence = the highest member's; members run in
+    order and the first one at or above the threshold ends the check (so "logprob|cross"
+    asks the partner model only when the logprobs look unsure)."""
+
+    def __init__(self, members: Sequence[Verifier]) -> None:
+        if not members:
+            raise ConfigError("a combined verifier needs at least one member")
+        self.members = tuple(members)
+        self.name = "|".join(m.name for m in self.members)
+
+    def prepare(self, request: ChatRequest) -> ChatRequest:
+        for member in self.members:
+            request = member.prepare(request)
+        return request
+
+    async def verify(
+        self, request: ChatRequest, first: ChatResult, ask: Ask, threshold: float
+    ) -> Verdict:
+        verdicts: list[Verdict] = []
+        for member in self.members:
+            verdicts.append(await member.verify(request, first, ask, threshold))
+            if verdicts[-1].confidence >= threshold:
+                break
+        return Verdict(max(v.confidence for v in verdicts), "; ".join(v.reason for v in verdicts))
+
+
 @dataclass(frozen=True)
 class CascadeConfig:
     """The gateway's `cascade:` section (see resources/gateway.yaml)."""
@@ -289,8 +327,10 @@ class CascadeConfig:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 64):
                 raise ConfigError(f"{key} must be a tier name, not {value!r}")
-        if self.verifier == "cross" and self.partner_tier is None:
-            raise ConfigError("verifier cross needs partner_tier: the second small model's tier")
+        if self.verifier in ("cross", "logprob|cross") and self.partner_tier is None:
+            raise ConfigError(
+                f"verifier {self.verifier} needs partner_tier: the second small model's tier"
+            )
         n = self.review_max_tokens
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 4096:
             raise ConfigError(f"review_max_tokens must be a whole number in [1, 4096], not {n!r}")
@@ -327,9 +367,12 @@ class CascadeConfig:
         """The configured verifier; `tiers` (smallest first) gives the default reviewer."""
         from tierroute import collab  # it builds on this module
 
-        if self.verifier == "cross":
+        if self.verifier in ("cross", "logprob|cross"):
             assert self.partner_tier is not None
-            return collab.CrossModelVerifier(self.partner_tier)
+            cross = collab.CrossModelVerifier(self.partner_tier)
+            if self.verifier == "cross":
+                return cross
+            return AnyOf([LogprobVerifier(self.logprob_stat), cross])
         if self.verifier == "review":
             reviewer = self.reviewer_tier or (tiers[-1] if tiers else None)
             if reviewer is None:

@@ -436,9 +436,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
     learning = replace(settings.learning or LearningConfig(), min_new_labels=0)
     print(f"replaying {len(o):,} rows of {' + '.join(args.data)} through the engine")
 
-    def show(point: Any) -> None:
+    def show(point: Any, fold: int | None) -> None:
         run = f"  [{point.run.outcome}: {point.run.reason}]" if point.run else "  [cold start]"
-        print(f"labels {point.labels:5d}  APGR {point.apgr:.3f}  CPT(50%) {point.cpt50:.3f}{run}")
+        where = "" if fold is None else f"fold {fold}  "
+        print(
+            f"{where}labels {point.labels:5d}  APGR {point.apgr:.3f}  "
+            f"CPT(50%) {point.cpt50:.3f}{run}"
+        )
 
     result = replay(
         o,
@@ -449,10 +453,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
         seed=args.seed,
         limit=args.limit,
         eval_size=args.eval_size,
+        folds=args.folds,
         reveal=args.reveal,
         data_dir=Path(args.data_dir) if args.data_dir else None,
         progress=show,
     )
+    if result.folds:
+        print(f"mean over {len(result.folds)} folds, each row evaluated once:")
+        for point in result.points:
+            print(f"labels {point.labels:5d}  APGR {point.apgr:.3f}  CPT(50%) {point.cpt50:.3f}")
     best = max(result.points[1:], key=lambda p: p.labels, default=result.points[0])
     print(
         f"on the {result.eval_rows} never-sent rows: random {result.random_apgr:.3f}, cold "
@@ -727,6 +736,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         rows = ledger.rows(since=since)
         judged = ledger.judgements(since)
         rated = ledger.feedback_since(since)
+        judging = ledger.judging_spend(since)
         names = key_names(ledger) if args.by == "key" else {}
     by_request: dict[str, list[float]] = {}
     for request_id, _, rating in rated:
@@ -741,6 +751,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         by=args.by,
         ratings={k: sum(v) / len(v) for k, v in by_request.items()},
         verdicts=verdicts,
+        judging=judging,
     )
     if args.format == "csv":
         sys.stdout.write(report_csv(report))
@@ -964,6 +975,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-size",
         type=int,
         help="rows held back as the never-sent evaluation set (default min(500, a third))",
+    )
+    p.add_argument(
+        "--folds",
+        type=_whole(1, 100),
+        default=1,
+        help="cross-fitting: replay once per fold with that fold as the evaluation set, and "
+        "average the curves (every row evaluated once; instead of --eval-size)",
     )
     p.add_argument(
         "--reveal", type=float, default=1.0, help="share of requests whose outcome is revealed"

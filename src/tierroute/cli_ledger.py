@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -231,13 +232,87 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _state_of(args: argparse.Namespace) -> tuple[str | None, str]:
+    """The Redis the gateways share (--state, $TIERROUTE_STATE_URL, the config's `state:`)
+    and its key prefix (--state-prefix, the config's `gateway.state_prefix`)."""
+    import os
+
+    url = args.state or os.environ.get("TIERROUTE_STATE_URL")
+    prefix = args.state_prefix
+    if getattr(args, "config", None):
+        from tierroute.gateway.settings import load_settings
+
+        settings = load_settings(args.config)
+        url = url or settings.state_url
+        prefix = prefix or settings.state_prefix
+    if url == "memory":
+        url = None
+    return url, prefix or "tierroute:"
+
+
+def _publish(url: str, prefix: str, key: str) -> str | None:
+    """Publish a revocation to the gateways' Redis; None, or why it could not be."""
+    from tierroute.state.redis import publish_revocation, redact
+
+    try:
+        publish_revocation(url, prefix, key)
+    except Exception as exc:  # redis.RedisError, OSError: the database holds it anyway
+        return f"Redis at {redact(url)} did not take it ({type(exc).__name__}: {exc})"
+    return None
+
+
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    ledger, store = _store(args)
-    with ledger:
-        record = store.revoke(args.key)
+    """Revoke in the database (the record), then publish the key id to the gateways'
+    Redis, which every replica reads each beat: it is refused within about a beat, even by
+    a replica that cannot reach the database. With the database down, a key id alone can
+    still be published: refused at once, to be recorded when the database answers."""
+    from tierroute.keys import KEY_ID_LENGTH
+
+    url, prefix = _state_of(args)
+    try:
+        ledger, store = _store(args)
+        with ledger:
+            try:
+                record = store.revoke(args.key)
+            except InputError:
+                # Revoked already (a run whose publication failed): publish it again.
+                gone = [r for r in store.list() if args.key in (r.policy.key_id, r.policy.name)]
+                if url is None or len(gone) != 1 or gone[0].active:
+                    raise
+                record = gone[0]
+    except LedgerError as exc:
+        is_id = len(args.key) == KEY_ID_LENGTH and all(c in "0123456789abcdef" for c in args.key)
+        if url is None or not is_id:
+            raise
+        problem = _publish(url, prefix, args.key)
+        if problem is not None:
+            raise LedgerError(f"{exc}; and {problem}") from None
+        print(
+            f"the database did not record the revocation ({exc}); key {args.key} is "
+            "published to the gateways' Redis, so every replica refuses it within a beat. "
+            "Run this command again once the database answers, to record it there.",
+            file=sys.stderr,
+        )
+        return 1
+    key = record.policy.key_id
+    if url is None:
+        print(
+            f"revoked key {key} ({record.policy.name}); every gateway refuses it within "
+            "gateway.key_cache_ttl_s (5 s by default) while it can read the database"
+        )
+        return 0
+    problem = _publish(url, prefix, key)
+    if problem is not None:
+        print(
+            f"revoked key {key} ({record.policy.name}) in the database, but {problem}: "
+            "gateways refuse it within gateway.key_cache_ttl_s while they can read the "
+            "database; run this command again to publish it",
+            file=sys.stderr,
+        )
+        return 1
     print(
-        f"revoked key {record.policy.key_id} ({record.policy.name}); every gateway refuses it "
-        "within a few seconds"
+        f"revoked key {key} ({record.policy.name}) and published it to the gateways' "
+        "Redis: every replica refuses it within a beat (gateway.state_sync_s)"
     )
     return 0
 
@@ -271,5 +346,16 @@ def add_commands(sub: Any) -> None:
     ls.set_defaults(func=cmd_keys_list)
     r = keys_sub.add_parser("revoke", help="revoke a key by its id or name")
     r.add_argument("key", metavar="KEY_ID_OR_NAME")
+    r.add_argument(
+        "--state",
+        metavar="URL",
+        help="the gateways' redis:// state, to publish the revocation to (default: "
+        "$TIERROUTE_STATE_URL, else the config's 'state:')",
+    )
+    r.add_argument(
+        "--state-prefix",
+        metavar="PREFIX",
+        help="its key prefix (default: the config's, or tierroute:)",
+    )
     add_ledger_options(r)
     r.set_defaults(func=cmd_keys_revoke)

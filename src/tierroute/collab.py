@@ -46,6 +46,7 @@ _CHOICE = re.compile(
     r"\b(?:answer|option|choice)\b(?:\s+is)?\s*[:=]?\s*\(?([A-Ja-j])\)?(?![\w])", re.IGNORECASE
 )
 _FENCE = re.compile(r"```[\w+-]*\n(.*?)(?:```|\Z)", re.DOTALL)
+_BARE_DEF = re.compile(r"\s*def \w+\s*\(")
 _PY_COMMENT = re.compile(r"(?m)\s*#.*$")
 _SPACES = re.compile(r"\s+")
 
@@ -64,8 +65,9 @@ def answer_key(text: str, probe: CodeProbe | None = None) -> str | None:
     """The normalised final answer of a reply, tagged with its kind, so that answers from
     two different models compare equal when they say the same thing:
 
-    - "code:" the behaviour `probe` reports for the last fenced code block, or without a
-      probe (or when it cannot tell) the block with comments and whitespace removed;
+    - "code:" the behaviour `probe` reports for the last fenced code block (or a reply
+      that is a bare `def`, as a few-shot base model writes one on one line), or without
+      a probe (or when it cannot tell) the code with comments and whitespace removed;
     - "choice:" a letter after "answer"/"option"/"choice" ("Answer: (b)" -> "choice:B");
     - "number:" the final number (tierroute.cascade.final_answer, "1,234.0" -> "1234");
     - "text:" the last non-empty line, lowercased with punctuation collapsed.
@@ -73,6 +75,8 @@ def answer_key(text: str, probe: CodeProbe | None = None) -> str | None:
     None for an empty reply.
     """
     code = code_block(text)
+    if code is None and _BARE_DEF.match(text):
+        code = text.strip()  # a completion starts after "A:", often with a space
     if code is not None and code.strip():
         behaviour = probe(code) if probe is not None else None
         if behaviour is not None:

@@ -159,6 +159,9 @@ class Embedder:
             # process (~600 MB after 32 x 256-token texts) for no measurable speed-up here.
             options.enable_cpu_mem_arena = False
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # Errors only: onnxruntime's warnings (e.g. an initializer a graph optimisation
+            # made unused) are not the user's to act on, and they broke one-line CLI errors.
+            options.log_severity_level = 3
             self._tokenizer = tokenizer
             self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 

@@ -15,7 +15,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +53,9 @@ SECRET_PREFIX = "sk-tr-"
 # within this. Bounded, so a flood of made-up keys cannot grow the cache without end.
 CACHE_TTL_S = 5.0
 CACHE_MAX_ENTRIES = 10_000
+# How long into a database outage a key the database confirmed is still accepted.
+STALE_S = 300.0
+_KEY_ID = re.compile(r"^[0-9a-f]{12}$")
 _NAME = re.compile(r"^[\w.@:/+-][\w .@:/+-]{0,127}$")
 
 
@@ -110,6 +113,13 @@ class KeyStore:
                     f"{what} must be 1 to 128 letters, digits, spaces or . @ : / + - _ "
                     f"(got {value!r})"
                 )
+        # A request's tenant is "<tenant or key id>/<user>": a tenant with a "/" (acme/x)
+        # or shaped like a key id would share names with another key's tenants.
+        if tenant is not None and ("/" in tenant or _KEY_ID.match(tenant)):
+            raise InputError(
+                f"the tenant {tenant!r} may not contain '/' nor be 12 hex digits "
+                "(the shape of a key id): it prefixes its users' names"
+            )
         policy_fields = dict(
             name=name,
             tenant=tenant,
@@ -176,10 +186,18 @@ class KeyStore:
 
 
 class Authoriser:
-    """`lookup(secret)`: the KeyPolicy of an active virtual key, or None; answers from a
-    cache trusted for `ttl_s` seconds, so a revocation is seen within that on every replica.
-    When the database cannot be read, a known key keeps its last answer; an unknown one
-    raises LedgerError (the caller cannot be told yes or no)."""
+    """`lookup(secret)`: the KeyPolicy of an active virtual key, or None.
+
+    Answers come from a cache trusted for `ttl_s` seconds, so a revocation recorded in the
+    database is seen within that on every replica. Keys that exist and secrets that do not
+    are cached apart, so a flood of made-up secrets cannot push real keys out.
+
+    While the database cannot be read, a key it confirmed within the last `stale_s`
+    seconds keeps working (an outage of a few minutes does not stop every tenant); an
+    older one, or a secret never looked up, raises LedgerError (the caller cannot be told
+    yes or no). The database is then asked again at most every `retry_s` seconds, not on
+    every request. Key ids in `denied` (revocations published through the shared state,
+    see gateway/sync.py) are refused whatever the cache or the database says."""
 
     def __init__(
         self,
@@ -187,42 +205,80 @@ class Authoriser:
         ttl_s: float = CACHE_TTL_S,
         max_entries: int = CACHE_MAX_ENTRIES,
         clock: Callable[[], float] = time.monotonic,
+        stale_s: float = STALE_S,
+        retry_s: float = 1.0,
     ) -> None:
         self.store = store
         self.ttl_s = ttl_s
+        self.stale_s = stale_s
+        self.retry_s = retry_s
         self.max_entries = max(1, max_entries)
         self.clock = clock
-        self._cache: OrderedDict[str, tuple[KeyPolicy | None, float]] = OrderedDict()
+        # digest -> (policy, when the database last confirmed it)
+        self._keys: OrderedDict[str, tuple[KeyPolicy, float]] = OrderedDict()
+        self._unknown: OrderedDict[str, float] = OrderedDict()  # digest -> when looked up
         self._lock = threading.Lock()
+        self._down_until = -math.inf  # no database lookup before this (it just failed)
+        self._down_error: LedgerError | None = None
+        self.denied: frozenset[str] = frozenset()
+
+    def deny(self, key_ids: Iterable[str]) -> None:
+        """Refuse these key ids from now on (revocation is for good: the set only grows)."""
+        self.denied = self.denied | frozenset(key_ids)
+
+    def _allowed(self, policy: KeyPolicy | None) -> KeyPolicy | None:
+        return None if policy is None or policy.key_id in self.denied else policy
 
     def cached(self, secret: str) -> tuple[bool, KeyPolicy | None]:
         """(fresh, policy) from the cache: fresh is False when the database must be asked."""
-        digest = hash_secret(secret)
+        return self._cached(hash_secret(secret))
+
+    def _cached(self, digest: str) -> tuple[bool, KeyPolicy | None]:
+        now = self.clock()
         with self._lock:
-            hit = self._cache.get(digest)
-        if hit is not None and self.clock() - hit[1] < self.ttl_s:
-            return True, hit[0]
+            known = self._keys.get(digest)
+            unknown = self._unknown.get(digest)
+        if known is not None and now - known[1] < self.ttl_s:
+            return True, self._allowed(known[0])
+        if unknown is not None and now - unknown < self.ttl_s:
+            return True, None
         return False, None
 
+    def _stale(self, digest: str, error: LedgerError) -> KeyPolicy | None:
+        """The answer while the database cannot be read: a key confirmed recently enough."""
+        with self._lock:
+            known = self._keys.get(digest)
+        if known is not None and self.clock() - known[1] < self.stale_s:
+            return self._allowed(known[0])
+        raise error
+
     def lookup(self, secret: str) -> KeyPolicy | None:
-        fresh, policy = self.cached(secret)
+        digest = hash_secret(secret)
+        fresh, policy = self._cached(digest)
         if fresh:
             return policy
-        digest = hash_secret(secret)
+        if self.clock() < self._down_until and self._down_error is not None:
+            return self._stale(digest, self._down_error)
         try:
             policy = self.store.find(digest)
-        except LedgerError:
-            with self._lock:
-                stale = self._cache.get(digest)
-            if stale is not None:
-                return stale[0]
-            raise
+        except LedgerError as e:
+            self._down_until = self.clock() + self.retry_s
+            self._down_error = e
+            return self._stale(digest, e)
+        self._down_until = -math.inf
+        now = self.clock()
         with self._lock:
-            self._cache[digest] = (policy, self.clock())
-            self._cache.move_to_end(digest)
-            while len(self._cache) > self.max_entries:
-                self._cache.popitem(last=False)
-        return policy
+            if policy is None:
+                self._keys.pop(digest, None)
+                cache: OrderedDict[str, Any] = self._unknown
+                cache[digest] = now
+            else:
+                cache = self._keys
+                cache[digest] = (policy, now)
+            cache.move_to_end(digest)
+            while len(cache) > self.max_entries:
+                cache.popitem(last=False)
+        return self._allowed(policy)
 
     async def alookup(self, secret: str) -> KeyPolicy | None:
         """`lookup` that asks the database in a worker thread (only on a cache miss)."""

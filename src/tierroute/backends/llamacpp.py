@@ -18,6 +18,10 @@ from the logits the sampler just used, one log-softmax per token. llama-cpp-pyth
 `logprobs` needs `logits_all=True`, which keeps n_ctx x vocabulary floats (1.2 GB for
 Qwen's 152k vocabulary at n_ctx 2048) and computes logits for every prompt token; this
 costs neither.
+
+A base model (no chat template) runs with `few_shot` (tierroute.backends.few_shot): the
+request's last user message is asked in a few-shot completion prompt and the answer is one
+line; tools and response formats are refused for it, with 400.
 """
 
 from __future__ import annotations
@@ -34,7 +38,14 @@ from typing import Any
 
 import numpy as np
 
-from tierroute.backends.base import BackendError, ChatRequest, ChatResult, StreamDelta
+from tierroute.backends.base import (
+    BackendError,
+    ChatRequest,
+    ChatResult,
+    StreamDelta,
+    Unsupported,
+)
+from tierroute.backends.few_shot import FewShot
 from tierroute.backends.local_params import (
     CHOICE_TOKENS,
     LocalPlan,
@@ -84,8 +95,10 @@ class LlamaCppBackend:
         n_threads: int | None = None,
         chat_format: str | None = None,
         max_tokens_default: int = 256,
+        few_shot: FewShot | None = None,
     ) -> None:
         self.name = name
+        self.few_shot = few_shot  # a base model: answered by few-shot completion
         self.model_path = Path(model_path)
         self.n_ctx = n_ctx
         self.n_threads = n_threads  # None: llama.cpp's default (half the cores)
@@ -114,7 +127,7 @@ class LlamaCppBackend:
 
     async def complete(self, request: ChatRequest, timeout: float) -> ChatResult:
         """One answer, or `n` sampled in turn (a seed moves by one per answer)."""
-        local = plan(request, self.name, stream=False)
+        local = self._plan(request, stream=False)
         deadline = time.monotonic() + timeout
         local, spent = await self._choose_tool(request, local, deadline, timeout, stream=False)
         answers: list[tuple[_Job, str, StreamDelta]] = []
@@ -145,6 +158,17 @@ class LlamaCppBackend:
             ),
             choices=choices,
         )
+
+    def _plan(self, request: ChatRequest, stream: bool) -> LocalPlan:
+        local = plan(request, self.name, stream)
+        if self.few_shot is not None and (local.tools or local.tool or local.grammar):
+            param = "tools" if local.tools or local.tool else "response_format"
+            raise Unsupported(
+                f"Tier {self.name!r} is a base model answering one line few-shot; it takes "
+                f"no '{param}'. Drop it or name a chat tier.",
+                param=param,
+            )
+        return local
 
     async def _choose_tool(
         self, request: ChatRequest, local: LocalPlan, deadline: float, timeout: float, stream: bool
@@ -198,7 +222,7 @@ class LlamaCppBackend:
 
     async def stream(self, request: ChatRequest, timeout: float) -> AsyncIterator[StreamDelta]:
         loop = asyncio.get_running_loop()
-        local = plan(request, self.name, stream=True)
+        local = self._plan(request, stream=True)
         deadline = time.monotonic() + timeout
         local, spent = await self._choose_tool(request, local, deadline, timeout, stream=True)
         job = _Job(request, deadline=deadline, plan=local)
@@ -275,29 +299,40 @@ class LlamaCppBackend:
         req = job.request
         kwargs: dict[str, Any] = {
             **job.plan.kwargs,
-            "messages": job.plan.messages,
             "max_tokens": req.limit or self.max_tokens_default,
             "stream": True,
         }
+        stops = list(req.stop or ())
+        if self.few_shot is None:
+            kwargs["messages"] = job.plan.messages
+        else:
+            kwargs["prompt"] = self.few_shot.render(job.plan.messages)
+            stops += [s for s in self.few_shot.stop if s not in stops]
         if req.temperature is not None:
             kwargs["temperature"] = req.temperature
         if req.top_p is not None:
             kwargs["top_p"] = req.top_p
-        if req.stop:
-            kwargs["stop"] = list(req.stop)
+        if stops:
+            kwargs["stop"] = stops
         finish: str | None = None
         try:
             if job.plan.grammar is not None:
                 from llama_cpp.llama_grammar import LlamaGrammar
 
                 kwargs["grammar"] = LlamaGrammar.from_string(job.plan.grammar, verbose=False)
-            chunks = llm.create_chat_completion(**kwargs)
+            if self.few_shot is None:
+                chunks = llm.create_chat_completion(**kwargs)
+            else:
+                chunks = llm.create_completion(**kwargs)
             try:
                 for chunk in chunks:
                     if job.cancel.is_set():
                         raise _Cancelled
                     choice = chunk["choices"][0]
-                    text = choice["delta"].get("content") or ""
+                    if self.few_shot is None:
+                        text = choice["delta"].get("content") or ""
+                    else:
+                        text = choice.get("text") or ""
                     if text:
                         emit(StreamDelta(text=text))
                     finish = choice.get("finish_reason") or finish
@@ -354,12 +389,13 @@ class LlamaCppBackend:
                 "that it is a GGUF file this llama-cpp-python can read.",
                 retryable=False,
             ) from exc
-        if self.chat_format is None and "tokenizer.chat_template" not in llm.metadata:
+        chat = self.chat_format is not None or "tokenizer.chat_template" in llm.metadata
+        if self.few_shot is None and not chat:
             llm.close()
             raise BackendError(
                 f"{self.model_path.name} has no chat template, so tier {self.name!r} would "
-                "answer with empty text; pass chat_format= (e.g. 'chatml') or use an "
-                "instruct model.",
+                "answer with empty text; pass chat_format= (e.g. 'chatml'), few_shot= "
+                "(a base model answering one line) or use an instruct model.",
                 retryable=False,
             )
         self._llm = llm

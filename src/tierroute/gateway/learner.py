@@ -3,10 +3,14 @@
 Opt-in (`gateway.learning`, see LearningConfig). Every `interval_s` a background thread,
 never the event loop, reads the labelled requests (`tierroute.learning.ledger_labels`:
 shadow verdicts and feedback) and, once `min_new_labels` arrived since its last run:
-1. trains a `ResidualRouter` over the configured (cold) router on the older
-   (1 - held_out) share of them;
-2. compares it with the router now serving on the newest `held_out` share (ROC AUC);
-3. promotes it only when its AUC beats the serving router's by more than `min_gain`: it
+1. cross-validates a `ResidualRouter` over the configured (cold) router on all of them,
+   for each L2 penalty of a small grid (`folds` stratified folds, ROC AUC per fold);
+2. keeps the best penalty, and compares its AUC with the cold router's on the same folds
+   (and, when a learned router serves, on the labels newer than it: `_check`);
+   a serving learned router that ranks those newer labels worse than the router it
+   replaced is demoted (`_worse_than_below`);
+3. promotes it, trained on every label, only when it beats them (by more than
+   `min_gain` over the cold router): it
    is saved under <data dir>/learned/rNNNN and swapped into the engine on the event loop,
    with the top threshold moved so that the largest tier keeps the share of recent
    traffic it had (a new router's scores have a scale of their own);
@@ -38,10 +42,12 @@ from tierroute.errors import ConfigError, InputError
 from tierroute.gateway.engine import Engine
 from tierroute.learning import (
     LearningConfig,
-    compare,
+    LedgerLabels,
+    cross_validate,
     ledger_labels,
     require_rows,
-    split_by_time,
+    roc_auc,
+    stratified_folds,
 )
 from tierroute.routers.base import BaseRouter
 from tierroute.routers.residual import ResidualRouter
@@ -49,6 +55,9 @@ from tierroute.routers.residual import ResidualRouter
 log = logging.getLogger(__name__)
 
 STATE_FILE = "active.json"
+# how much worse (ROC AUC on labels newer than it) a learned router must rank than the one
+# it replaced before it is demoted: a margin, so 20 noisy labels do not flip-flop the two
+DEMOTE_MARGIN = 0.02
 
 
 @dataclass(frozen=True)
@@ -200,45 +209,40 @@ class Learner:
         if n - self.labels_seen < c.min_new_labels:
             raise InputError(f"{n - self.labels_seen} new labels, waiting for {c.min_new_labels}")
         require_rows(data)
-        train, test = split_by_time(data, c.held_out)
-        new = ResidualRouter(self.base, self.base_spec, self._encoder(), l2=c.l2)
-        new.fit([data.prompts[i] for i in train], data.labels[train])
-        current = self.engine.router
-        new_auc, current_auc = compare(new, current, data, test)
+        new, new_auc, current_auc, facts = self._check(data)
         self.labels_seen = n
         m.learning_auc.labels("candidate").set(new_auc)
         m.learning_auc.labels("serving").set(current_auc)
-        facts = (
-            f"trained on the older {len(train)} of {n} labels, held-out AUC {new_auc:.3f} vs "
-            f"{current_auc:.3f} of the serving router on the newest {len(test)}"
-        )
-        if new_auc <= current_auc + c.min_gain:
+        if new is None:
+            worse = self._worse_than_below(data)
+            if worse is not None:
+                return self._pop("demoted", f"candidate not promoted: {facts}; {worse}")
             return self._record(
                 LearningRun("refused", f"candidate not promoted: {facts}", n, new_auc, current_auc),
                 entry,
                 entry,
             )
         before = list(self.engine.settings.policy.thresholds or [])
-        after, share = self._thresholds_for(new, current, float(data.ts.max()))
+        after, share = self._thresholds_for(new, self.engine.router, float(data.ts.max()))
         name = f"r{self._next_number():04d}"
         trained_on = {
             "source": "ledger",
             "data": self.engine.ledger.location,
             "data_hash": hashlib.sha256("\n".join(data.ids).encode()).hexdigest(),
-            "rows": len(train),
-            "held_out_auc": new_auc,
-            "serving_auc": current_auc,
+            "rows": n,
+            "cv_auc": new_auc,
+            "auc_to_beat": current_auc,
         }
         from tierroute.artifact import save_router
 
-        artifact = save_router(new, self.folder / name, trained_on, [data.ids[i] for i in train])
+        artifact = save_router(new, self.folder / name, trained_on, data.ids)
         artifact.meta["calibration"] = {
             "threshold": after[-1] - self.engine.settings.policy.abstain_band,
             "target": f"large share {share:.1%} (kept from the router it replaced)",
         }
         artifact.write_meta()
         self._swap(new, after)
-        self.stack.append(_Promotion(name, before, after))
+        self.stack.append(_Promotion(name, before, after, {"trained_until": float(data.ts.max())}))
         self._write_state()
         m.router_version.set(len(self.stack))
         new_entry = self.engine.settings.policy.entry
@@ -253,6 +257,84 @@ class Learner:
             ),
             entry,
             new_entry,
+        )
+
+    def _check(self, data: LedgerLabels) -> tuple[ResidualRouter | None, float, float, str]:
+        """(the candidate trained on every label, or None when it is not better; its
+        cross-validated AUC; the AUC it had to beat; what was found).
+
+        Each penalty of the grid is cross-validated over all labels (stratified folds);
+        the best must beat the cold router's AUC on the same folds by more than
+        `min_gain`. When a learned router serves, the candidate's out-of-fold scores must
+        also beat it on the labels that arrived after it was trained (when there are 20
+        with both kinds), since on its own training labels it would look better than it is.
+        """
+        c = self.config
+        y = data.labels
+        probe = ResidualRouter(self.base, self.base_spec, self._encoder(), l2=c.l2)
+        z, x = probe.inputs(data.prompts)  # each text embedded once for every fit below
+        parts = stratified_folds(y, c.folds)
+        best: tuple[float, float, float, Any] | None = None
+        for l2 in (c.l2 / 10, c.l2, c.l2 * 10):
+
+            def fit_score(train: list[int], test: list[int], l2: float = l2) -> Any:
+                r = ResidualRouter(self.base, self.base_spec, self._encoder(), l2=l2)
+                return r.fit_inputs(z[train], x[train], y[train]).score_inputs(z[test], x[test])
+
+            new_auc, cold_auc, oof = cross_validate(fit_score, z, y, parts)
+            if best is None or new_auc > best[0]:
+                best = (new_auc, cold_auc, l2, oof)
+        assert best is not None
+        new_auc, cold_auc, l2, oof = best
+        facts = (
+            f"l2 {l2:g}: {len(parts)}-fold cross-validated AUC {new_auc:.3f} on {len(y)} labels "
+            f"vs {cold_auc:.3f} of the cold router"
+        )
+        if new_auc <= cold_auc + c.min_gain:
+            return None, new_auc, cold_auc, facts
+        fresh = self._unseen_by_serving(data)
+        if len(fresh) >= 20 and len(set(y[fresh].tolist())) == 2:
+            texts = [data.prompts[i] for i in fresh]
+            serving = roc_auc(self.engine.router.score_texts(texts), y[fresh])
+            mine = roc_auc(oof[fresh], y[fresh])
+            facts += (
+                f"; on the {len(fresh)} labels newer than the serving router "
+                f"{mine:.3f} vs its {serving:.3f}"
+            )
+            if mine <= serving:
+                return None, mine, serving, facts
+        new = ResidualRouter(self.base, self.base_spec, self._encoder(), l2=l2)
+        return new.fit_inputs(z, x, y), new_auc, cold_auc, facts
+
+    def _unseen_by_serving(self, data: LedgerLabels) -> list[int]:
+        """The labels newer than those the serving learned router was trained on ([] when
+        the cold router serves)."""
+        if not self.stack or self.engine.router is self.base:
+            return []
+        until = self.stack[-1].extra.get("trained_until")
+        if until is None:
+            return []
+        return [i for i, t in enumerate(data.ts) if t > float(until)]
+
+    def _worse_than_below(self, data: LedgerLabels) -> str | None:
+        """Why the serving learned router should give way to the one below it (None when
+        it should not): it ranks the labels newer than it worse, by DEMOTE_MARGIN, than the
+        router it replaced, which has not seen them either. Without this an early
+        promotion that luck carried through cross-validation would serve for good, since
+        later candidates only have to beat the cold router."""
+        fresh = self._unseen_by_serving(data)
+        y = data.labels[fresh]
+        if len(fresh) < 20 or len(set(y.tolist())) < 2:
+            return None
+        texts = [data.prompts[i] for i in fresh]
+        below = self.base if len(self.stack) == 1 else self._load(self.stack[-2].name)
+        serving = roc_auc(self.engine.router.score_texts(texts), y)
+        under = roc_auc(below.score_texts(texts), y)
+        if serving + DEMOTE_MARGIN > under:
+            return None
+        return (
+            f"on the {len(fresh)} labels newer than it the serving router ranks at AUC "
+            f"{serving:.3f}, the router below it at {under:.3f}"
         )
 
     def _thresholds_for(
@@ -275,21 +357,26 @@ class Learner:
     def rollback(self) -> LearningRun:
         """Serve the router before the last promotion again, with its thresholds."""
         with self._lock:
-            entry = self.engine.settings.policy.entry
             if not self.stack:
                 raise InputError("nothing to roll back: the configured router is serving")
-            top = self.stack.pop()
-            below = self.stack[-1].name if self.stack else None
-            self._swap(self.base if below is None else self._load(below), top.before)
-            self._write_state()
-            self.engine.metrics.router_version.set(len(self.stack))
-            serving = below or f"the configured router ({self.base_spec})"
-            run = LearningRun(
-                "rolled_back",
-                f"rolled back {top.name}: serving {serving}",
-                router=str(self.folder / below) if below else None,
-            )
-            return self._record(run, entry, self.engine.settings.policy.entry)
+            return self._pop("rolled_back")
+
+    def _pop(self, outcome: str, why: str = "") -> LearningRun:
+        """Take the top promotion off the stack (the caller holds the lock)."""
+        entry = self.engine.settings.policy.entry
+        top = self.stack.pop()
+        below = self.stack[-1].name if self.stack else None
+        self._swap(self.base if below is None else self._load(below), top.before)
+        self._write_state()
+        self.engine.metrics.router_version.set(len(self.stack))
+        serving = below or f"the configured router ({self.base_spec})"
+        verb = outcome.replace("_", " ")
+        run = LearningRun(
+            outcome,
+            f"{verb} {top.name}: serving {serving}" + (f"; {why}" if why else ""),
+            router=str(self.folder / below) if below else None,
+        )
+        return self._record(run, entry, self.engine.settings.policy.entry)
 
     # ------------------------------------------------------------------ schedule
 

@@ -89,6 +89,12 @@ class Metrics:
         self.key_spend = Counter(
             "tierroute_key_spend_usd", "Spend in USD by API key id", ["key"], registry=r
         )
+        self.key_judging = Counter(
+            "tierroute_key_judging_usd",
+            "USD the shadow judge spent on a key's requests (reported, not charged)",
+            ["key"],
+            registry=r,
+        )
         self.fallbacks = Counter(
             "tierroute_fallbacks",
             "Requests moved off a failing tier",
@@ -124,7 +130,8 @@ class Metrics:
         )
         self.learning_runs = Counter(
             "tierroute_learning_runs",
-            "Continuous learning runs by outcome (promoted, refused, skipped, failed, rolled_back)",
+            "Continuous learning runs by outcome "
+            "(promoted, refused, demoted, skipped, failed, rolled_back)",
             ["outcome"],
             registry=r,
         )

@@ -178,6 +178,9 @@ def _messages(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return messages
 
 
+MAX_TENANT_CHARS = 256
+
+
 def hints_from(metadata: Any, headers: dict[str, str], user: Any = None) -> Hints:
     """Hints from the request's `metadata`, overridden by X-Tierroute-* headers."""
     meta = metadata if isinstance(metadata, dict) else {}
@@ -191,6 +194,14 @@ def hints_from(metadata: Any, headers: dict[str, str], user: Any = None) -> Hint
     tenant = meta.get("tenant") or user
     if tenant is not None and not isinstance(tenant, str):
         raise ApiError(400, "'user' and metadata.tenant must be strings.", param="user")
+    # A tenant is kept per key (personalisation, the ledger, Redis): a long one would let
+    # one key hold megabytes per tenant there.
+    if tenant is not None and len(tenant) > MAX_TENANT_CHARS:
+        raise ApiError(
+            400,
+            f"'user' and metadata.tenant must be at most {MAX_TENANT_CHARS} characters.",
+            param="user",
+        )
     return Hints(
         priority=priority, latency_budget_ms=budget_ms, max_cost_usd=cap_usd, tenant=tenant
     )
@@ -405,7 +416,7 @@ class RequestMetadata(BaseModel):
     priority: Literal["batch", "interactive", "critical"] | None = None
     latency_budget_ms: float | None = Field(default=None, ge=0)
     max_cost_usd: float | None = Field(default=None, ge=0)
-    tenant: str | None = None
+    tenant: str | None = Field(default=None, max_length=MAX_TENANT_CHARS)
 
 
 # At least one user message with content (blank content is refused too, unsaid here).
@@ -445,6 +456,7 @@ class ChatCompletionRequest(BaseModel):
     response_format: dict[str, Any] | None = None
     user: str | None = Field(
         default=None,
+        max_length=MAX_TENANT_CHARS,
         description="The tenant, for personalisation; with API keys, scoped to the key",
     )
     metadata: RequestMetadata | None = None
@@ -501,9 +513,11 @@ class RouteDecision(BaseModel):
 
 
 class FeedbackRequest(BaseModel):
-    request_id: str = Field(min_length=1, description="The id of a completion (chatcmpl-...)")
+    request_id: str = Field(
+        min_length=1, max_length=128, description="The id of a completion (chatcmpl-...)"
+    )
     rating: float = Field(ge=0, le=1, description="1 thumbs up, 0 thumbs down, or a score")
-    comment: str | None = None
+    comment: str | None = Field(None, max_length=4000)
 
 
 class FeedbackRecorded(BaseModel):

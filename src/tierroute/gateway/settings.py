@@ -93,6 +93,9 @@ class GatewaySettings:
     api_key_hashes: frozenset[str] = field(default_factory=frozenset)
     virtual_keys: bool = False
     key_cache_ttl_s: float = 5.0  # a revoked virtual key is refused everywhere within this
+    key_stale_s: float = 300.0  # a looked-up key still works this long into a database outage
+    # /v1/route and /v1/feedback per virtual key and minute (None: unlimited)
+    side_requests_per_minute: int | None = 600
     public_metrics: bool = False  # /metrics without a key (a scraper on a private network)
     controller: ControllerConfig | None = None
     shadow: ShadowConfig | None = None
@@ -252,6 +255,12 @@ class GatewayFields(StrictModel):
     # How long a replica trusts a virtual key it looked up: a revocation (or a new key)
     # reaches every replica within this. 0 asks the database on every request.
     key_cache_ttl_s: float = Field(5.0, ge=0, le=300)
+    # While the database cannot be read, a key it confirmed within this many seconds is
+    # still accepted (availability); older ones get a 503 (security). 0: none is.
+    key_stale_s: float = Field(300.0, ge=0, le=86_400)
+    # /v1/route and /v1/feedback spend nothing but CPU and ledger rows: each virtual key
+    # gets this many of them per minute (null: no limit), apart from its own limits.
+    side_requests_per_minute: int | None = Field(600, ge=1, le=1_000_000_000)
     # With keys configured /metrics needs a config key; true opens it to any scraper
     # (per-key spend included): only where the port is reachable from a private network.
     public_metrics: bool = False
@@ -360,6 +369,8 @@ def parse_settings(doc: Any, source: str, lines: Lines | None = None) -> Gateway
         api_key_hashes=frozenset(hashes),
         virtual_keys=gw.virtual_keys,
         key_cache_ttl_s=gw.key_cache_ttl_s,
+        key_stale_s=gw.key_stale_s,
+        side_requests_per_minute=gw.side_requests_per_minute,
         public_metrics=gw.public_metrics,
         controller=section("controller", ControllerConfig),
         shadow=section("shadow", ShadowConfig),

@@ -12,6 +12,12 @@ The client never waits for any of this: the work starts after its answer has bee
 at most `max_concurrent` judgements run at once, and a sample that finds them all busy is
 skipped (and counted). Shadow calls do compete with live traffic for the largest tier,
 which is what `rate` is for.
+
+What judging costs (the reference answer and the ruling, at the judge's prices) is booked
+in the ledger against the key whose request was judged (`report --by key` shows it as
+"judging"; /metrics as tierroute_key_judging_usd_total), but not charged to that key's
+budget: the operator chose to sample, and a tenant's spend should not depend on a coin
+the tenant cannot see.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from tierroute.backends.base import Backend, BackendError, ChatRequest
+from tierroute.backends.base import Backend, BackendError, ChatRequest, ChatResult
 from tierroute.conversation import routing_text
 from tierroute.errors import ConfigError
 from tierroute.gateway.metrics import Metrics
@@ -90,6 +96,7 @@ class Shadow:
         embed: Callable[[list[str]], Any] | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        cost: Callable[[int, int], float] | None = None,
     ) -> None:
         if config.judge == "similarity" and embed is None:
             raise ConfigError("shadow.judge 'similarity' needs a router with an embedding model")
@@ -102,21 +109,30 @@ class Shadow:
         self.embed = embed
         self.rng = rng or random.Random()
         self.clock = clock
+        self.cost = cost  # USD of (prompt, completion) tokens on the judge; None: unpriced
         self.verdicts: dict[str, list[float]] = {}
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
         # Told (request id, verdict) of each readable judgement: a tier's models learn from it.
         self.on_verdict: Callable[[str, float], None] | None = None
 
-    def maybe_sample(self, request_id: str, request: ChatRequest, tier: str, answer: str) -> None:
-        """Called after a smaller tier answered; may start a background judgement."""
+    def maybe_sample(
+        self,
+        request_id: str,
+        request: ChatRequest,
+        tier: str,
+        answer: str,
+        api_key_id: str | None = None,
+    ) -> None:
+        """Called after a smaller tier answered; may start a background judgement, whose
+        spend is booked to `api_key_id`."""
         if tier == self.largest or self.rng.random() >= self.config.rate:
             return
         if self._running >= self.config.max_concurrent:
             self.metrics.shadow.labels(tier, "skipped_busy").inc()
             return
         self._running += 1
-        task = asyncio.create_task(self._judge(request_id, request, tier, answer))
+        task = asyncio.create_task(self._judge(request_id, request, tier, answer, api_key_id))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -124,10 +140,24 @@ class Shadow:
         self._running -= 1
         self._tasks.discard(task)
 
-    async def _judge(self, request_id: str, request: ChatRequest, tier: str, answer: str) -> None:
+    async def _judge(
+        self,
+        request_id: str,
+        request: ChatRequest,
+        tier: str,
+        answer: str,
+        api_key_id: str | None = None,
+    ) -> None:
         backend = self.backends[self.largest]
+        spent = [0, 0]  # prompt and completion tokens the judge's calls used
+
+        def used(result: ChatResult) -> ChatResult:
+            spent[0] += result.prompt_tokens
+            spent[1] += result.completion_tokens
+            return result
+
         try:
-            reference = await backend.complete(request, self.timeout_s)
+            reference = used(await backend.complete(request, self.timeout_s))
             if self.config.judge == "similarity":
                 assert self.embed is not None
                 vectors = await asyncio.to_thread(self.embed, [answer, reference.text])
@@ -140,25 +170,55 @@ class Shadow:
                     candidate=answer[:4000],
                     reference=reference.text[:4000],
                 )
-                ruling = await backend.complete(
-                    ChatRequest(
-                        messages=[{"role": "user", "content": prompt}],
-                        max_tokens=4,
-                        temperature=0.0,
-                    ),
-                    self.timeout_s,
+                ruling = used(
+                    await backend.complete(
+                        ChatRequest(
+                            messages=[{"role": "user", "content": prompt}],
+                            max_tokens=4,
+                            temperature=0.0,
+                        ),
+                        self.timeout_s,
+                    )
                 )
                 verdict, raw, judge = parse_verdict(ruling.text), ruling.text, self.largest
         except BackendError as exc:
             self.metrics.shadow.labels(tier, "failed").inc()
             log.warning("shadow judgement of %s failed: %s", request_id, exc)
+            if spent[0] or spent[1]:  # the reference was paid for: book it, without a verdict
+                self._book(request_id, tier, "failed", None, f"failed: {exc}", api_key_id, spent)
             return
-        self.ledger.record_judgement(request_id, self.clock(), tier, judge, verdict, raw)
+        self._book(request_id, tier, judge, verdict, raw, api_key_id, spent)
         self.metrics.shadow.labels(tier, "judged" if verdict is not None else "unreadable").inc()
         if verdict is not None:
             self._update(tier, verdict)
             if self.on_verdict is not None:
                 self.on_verdict(request_id, verdict)
+
+    def _book(
+        self,
+        request_id: str,
+        tier: str,
+        judge: str,
+        verdict: float | None,
+        raw: str,
+        api_key_id: str | None,
+        spent: list[int],
+    ) -> None:
+        cost = self.cost(spent[0], spent[1]) if self.cost is not None else 0.0
+        self.ledger.record_judgement(
+            request_id,
+            self.clock(),
+            tier,
+            judge,
+            verdict,
+            raw,
+            api_key_id=api_key_id,
+            prompt_tokens=spent[0],
+            completion_tokens=spent[1],
+            cost_usd=cost,
+        )
+        if api_key_id is not None:
+            self.metrics.key_judging.labels(api_key_id).inc(cost)
 
     def _update(self, tier: str, verdict: float) -> None:
         values = self.verdicts.setdefault(tier, [])

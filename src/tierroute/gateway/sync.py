@@ -11,6 +11,10 @@ awaited); a breaker failure or recovery when one happens (not awaited); and a cl
 before a half-open probe, so one replica in all sends it. At most one round trip is
 awaited per request, and none for an unlimited key's repeated prompt.
 
+Each beat also reads the version of the revoked keys' set (`tierroute keys revoke`
+publishes there) and, when it moved, the set: a revoked key is refused on every replica
+within about one beat, even while the database cannot be read.
+
 Each beat also says this replica is alive (a heartbeat that expires after four beats).
 While it is the only replica alive, a local miss skips the shared read: no other replica
 wrote an entry it could find (its own writes are in its local cache too).
@@ -30,7 +34,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from tierroute.gateway.limits import Ticket
@@ -67,10 +71,18 @@ def load_explanation(text: str) -> Explanation | None:
 
 
 class StateSync:
-    def __init__(self, engine: Engine, state: SharedState, interval_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        state: SharedState,
+        interval_s: float = 0.25,
+        on_revoked: Callable[[set[str]], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.state = state
         self.interval_s = interval_s
+        self.on_revoked = on_revoked  # told the key ids revoked (gateway.virtual_keys)
+        self._revoked_version = 0
         self.holder = uuid.uuid4().hex
         self.leader = False
         self.replicas = 1  # alive, this one included, as of the last beat
@@ -182,9 +194,11 @@ class StateSync:
         latency, self._latency = self._latency, {}
         scores, self._scores = self._scores, []
         settles, self._settles = self._settles, []
-        await self.state.settle_many(settles)
-        await self.state.add_latencies(latency, LATENCY_WINDOW)
-        await self.state.push_scores(scores, SCORES_CAP)
+        await asyncio.gather(  # issued together: one round trip on Redis
+            self.state.settle_many(settles),
+            self.state.add_latencies(latency, LATENCY_WINDOW),
+            self.state.push_scores(scores, SCORES_CAP),
+        )
 
     async def beat(self) -> None:
         """One round: write what piled up, lead the controller if this replica holds the
@@ -218,6 +232,11 @@ class StateSync:
         if e.personaliser is not None and snap.offsets_version != self._offsets_version:
             self._offsets_version = snap.offsets_version
             e.personaliser.replace_counts(await self.state.offsets_all())
+        # Only ever more: a Redis that lost its data (or a local fallback answering 0)
+        # does not bring a revoked key back.
+        if self.on_revoked is not None and snap.revoked_version > self._revoked_version:
+            self._revoked_version = snap.revoked_version
+            self.on_revoked(await self.state.revoked_keys())
 
     async def _lead(self) -> None:
         e = self.engine
@@ -255,15 +274,18 @@ class StateSync:
             )
 
 
-async def attach_state(engine: Engine) -> None:
-    """Give the engine the configured state; a shared one is synced from here on."""
+async def attach_state(
+    engine: Engine, on_revoked: Callable[[set[str]], None] | None = None
+) -> None:
+    """Give the engine the configured state; a shared one is synced from here on, and
+    `on_revoked` told the key ids revoked through it."""
     s = engine.settings
     from tierroute.state import open_state
 
     engine.state = open_state(s.state_url, s.state_prefix, s.cache_size)
     await engine.state.start()
     if engine.state.shared:
-        engine.sync = StateSync(engine, engine.state, s.state_sync_s)
+        engine.sync = StateSync(engine, engine.state, s.state_sync_s, on_revoked)
         await engine.sync.start()
 
 

@@ -63,6 +63,13 @@ class Backend(Protocol):
         """`text` in a form the database accepts (escapes what it cannot store)."""
         ...
 
+    def insert_rows(
+        self, conn: Connection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> bool:
+        """Insert `rows` in one statement that commits on its own (all or none), or return
+        False where the backend has no such statement (the writer then opens a transaction)."""
+        ...
+
 
 def is_postgres_url(target: Path | str) -> bool:
     return isinstance(target, str) and target.startswith(POSTGRES_SCHEMES)

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from tierroute.errors import LedgerError
 from tierroute.ledger.backend import Connection, Cursor, escape_unencodable
-from tierroute.ledger.sqlite import API_KEYS_TABLE
+from tierroute.ledger.sqlite import API_KEYS_TABLE, JUDGING_SPEND_COLUMNS
 
 if TYPE_CHECKING:
     import psycopg
@@ -109,6 +109,10 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE UNIQUE INDEX feedback_request_rater ON feedback (request_id, rater)",
     ),
     (API_KEYS_TABLE.format(real="DOUBLE PRECISION"),),
+    tuple(
+        f"ALTER TABLE shadow_judgements ADD COLUMN {c.format(real='DOUBLE PRECISION')}"
+        for c in JUDGING_SPEND_COLUMNS
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 # pg_advisory_xact_lock's key: every tierroute replica migrating this database takes it.
@@ -246,3 +250,17 @@ class PostgresBackend:
     def storable(self, text: str) -> str:
         # PostgreSQL's text cannot hold NUL (valid in JSON strings): store it escaped too.
         return escape_unencodable(text).replace("\x00", "\\x00")
+
+    def insert_rows(
+        self, conn: Connection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> bool:
+        """One COPY, a transaction of its own in autocommit: for the writer's usual batch (a
+        few requests rows) it costs half the CPU of BEGIN, executemany and COMMIT (~0.3
+        against ~0.6 ms for 4 rows, ~0.35 against ~1.1 ms for 32)."""
+        if not isinstance(conn, _PgConnection):
+            return False
+        sql = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
+        with conn.conn.cursor() as cur, cur.copy(sql) as copy:
+            for row in rows:
+                copy.write_row(row)
+        return True

@@ -40,6 +40,8 @@ class TierStats:
     rating_mean: float | None = None
     judged: int = 0
     judged_good: float | None = None  # share of shadow verdicts "good enough"
+    # USD the shadow judge spent on these requests: the operator's, not in cost_usd
+    judging_usd: float = 0.0
 
     @property
     def saved_fraction(self) -> float | None:
@@ -67,6 +69,7 @@ class SavingsReport:
     unpriced: int = 0  # routed rows with no recorded prices and no pricing given
     total_cost_usd: float = 0.0
     by: str = "tier"
+    judging_usd: float = 0.0  # shadow judging of these requests, apart from total_cost_usd
 
     @property
     def saving_pct(self) -> float:
@@ -135,12 +138,15 @@ def build_report(
     by: str = "tier",
     ratings: Mapping[str, float] | None = None,
     verdicts: Mapping[str, Sequence[float]] | None = None,
+    judging: Mapping[str, float] | None = None,
 ) -> SavingsReport:
     """Aggregate rows into a `SavingsReport` grouped `by` a tier, key, tenant, tag or day.
-    `ratings` maps request id -> mean rating, `verdicts` request id -> shadow verdicts."""
+    `ratings` maps request id -> mean rating, `verdicts` request id -> shadow verdicts,
+    `judging` request id -> USD its shadow judgement cost (`Ledger.judging_spend`)."""
     n = len(rows)
     ratings = ratings or {}
     verdicts = verdicts or {}
+    judging = judging or {}
     grouped: dict[str, list[LedgerRow]] = {}
     for row in rows:
         for name in _groups_of(row, by):
@@ -176,6 +182,7 @@ def build_report(
                 rating_mean=_mean(rated),
                 judged=len(judged),
                 judged_good=_mean(judged),
+                judging_usd=sum(judging.get(r.id, 0.0) for r in group),
             )
         )
     groups.sort(key=lambda t: (-t.requests, t.tier))
@@ -195,6 +202,7 @@ def build_report(
         unpriced=unpriced,
         total_cost_usd=sum(r.cost_usd for r in rows),
         by=by,
+        judging_usd=sum(judging.get(r.id, 0.0) for r in rows),
     )
 
 
@@ -214,17 +222,20 @@ def format_report(report: SavingsReport) -> str:
     """A plain-text table for a terminal."""
     if not report.requests or report.first_ts is None or report.last_ts is None:
         return "No requests in the ledger for this period."
+    judging = report.judging_usd > 0  # a column only where the shadow judge spent
     lines = [
         f"{report.requests:,} requests from {_utc(report.first_ts)} to {_utc(report.last_ts)} UTC",
         "",
         f"{report.by:<16} {'requests':>9} {'share':>7} {'cost USD':>11} {'saved':>7} "
-        f"{'p50 ms':>8} {'p95 ms':>8} {'errors':>7} {'rating':>7} {'judged ok':>10}",
+        f"{'p50 ms':>8} {'p95 ms':>8} {'errors':>7} {'rating':>7} {'judged ok':>10}"
+        + (f" {'judging USD':>11}" if judging else ""),
     ]
     for t in report.tiers:
         lines.append(
             f"{t.tier[:16]:<16} {t.requests:>9,} {t.share:>7.1%} {t.cost_usd:>11.6f} "
             f"{_pct(t.saved_fraction):>7} {t.p50_latency_ms:>8.0f} {t.p95_latency_ms:>8.0f} "
             f"{t.errors:>7,} {_num(t.rating_mean):>7} {_pct(t.judged_good):>10}"
+            + (f" {t.judging_usd:>11.6f}" if judging else "")
         )
     lines += [
         "",
@@ -234,6 +245,14 @@ def format_report(report: SavingsReport) -> str:
         f"all-largest cost   ${report.all_largest_cost_usd:,.6f}",
         f"saved              {report.saved_fraction:.1%}",
         f"total cost         ${report.total_cost_usd:,.6f}",
+        *(
+            [
+                f"shadow judging     ${report.judging_usd:,.6f} (the judge's calls on these "
+                "requests: not in their cost, not charged to keys' budgets)"
+            ]
+            if judging
+            else []
+        ),
         f"errors             {report.errors:,} ({report.error_rate:.1%})",
         f"cache hits         {report.cache_hits:,} ({report.cache_hit_rate:.1%})",
     ]
@@ -259,6 +278,7 @@ _FIELDS = (
     "rating_mean",
     "judged",
     "judged_good",
+    "judging_usd",
 )
 
 
@@ -292,6 +312,7 @@ def report_json(report: SavingsReport) -> str:
         "all_largest_cost_usd": report.all_largest_cost_usd,
         "saved_fraction": report.saved_fraction,
         "total_cost_usd": report.total_cost_usd,
+        "judging_usd": report.judging_usd,
         "errors": report.errors,
         "cache_hits": report.cache_hits,
         "unpriced": report.unpriced,

@@ -9,9 +9,9 @@ tierroute.ledger.postgresql keeps the same tables, numbered the same way.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from tierroute.errors import LedgerError
 from tierroute.ledger.backend import Connection, escape_unencodable
@@ -31,6 +31,15 @@ API_KEYS_TABLE: Final = """
         revoked {real}
     )
 """
+
+# Shared by both backends' migration 8: a shadow judgement's spend, booked to the key
+# whose request it judged (reported by `report --by key`, not charged to its budget).
+JUDGING_SPEND_COLUMNS: Final = (
+    "api_key_id TEXT",
+    "prompt_tokens INTEGER NOT NULL DEFAULT 0",
+    "completion_tokens INTEGER NOT NULL DEFAULT 0",
+    "cost_usd {real} NOT NULL DEFAULT 0",
+)
 
 
 # --- schema (migrations) -----------------------------------------------------------------
@@ -142,6 +151,12 @@ def _m007_api_keys(conn: sqlite3.Connection) -> None:
     conn.execute(API_KEYS_TABLE.format(real="REAL"))
 
 
+def _m008_judging_spend(conn: sqlite3.Connection) -> None:
+    """What each shadow judgement cost, and the key whose request it judged."""
+    for column in JUDGING_SPEND_COLUMNS:
+        conn.execute(f"ALTER TABLE shadow_judgements ADD COLUMN {column.format(real='REAL')}")
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 MIGRATIONS: Final[tuple[Migration, ...]] = (
@@ -152,6 +167,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     _m005_shadow_judgements,
     _m006_request_context,
     _m007_api_keys,
+    _m008_judging_spend,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -280,3 +296,8 @@ class SqliteBackend:
 
     def storable(self, text: str) -> str:
         return escape_unencodable(text)
+
+    def insert_rows(
+        self, conn: Connection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> bool:
+        return False  # executemany in a transaction is SQLite's bulk insert already

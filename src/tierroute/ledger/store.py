@@ -149,7 +149,8 @@ _INSERT_FEEDBACK: Final = (
     "ts = excluded.ts, rating = excluded.rating, comment = excluded.comment"
 )
 _INSERT_JUDGEMENT: Final = (
-    "INSERT INTO shadow_judgements (request_id, ts, tier, judge, verdict, raw) VALUES (?,?,?,?,?,?)"
+    "INSERT INTO shadow_judgements (request_id, ts, tier, judge, verdict, raw, api_key_id, "
+    "prompt_tokens, completion_tokens, cost_usd) VALUES (?,?,?,?,?,?,?,?,?,?)"
 )
 _INSERT_CHANGE: Final = (
     "INSERT INTO policy_changes (ts, old_threshold, new_threshold, reason) VALUES (?,?,?,?)"
@@ -372,10 +373,45 @@ class Ledger:
         self._put(_INSERT_CHANGE, (ts, float(old_threshold), float(new_threshold), reason))
 
     def record_judgement(
-        self, request_id: str, ts: float, tier: str, judge: str, verdict: float | None, raw: str
+        self,
+        request_id: str,
+        ts: float,
+        tier: str,
+        judge: str,
+        verdict: float | None,
+        raw: str,
+        *,
+        api_key_id: str | None = None,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        cost_usd: float = 0.0,
     ) -> None:
-        """Queue a shadow judgement: was `tier`'s answer good enough, by `judge`'s verdict."""
-        self._put(_INSERT_JUDGEMENT, (request_id, ts, tier, judge, verdict, raw[:500]))
+        """Queue a shadow judgement: was `tier`'s answer good enough, by `judge`'s verdict;
+        with what judging it cost, booked to `api_key_id` (whose request it judged)."""
+        self._put(
+            _INSERT_JUDGEMENT,
+            (
+                request_id,
+                ts,
+                tier,
+                judge,
+                verdict,
+                raw[:500],
+                api_key_id,
+                int(prompt_tokens),
+                int(completion_tokens),
+                float(cost_usd),
+            ),
+        )
+
+    def judging_spend(self, since: float | None = None) -> dict[str, float]:
+        """USD the shadow judge spent per judged request id (not charged to any key)."""
+        found = self._read(
+            "SELECT request_id, sum(cost_usd) FROM shadow_judgements WHERE ts >= ? "
+            "GROUP BY request_id",
+            (since if since is not None else float("-inf"),),
+        )
+        return {str(a): float(b) for a, b in found if b}
 
     def judgements(self, since: float | None = None) -> list[tuple[str, str, float | None]]:
         """(request id, tier judged, verdict: 1 good enough, 0 not, None unreadable)."""
@@ -639,6 +675,16 @@ class Ledger:
                 failed.clear()  # a retried attempt finds them again
             begun = False
             try:
+                # Requests rows alone (the usual batch): one statement that commits itself
+                # where the backend has one (PostgreSQL's COPY), no BEGIN and COMMIT.
+                if (
+                    failed is None
+                    and all(item.sql is _INSERT_REQUEST for item in rows)
+                    and backend.insert_rows(
+                        conn, "requests", _COLUMNS, [item.params for item in rows]
+                    )
+                ):
+                    return
                 conn.execute(backend.begin)
                 begun = True
                 if failed is None:

@@ -24,7 +24,21 @@ TABLES: Final[dict[str, tuple[tuple[str, ...], str | None]]] = {
     # unique by (request_id, rater); read by the source's own id
     "feedback": (("request_id", "ts", "rating", "comment", "rater"), "id"),
     "policy_changes": (("ts", "old_threshold", "new_threshold", "reason"), None),
-    "shadow_judgements": (("request_id", "ts", "tier", "judge", "verdict", "raw"), None),
+    "shadow_judgements": (
+        (
+            "request_id",
+            "ts",
+            "tier",
+            "judge",
+            "verdict",
+            "raw",
+            "api_key_id",
+            "prompt_tokens",
+            "completion_tokens",
+            "cost_usd",
+        ),
+        None,
+    ),
     "api_keys": (
         (
             "key_hash",

@@ -37,15 +37,20 @@ class ResidualRouter(BaseRouter):
         self.base_weight_: float = 1.0
         self.intercept_: float = 0.0
 
-    def _inputs(self, texts: Sequence[str]) -> tuple[Matrix, Matrix]:
+    def inputs(self, texts: Sequence[str]) -> tuple[Matrix, Matrix]:
+        """(logit of the base's scores, embeddings): what the correction reads."""
         z = logit(self.base.score_texts(texts))
         x = np.asarray(self.encoder.encode(texts), dtype=np.float64)
         return z, x
 
     def fit(self, texts: Sequence[str], labels: npt.ArrayLike) -> ResidualRouter:
+        return self.fit_inputs(*self.inputs(texts), labels)
+
+    def fit_inputs(self, z: Matrix, x: Matrix, labels: npt.ArrayLike) -> ResidualRouter:
+        """`fit` on the base's logits and the embeddings (`inputs`), so that a
+        cross-validation embeds each text once, not once per fold."""
         from scipy.optimize import minimize
 
-        z, x = self._inputs(texts)
         y = np.asarray(labels, dtype=np.float64)
         dim = x.shape[1]
 
@@ -65,19 +70,19 @@ class ResidualRouter(BaseRouter):
         self.coef_ = theta[2:].astype(np.float64)
         return self
 
-    def _scores(self, z: Matrix, x: Matrix) -> Scores:
+    def score_inputs(self, z: Matrix, x: Matrix) -> Scores:
         self._check_fitted("coef_")
         assert self.coef_ is not None
         return sigmoid(self.base_weight_ * z + x @ self.coef_ + self.intercept_)
 
     def score_texts(self, texts: Sequence[str]) -> Scores:
-        return self._scores(*self._inputs(texts))
+        return self.score_inputs(*self.inputs(texts))
 
     def explain_text(self, text: str) -> Explanation:
         base = self.base.explain_text(text)
         z = logit([base.score])
         x = np.asarray(self.encoder.encode([text]), dtype=np.float64)
-        score = float(self._scores(z, x)[0])
+        score = float(self.score_inputs(z, x)[0])
         assert self.coef_ is not None
         reasons = (
             f"base {base.score:.3f} x {self.base_weight_:.2f}",

@@ -1,7 +1,9 @@
 """Keyword / regex / length / tag rules with weights, read from a YAML file.
 
 score = sigmoid(bias + the sum of the weights of the matching rules). Rules on `task`
-or `domain` use the semantic tagger; a rule's `min_tier` sets a floor for the policy.
+or `domain` use the semantic tagger; rules on `ask` read what the instruction asks for
+(`tierroute.asks`: proof, design, edit, lookup, ...) from its structure, with no model;
+a rule's `min_tier` sets a floor for the policy.
 The default rule set is resources/rules.yaml.
 """
 
@@ -15,6 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from tierroute.asks import ASK_KINDS, ask_kind
 from tierroute.errors import ConfigError
 from tierroute.routers.base import BaseRouter, Scores, sigmoid
 from tierroute.tagger import Tagger
@@ -29,6 +32,7 @@ _KNOWN_KEYS = {
     "max_chars",
     "task",
     "domain",
+    "ask",
     "weight",
     "min_tier",
 }
@@ -65,7 +69,15 @@ class RuleSet:
 
     @property
     def uses_tags(self) -> bool:
-        return any(rule.tags for rule in self.rules)
+        """Whether a rule needs the semantic tagger (task or domain; `ask` needs none)."""
+        return any(group in _TAGGER_GROUPS for rule in self.rules for group, _ in rule.tags)
+
+    @property
+    def uses_asks(self) -> bool:
+        return any(group == "ask" for rule in self.rules for group, _ in rule.tags)
+
+
+_TAGGER_GROUPS = ("task", "domain")
 
 
 def _as_set(value: Any) -> frozenset[str]:
@@ -99,7 +111,13 @@ def parse_rules(doc: Any, source: str) -> RuleSet:
             )
         except re.error as exc:
             raise ConfigError(f"rule '{name}' in {source} has a bad regex: {exc}") from None
-        tags = tuple((g, _as_set(spec[g])) for g in ("task", "domain") if g in spec)
+        tags = tuple((g, _as_set(spec[g])) for g in (*_TAGGER_GROUPS, "ask") if g in spec)
+        unknown_asks = dict(tags).get("ask", frozenset()) - set(ASK_KINDS)
+        if unknown_asks:
+            raise ConfigError(
+                f"rule '{name}' in {source} has unknown ask kinds "
+                f"{', '.join(sorted(unknown_asks))}; known: {', '.join(ASK_KINDS)}"
+            )
         rule = Rule(
             name=name,
             weight=float(spec["weight"]),
@@ -132,9 +150,14 @@ class RulesRouter(BaseRouter):
 
     def _tags(self, texts: Sequence[str]) -> list[dict[str, str]]:
         if self.tagger is None or not self.rules.uses_tags:
-            return [{} for _ in texts]
-        vectors = self.tagger.encoder.encode(texts)
-        return self.tagger.tags_from_similarities(self.tagger.similarities(vectors))
+            tags: list[dict[str, str]] = [{} for _ in texts]
+        else:
+            vectors = self.tagger.encoder.encode(texts)
+            tags = self.tagger.tags_from_similarities(self.tagger.similarities(vectors))
+        if self.rules.uses_asks:
+            for text, found in zip(texts, tags, strict=True):
+                found["ask"] = ask_kind(text)
+        return tags
 
     def _evaluate(self, text: str, tags: Mapping[str, str]) -> tuple[float, list[Rule]]:
         hits = [rule for rule in self.rules.rules if rule.matches(text, tags)]

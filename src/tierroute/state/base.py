@@ -3,7 +3,8 @@
 What replicas share: the decision cache, each tier's breaker (failures, when it opened,
 who probes it when half-open) and recent latencies, the controller's leader lease and its
 published threshold, the scores the controller learns from, tenants' feedback counts for
-personalisation, per-key rate-limit and spend counters, and which replicas are alive.
+personalisation, per-key rate-limit and spend counters, revoked keys, and which replicas
+are alive.
 `memory.py` keeps all of it in the process (one replica, the default); `redis.py` keeps it
 in Redis for many.
 """
@@ -64,6 +65,7 @@ class Snapshot:
     latency: dict[str, list[float]] = field(default_factory=dict)
     threshold: float | None = None
     offsets_version: int = 0
+    revoked_version: int = 0  # bumped by each revocation published (keys revoke)
 
 
 class SharedState(Protocol):
@@ -125,6 +127,9 @@ class SharedState(Protocol):
 
     async def offsets_seed(self, counts: dict[str, list[float]]) -> None:
         """Store these counts unless the shared ones already exist (a restart)."""
+
+    # revocations: key ids `tierroute keys revoke` published (for good: the set only grows)
+    async def revoked_keys(self) -> set[str]: ...
 
     # limits and budgets
     async def acquire(self, policy: KeyPolicy, ask: Ask, now: float) -> Verdict:

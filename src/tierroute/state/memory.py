@@ -134,6 +134,9 @@ class MemoryState:
             self._offsets = {t: list(c) for t, c in counts.items()}
             self._offsets_version += 1
 
+    async def revoked_keys(self) -> set[str]:
+        return set()  # one process: revocations reach it through the database alone
+
     async def acquire(self, policy: KeyPolicy, ask: Ask, now: float) -> Verdict:
         c = Clock.at(now)
         k = policy.key_id

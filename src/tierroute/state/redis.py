@@ -1,14 +1,17 @@
-"""Shared state in Redis (redis-py's asyncio client; `pip install tierroute[redis]`).
+"""Shared state in Redis (redis-py and hiredis; `pip install tierroute[redis]`).
 
 Every key starts with a prefix (`tierroute:` unless configured), so several gateways, or
 tests, can share one Redis. Limits are checked and counted in one Lua script (atomic, one
 round trip); breaker failures likewise. The request path's commands (limit checks, cache
-reads and writes, breaker updates, settlements) are not sent one by one: those issued in
-the same turn of the event loop go together in one pipeline (`_Coalescer`), so a request's
-limit check and its decision-cache read cost one round trip, and 64 concurrent requests'
-commands a few. When Redis cannot be reached the state logs one line, answers from a
-MemoryState of this process (limits then hold per replica), reports the problem for
-/healthz, and pings once a second until Redis answers again.
+reads and writes, breaker updates, settlements, the heartbeat) go through one pipelined
+connection of this process (state/pipe.py, lighter than redis-py's client): those issued in
+the same turn of the event loop go out in one write, so a request's limit check and its
+decision-cache read cost one round trip, and 64 concurrent requests' commands a few. The
+beat's reads and writes go the same way; the rest (draining the controller's list,
+tenants' offsets, pings) uses redis-py's client.
+When Redis cannot be reached the state logs one line, answers from a MemoryState of this
+process (limits then hold per replica), reports the problem for /healthz, and pings once
+a second until Redis answers again.
 """
 
 from __future__ import annotations
@@ -108,80 +111,6 @@ return 1
 """
 
 
-class _Coalescer:
-    """Sends the commands issued during one turn of the event loop in one pipeline.
-
-    `call` queues a command and returns a future of its reply; the queue goes out when the
-    loop next runs its callbacks, so concurrent coroutines that each issue a command before
-    awaiting share one round trip (and one pooled connection) instead of taking one each.
-    A command's error (NOSCRIPT, WRONGTYPE) is its own; a connection's failure is every
-    command's of that pipeline.
-    """
-
-    def __init__(self, client: Any, command_error: type[Exception]) -> None:
-        self._client = client
-        self._command_error = command_error  # redis.ResponseError: one command's own
-        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
-        self._scheduled = False
-        self._sending: set[asyncio.Task[None]] = set()
-        self.pipelines = 0  # round trips so far, and the commands they carried (for tests)
-        self.commands = 0
-
-    def call(self, *args: Any) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((args, future))
-        if not self._scheduled:
-            # The task's first step runs once the callbacks ready now have run: whatever
-            # they queue meanwhile goes in the same pipeline.
-            self._scheduled = True
-            task = loop.create_task(self._send())
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
-        return future
-
-    async def _send(self) -> None:
-        self._scheduled = False
-        batch, self._queue = self._queue, []
-        batch = [(args, f) for args, f in batch if not f.done()]  # callers that gave up
-        if not batch:
-            return
-        self.pipelines += 1
-        self.commands += len(batch)
-        replies: list[Any]
-        try:
-            if len(batch) == 1:  # a lone command skips building a pipeline
-                try:
-                    replies = [await self._client.execute_command(*batch[0][0])]
-                except self._command_error as exc:
-                    replies = [exc]
-            else:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for args, _ in batch:
-                        pipe.execute_command(*args)
-                    replies = await pipe.execute(raise_on_error=False)
-        except asyncio.CancelledError:
-            for _, future in batch:
-                future.cancel()
-            raise
-        except Exception as exc:  # the connection's failure: every caller's
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for (_, future), reply in zip(batch, replies, strict=True):
-            if future.done():
-                continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
-
-    async def aclose(self) -> None:
-        if self._sending:
-            await asyncio.gather(*self._sending, return_exceptions=True)
-
-
 def redact(url: str) -> str:
     """The URL without its password, for logs and /healthz."""
     parts = urlsplit(url)
@@ -191,6 +120,28 @@ def redact(url: str) -> str:
     user = f"{parts.username}:***@" if parts.username else ":***@"
     netloc = user + host + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def publish_revocation(url: str, prefix: str, key_id: str, timeout_s: float = 5.0) -> None:
+    """Add `key_id` to the revoked set every replica mirrors each beat (`tierroute keys
+    revoke`); raises redis.RedisError or OSError when Redis does not take it."""
+    try:
+        import redis
+    except ImportError:
+        raise ConfigError(
+            "publishing a revocation to Redis needs the redis package: "
+            "pip install 'tierroute[redis]'"
+        ) from None
+    client = redis.Redis.from_url(
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True
+    )
+    try:
+        with client.pipeline(transaction=True) as pipe:
+            pipe.sadd(prefix + "revoked", key_id)
+            pipe.incr(prefix + "revoked:version")
+            pipe.execute()
+    finally:
+        client.close()
 
 
 def _limit(value: float | None) -> float:
@@ -212,9 +163,12 @@ class RedisState:
             import redis.asyncio as aioredis
             from redis.asyncio.retry import Retry
             from redis.backoff import NoBackoff
+
+            from tierroute.state.pipe import Pipe
         except ImportError:
             raise ConfigError(
-                "a redis:// state needs the redis package: pip install 'tierroute[redis]'"
+                "a redis:// state needs the redis and hiredis packages: "
+                "pip install 'tierroute[redis]'"
             ) from None
         self.url = url
         self.prefix = prefix
@@ -237,8 +191,8 @@ class RedisState:
         self._noscript: type[BaseException] = __import__("redis").exceptions.NoScriptError
         self._down: str | None = None
         self._task: asyncio.Task[None] | None = None
-        self._batch = _Coalescer(self._redis, __import__("redis").ResponseError)
-        # Scripts run by EVALSHA through the coalescer, by EVAL once when Redis lacks one.
+        self._batch = Pipe(url, timeout_s)
+        # Scripts run by EVALSHA through the pipe, by EVAL once when Redis lacks one.
         self._scripts = {
             name: (hashlib.sha1(text.encode()).hexdigest(), text)
             for name, text in (
@@ -369,25 +323,39 @@ class RedisState:
 
     # ------------------------------------------------------------ sync
 
+    async def _all(self, *commands: tuple[Any, ...]) -> list[Any]:
+        """Replies of `commands`, sent together in the pipe's next write; the first error
+        raised once all have answered (so none is left unretrieved)."""
+        got = await asyncio.gather(
+            *(self._batch.call(*c) for c in commands), return_exceptions=True
+        )
+        for reply in got:
+            if isinstance(reply, BaseException):
+                raise reply
+        return got
+
     async def snapshot(self, tiers: list[str], window: int) -> Snapshot:
         async def op() -> Snapshot:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for tier in tiers:
-                    pipe.hgetall(self._k("breaker", tier))
-                    pipe.lrange(self._k("latency", tier), 0, window - 1)
-                pipe.get(self._k("threshold"))
-                pipe.get(self._k("offsets", "version"))
-                got = await pipe.execute()
+            commands: list[tuple[Any, ...]] = []
+            for tier in tiers:
+                commands.append(("HGETALL", self._k("breaker", tier)))
+                commands.append(("LRANGE", self._k("latency", tier), 0, window - 1))
+            commands.append(("GET", self._k("threshold")))
+            commands.append(("GET", self._k("offsets", "version")))
+            commands.append(("GET", self._k("revoked", "version")))
+            got = await self._all(*commands)
             snap = Snapshot()
             for i, tier in enumerate(tiers):
-                b, lat = got[2 * i], got[2 * i + 1]
+                flat, lat = got[2 * i], got[2 * i + 1]
+                b = dict(zip(flat[::2], flat[1::2], strict=True))  # HGETALL: field, value, ...
                 opened = b.get("opened_at")
                 snap.breakers[tier] = BreakerView(
                     int(b.get("failures", 0)), float(opened) if opened else None
                 )
                 snap.latency[tier] = [float(x) for x in lat]
-            snap.threshold = float(got[-2]) if got[-2] is not None else None
-            snap.offsets_version = int(got[-1] or 0)
+            snap.threshold = float(got[-3]) if got[-3] is not None else None
+            snap.offsets_version = int(got[-2] or 0)
+            snap.revoked_version = int(got[-1] or 0)
             return snap
 
         result: Snapshot = await self._try(op, lambda: self.local.snapshot(tiers, window))
@@ -395,12 +363,12 @@ class RedisState:
 
     async def add_latencies(self, samples: dict[str, list[float]], window: int) -> None:
         async def op() -> None:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for tier, values in samples.items():
-                    key = self._k("latency", tier)
-                    pipe.lpush(key, *(f"{v:.3f}" for v in values))
-                    pipe.ltrim(key, 0, window - 1)
-                await pipe.execute()
+            commands: list[tuple[Any, ...]] = []
+            for tier, values in samples.items():
+                key = self._k("latency", tier)
+                commands.append(("LPUSH", key, *(f"{v:.3f}" for v in values)))
+                commands.append(("LTRIM", key, 0, window - 1))
+            await self._all(*commands)
 
         if samples:
             await self._try(op, lambda: self.local.add_latencies(samples, window))
@@ -408,10 +376,7 @@ class RedisState:
     async def push_scores(self, scores: list[float], cap: int) -> None:
         async def op() -> None:
             key = self._k("scores")
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.rpush(key, *(f"{s:.6f}" for s in scores))
-                pipe.ltrim(key, -cap, -1)
-                await pipe.execute()
+            await self._all(("RPUSH", key, *(f"{s:.6f}" for s in scores)), ("LTRIM", key, -cap, -1))
 
         if scores:
             await self._try(op, lambda: self.local.push_scores(scores, cap))
@@ -490,6 +455,15 @@ class RedisState:
 
         if counts:
             await self._try(op, lambda: self.local.offsets_seed(counts))
+
+    # ------------------------------------------------------------ revocations
+
+    async def revoked_keys(self) -> set[str]:
+        async def op() -> set[str]:
+            return set(await self._redis.smembers(self._k("revoked")))
+
+        result: set[str] = await self._try(op, self.local.revoked_keys)
+        return result
 
     # ------------------------------------------------------------ limits
 
