@@ -221,20 +221,28 @@ class AgreementVerifier:
         return Verdict(confidence, f"{agree} of {seen} answers agree on {answer!r}{stopped}")
 
 
-class AllOf:
-    """Every member must be confident: confidence = the lowest member's; members run in
-    order and the first one below the threshold ends the check."""
+class _Combined:
+    """Members asked in order; the subclass says how their verdicts combine."""
+
+    joiner = ""
 
     def __init__(self, members: Sequence[Verifier]) -> None:
         if not members:
             raise ConfigError("a combined verifier needs at least one member")
         self.members = tuple(members)
-        self.name = "+".join(m.name for m in self.members)
+        self.name = self.joiner.join(m.name for m in self.members)
 
     def prepare(self, request: ChatRequest) -> ChatRequest:
         for member in self.members:
             request = member.prepare(request)
         return request
+
+
+class AllOf(_Combined):
+    """Every member must be confident: confidence = the lowest member's; members run in
+    order and the first one below the threshold ends the check."""
+
+    joiner = "+"
 
     async def verify(
         self, request: ChatRequest, first: ChatResult, ask: Ask, threshold: float
@@ -247,21 +255,12 @@ class AllOf:
         return Verdict(min(v.confidence for v in verdicts), "; ".join(v.reason for v in verdicts))
 
 
-class AnyOf:
+class AnyOf(_Combined):
     """One confident member is enough: confidence = the highest member's; members run in
     order and the first one at or above the threshold ends the check (so "logprob|cross"
     asks the partner model only when the logprobs look unsure)."""
 
-    def __init__(self, members: Sequence[Verifier]) -> None:
-        if not members:
-            raise ConfigError("a combined verifier needs at least one member")
-        self.members = tuple(members)
-        self.name = "|".join(m.name for m in self.members)
-
-    def prepare(self, request: ChatRequest) -> ChatRequest:
-        for member in self.members:
-            request = member.prepare(request)
-        return request
+    joiner = "|"
 
     async def verify(
         self, request: ChatRequest, first: ChatResult, ask: Ask, threshold: float
