@@ -155,11 +155,11 @@ def build_model(
     node("Mul", ["mask_inv", "neg"], "mask_add2")
     node("Unsqueeze", ["mask_add2", "axes12"], "mask_bias")
 
+    const("tiny12", np.array(1e-12, dtype=np.float32))
     if int8:  # only the quantised linears read these: unused initializers are warned about
         const("q127", np.array(127.0, dtype=np.float32))
         const("q128", np.array(128.0, dtype=np.float32))
         const("zp128", np.array(128, dtype=np.uint8))
-        const("tiny12", np.array(1e-12, dtype=np.float32))
     const("split_heads", np.array([0, 0, heads, head_dim], dtype=np.int64))
     const("merge_heads", np.array([0, 0, hidden], dtype=np.int64))
     const("scale", np.array(1.0 / np.sqrt(head_dim), dtype=np.float32))
