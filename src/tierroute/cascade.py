@@ -222,7 +222,8 @@ class AgreementVerifier:
 
 
 class _Combined:
-    """Members asked in order; the subclass says how their verdicts combine."""
+    """Members asked in order until one settles the check; the subclass says which verdict
+    settles it and how the confidences combine."""
 
     joiner = ""
 
@@ -237,12 +238,11 @@ class _Combined:
             request = member.prepare(request)
         return request
 
+    def settles(self, confidence: float, threshold: float) -> bool:
+        raise NotImplementedError
 
-class AllOf(_Combined):
-    """Every member must be confident: confidence = the lowest member's; members run in
-    order and the first one below the threshold ends the check."""
-
-    joiner = "+"
+    def combine(self, confidences: list[float]) -> float:
+        raise NotImplementedError
 
     async def verify(
         self, request: ChatRequest, first: ChatResult, ask: Ask, threshold: float
@@ -250,9 +250,23 @@ class AllOf(_Combined):
         verdicts: list[Verdict] = []
         for member in self.members:
             verdicts.append(await member.verify(request, first, ask, threshold))
-            if verdicts[-1].confidence < threshold:
+            if self.settles(verdicts[-1].confidence, threshold):
                 break
-        return Verdict(min(v.confidence for v in verdicts), "; ".join(v.reason for v in verdicts))
+        confidence = self.combine([v.confidence for v in verdicts])
+        return Verdict(confidence, "; ".join(v.reason for v in verdicts))
+
+
+class AllOf(_Combined):
+    """Every member must be confident: confidence = the lowest member's; members run in
+    order and the first one below the threshold ends the check."""
+
+    joiner = "+"
+
+    def settles(self, confidence: float, threshold: float) -> bool:
+        return confidence < threshold
+
+    def combine(self, confidences: list[float]) -> float:
+        return min(confidences)
 
 
 class AnyOf(_Combined):
@@ -262,15 +276,11 @@ class AnyOf(_Combined):
 
     joiner = "|"
 
-    async def verify(
-        self, request: ChatRequest, first: ChatResult, ask: Ask, threshold: float
-    ) -> Verdict:
-        verdicts: list[Verdict] = []
-        for member in self.members:
-            verdicts.append(await member.verify(request, first, ask, threshold))
-            if verdicts[-1].confidence >= threshold:
-                break
-        return Verdict(max(v.confidence for v in verdicts), "; ".join(v.reason for v in verdicts))
+    def settles(self, confidence: float, threshold: float) -> bool:
+        return confidence >= threshold
+
+    def combine(self, confidences: list[float]) -> float:
+        return max(confidences)
 
 
 @dataclass(frozen=True)
