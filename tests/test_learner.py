@@ -102,24 +102,31 @@ def test_promotes_a_better_router_refuses_a_worse_one_and_rolls_back(
         assert line in text
 
 
-def test_a_serving_learned_router_is_judged_on_the_labels_newer_than_it(
-    engine: Engine, tmp_path: Path
-) -> None:
+def record_newer_labels(engine: Engine, prefix: str, easy_is_fine: bool) -> None:
+    """40 judged requests, each prompt twice, newer than every label the fixture holds:
+    the small tier's answer was fine on the easy prompts (or, turned, on the hard ones)."""
     from tierroute.ledger import LedgerRow
 
-    learner = Learner(engine, LearningConfig(min_new_labels=20), tmp_path / "learned", "rules")
-    assert learner.run_once().outcome == "promoted"
-    promoted = engine.router
-    t = 1_800_000_000.0  # after every label it was trained on
+    t = 1_800_000_000.0
     for i, (group, prompt) in enumerate([("easy", p) for p in EASY] + [("hard", p) for p in HARD]):
         for take in range(2):
-            rid = f"new-{group}-{i}-{take}"
+            rid = f"{prefix}-{group}-{i}-{take}"
             engine.ledger.record(
                 LedgerRow(id=rid, ts=t + i + take / 2, tier="small", model="m",
                           prompt_text=f"{prompt} (again {take})")
             )  # fmt: skip
-            engine.ledger.record_judgement(rid, t, "small", "large", float(group == "easy"), "")
+            fine = (group == "easy") == easy_is_fine
+            engine.ledger.record_judgement(rid, t, "small", "large", float(fine), "")
     engine.ledger.flush()
+
+
+def test_a_serving_learned_router_is_judged_on_the_labels_newer_than_it(
+    engine: Engine, tmp_path: Path
+) -> None:
+    learner = Learner(engine, LearningConfig(min_new_labels=20), tmp_path / "learned", "rules")
+    assert learner.run_once().outcome == "promoted"
+    promoted = engine.router
+    record_newer_labels(engine, "new", easy_is_fine=True)  # after every label it trained on
     run = learner.run_once()
     # the 40 new labels are the serving router's test: its own training labels are not
     assert "on the 40 labels newer than the serving router" in run.reason, run.reason
@@ -131,23 +138,12 @@ def test_a_serving_learned_router_is_judged_on_the_labels_newer_than_it(
 def test_a_learned_router_that_ranks_newer_labels_worse_is_demoted(
     engine: Engine, tmp_path: Path
 ) -> None:
-    from tierroute.ledger import LedgerRow
-
     cold = engine.router
     learner = Learner(engine, LearningConfig(min_new_labels=20), tmp_path / "learned", "rules")
     assert learner.run_once().outcome == "promoted"
     # the traffic turns: what was easy now fails on the small tier and the reverse, so the
     # promoted router ranks the newer labels backwards while the blind rules router does not
-    t = 1_800_000_000.0
-    for i, (group, prompt) in enumerate([("easy", p) for p in EASY] + [("hard", p) for p in HARD]):
-        for take in range(2):
-            rid = f"turned-{group}-{i}-{take}"
-            engine.ledger.record(
-                LedgerRow(id=rid, ts=t + i + take / 2, tier="small", model="m",
-                          prompt_text=f"{prompt} (again {take})")
-            )  # fmt: skip
-            engine.ledger.record_judgement(rid, t, "small", "large", float(group == "hard"), "")
-    engine.ledger.flush()
+    record_newer_labels(engine, "turned", easy_is_fine=False)
     # a candidate held to the cold router's ranking cannot replace it, so the question is
     # only whether the serving router stays
     learner.config = replace(learner.config, l2=1e30, min_new_labels=0)
